@@ -1,0 +1,41 @@
+"""actsteer: Activation Transport (AcT) steering for transformers, diffusers and ComfyUI.
+
+The top level needs torch only; transformers, diffusers and ComfyUI are imported lazily.
+
+Example:
+    >>> import torch, actsteer
+    >>> g = torch.Generator().manual_seed(0)
+    >>> src, tgt = torch.randn(200, 8, generator=g), 1 + 2 * torch.randn(200, 8, generator=g)
+    >>> m = actsteer.estimate(src, tgt, method="linear-act", support="all")
+    >>> moved = m(src)
+    >>> bool((moved.mean(0) - tgt.mean(0)).abs().max() < 1e-4)
+    True
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .core import (
+    Steering,
+    SteeringHandle,
+    Transport,
+    UnitMap,
+    attach,
+    estimate,
+    list_sites,
+    steer,
+)
+
+__all__ = [
+    "Steering",
+    "SteeringHandle",
+    "Transport",
+    "UnitMap",
+    "__version__",
+    "attach",
+    "estimate",
+    "list_sites",
+    "steer",
+]
+

@@ -1,0 +1,1 @@
+"""actsteer.comfy_nodes: the ComfyUI V3 node pack (imported only by ComfyUI)."""

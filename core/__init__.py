@@ -1,0 +1,25 @@
+"""actsteer.core: estimation, transport maps, the hook engine and the file format (torch only)."""
+
+from .estimate import ESTIMATORS, estimate
+from .fit import ForwardContext, fit
+from .hooks import Steering, SteeringHandle, attach, steer, validate
+from .pooling import pool
+from .sites import list_sites, resolve_sites
+from .transport import Transport, UnitMap
+
+__all__ = [
+    "ESTIMATORS",
+    "ForwardContext",
+    "Steering",
+    "SteeringHandle",
+    "Transport",
+    "UnitMap",
+    "attach",
+    "estimate",
+    "fit",
+    "list_sites",
+    "pool",
+    "resolve_sites",
+    "steer",
+    "validate",
+]

@@ -1,0 +1,350 @@
+"""The model-agnostic fitting driver: record pooled activations with streaming hooks and estimate maps.
+
+`fit` is what `fit_lm`, `fit_pipeline` and the ComfyUI Learn node build on. Sequential (causal)
+estimation, ACT_SPEC.md section 5, fits each site on activations produced with the maps of all
+EARLIER sites (execution order, seen at run time) applied to the source inputs:
+
+- all inputs in one batch: ONE forward pass (each hook fits its map on the spot, then transports the
+  source rows and lets the pass continue);
+- several batches: one full pass over the data, then per further site one pass over the data that
+  stops right after that site, i.e. about ``batches * (1 + sum of the sites' depth fractions)`` forward
+  equivalents, ~(L+1)/2 passes for L evenly spread sites, like the reference. Use one batch when memory allows.
+
+Target rows are never transported while fitting: the map of a later site must reach the target
+distribution the model really produces (the reference steers the target rows too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .estimate import Support, canonical_method, estimate
+from .pooling import check_pooling, pool
+from .sites import iter_site_modules
+from .transport import FoldedMap, Transport, UnitMap
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ForwardContext:
+    """What the runner tells the recording hooks about the batch it is about to run.
+
+    Attributes:
+        mask: ``(B, T)`` padding mask (1 = real token) for token outputs whose first dims match it.
+        rows: indices of the output rows that belong to the batch's items, in item order (e.g. only the
+            conditional half of a classifier-free-guidance batch); None = all rows, in order.
+        active: while False, site calls are ignored (e.g. denoising steps outside the chosen window).
+    """
+
+    mask: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    active: bool = True
+
+
+Runner = Callable[[Sequence[Any], ForwardContext], Any]
+
+
+class _EarlyStop(Exception):
+    """Raised inside a hook to end a forward pass once the site being fitted was recorded."""
+
+
+class _Recorder:
+    """Streaming per-site pooled sums for the current batch; finished batches are kept as ``(B, D)`` rows."""
+
+    def __init__(self, sites: list[str], pooling: str) -> None:
+        self.pooling = pooling
+        self.rows: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
+        self.order: list[str] = []
+        self._sum: dict[str, torch.Tensor] = {}
+        self._count: dict[str, int] = {}
+
+    def add(self, site: str, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if ctx.rows is not None:
+            x = x[ctx.rows.to(x.device)]
+        mask = ctx.mask
+        if mask is not None and ctx.rows is not None and mask.shape[0] != x.shape[0]:
+            mask = mask[ctx.rows.to(mask.device)]
+        pooled = pool(x, mask=mask, how=self.pooling).detach().cpu()
+        if site not in self._sum:
+            self._sum[site], self._count[site] = pooled, 1
+        else:
+            self._sum[site] = self._sum[site] + pooled
+            self._count[site] += 1
+        if site not in self.order:
+            self.order.append(site)
+        return pooled
+
+    def end_batch(self, expected: list[str]) -> dict[str, int]:
+        missing = [s for s in expected if s not in self._sum]
+        if missing:
+            raise RuntimeError(
+                f"Site(s) {', '.join(map(repr, missing[:5]))} did not run during the forward pass; "
+                "check that they are on the model's forward path for these inputs"
+            )
+        counts = dict(self._count)
+        for site in expected:
+            self.rows[site].append(self._sum[site] / self._count[site])
+        self._sum.clear()
+        self._count.clear()
+        return counts
+
+    def stacked(self, site: str) -> torch.Tensor:
+        return torch.cat(self.rows[site])
+
+
+def _select_source_rows(x: torch.Tensor, ctx: ForwardContext, is_source: torch.Tensor, fm: FoldedMap) -> torch.Tensor:
+    rows = torch.arange(x.shape[0], device=x.device) if ctx.rows is None else ctx.rows.to(x.device)
+    idx = rows[is_source.to(x.device)]
+    fm = fm.to(x.device, x.dtype)
+    part = x[idx]
+    new = x.clone()
+    new[idx] = fm.apply_spatial(part) if x.dim() == 4 else fm.apply_last(part)
+    return new
+
+
+def _tensor_of(output: Any, k: int | None, site: str) -> torch.Tensor:
+    x = output if k is None else (output[k] if isinstance(output, (tuple, list)) and k < len(output) else None)
+    if not isinstance(x, torch.Tensor):
+        what = type(output).__name__
+        hint = f"; name the element with '{site}:k'" if k is None else ""
+        raise TypeError(f"Site {site!r} returned a {what}, not a tensor{hint}")
+    return x
+
+
+def _with_tensor(output: Any, k: int | None, new: torch.Tensor) -> Any:
+    if k is None:
+        return new
+    items = list(output)
+    items[k] = new
+    return type(output)(items) if isinstance(output, list) else tuple(items)
+
+
+def fit(
+    model: torch.nn.Module,
+    sites: Sequence[str],
+    source: Sequence[Any],
+    target: Sequence[Any],
+    *,
+    run: Runner,
+    method: str = "linear-act",
+    pooling: str = "mean",
+    support: Support = "observed",
+    sequential: bool = True,
+    batch_size: int | None = None,
+    progress: bool = True,
+    model_info: dict[str, Any] | None = None,
+    description: str = "",
+    estimate_options: dict[str, Any] | None = None,
+) -> Transport:
+    """Fit one `UnitMap` per site from two collections of inputs.
+
+    Args:
+        model: the module whose submodules are hooked (site names are relative to it).
+        sites: site names (``"module.path"`` or ``"module.path:k"``); see `actsteer.core.sites.resolve_sites`.
+        source, target: the inputs (any objects the runner understands, e.g. texts), at least 2 each.
+        run: ``run(items, ctx)`` runs the model on a list of items (source items first, then target ones,
+            within a batch). It may set ``ctx.mask``/``ctx.rows``/``ctx.active`` before the forward call.
+        method, support: passed to `actsteer.estimate`.
+        pooling: ``"mean"`` (default), ``"last"``, ``"max"``, ``"min"``; see `actsteer.core.pooling.pool`.
+        sequential: causal estimation in execution order (default) or all sites at once.
+        batch_size: items per forward call; None = all in one call (cheapest for sequential fitting).
+        progress: show tqdm progress bars.
+        model_info: hint stored in the transport's metadata (class, name_or_path, hidden size, ...).
+        description: free text stored in the metadata.
+        estimate_options: extra options for the estimator (e.g. ``{"pair": 0}`` for actadd).
+
+    Returns:
+        A `Transport` whose sites are in execution order. ``transport.extra["fit"]`` records the cost:
+        ``forward_calls`` (runner calls) and ``forward_equivalents`` (calls weighted by how far they ran).
+
+    Example:
+        >>> import torch, actsteer
+        >>> from actsteer.core.fit import fit
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4)).eval()
+        >>> src, tgt = list(torch.randn(16, 4)), list(torch.randn(16, 4) + 1)
+        >>> t = fit(model, ["0", "2"], src, tgt, run=lambda items, ctx: model(torch.stack(items)), progress=False)
+        >>> t.sites, t.mode
+        (['0', '2'], 'sequential')
+    """
+    method = canonical_method(method)
+    check_pooling(pooling)
+    sites = list(dict.fromkeys(sites))
+    if not sites:
+        raise ValueError("No sites to fit; pass module names or patterns (see actsteer.list_sites(model))")
+    source, target = list(source), list(target)
+    for name, items in (("source", source), ("target", target)):
+        if len(items) < 2:
+            raise ValueError(f"Need at least 2 {name} inputs to estimate a distribution, got {len(items)}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size}")
+    resolved = iter_site_modules(model, sites)  # KeyError with near misses on a bad name
+    items = source + target
+    labels = torch.tensor([True] * len(source) + [False] * len(target))
+    bs = len(items) if batch_size is None else min(batch_size, len(items))
+    batches = [(items[i : i + bs], labels[i : i + bs]) for i in range(0, len(items), bs)]
+    opts = dict(estimate_options or {})
+    stats = {"forward_calls": 0, "forward_equivalents": 0.0}
+    t0 = time.perf_counter()
+
+    def fit_site(site: str, pooled: torch.Tensor, is_source: torch.Tensor) -> UnitMap:
+        try:
+            return estimate(pooled[is_source], pooled[~is_source], method, support, **opts)
+        except ValueError as err:
+            raise ValueError(f"Site {site!r}: {err}") from None
+
+    was_training = model.training
+    model.eval()
+    try:
+        if sequential and len(batches) == 1:
+            maps, order = _fit_one_pass(model, resolved, batches[0], run, pooling, fit_site, progress)
+            stats["forward_calls"], stats["forward_equivalents"] = 1, 1.0
+        else:
+            maps, order = _fit_passes(model, resolved, batches, run, pooling, fit_site, sequential, progress, stats)
+    finally:
+        model.train(was_training)
+    logger.info(
+        "actsteer: fitted %s on %d sites (%s) from %d source / %d target inputs in %.1fs, %d forward calls",
+        method, len(order), "sequential" if sequential else "at once", len(source), len(target),
+        time.perf_counter() - t0, stats["forward_calls"],
+    )
+    return Transport(
+        {s: maps[s] for s in order},
+        method=method,
+        pooling=pooling,
+        support=support,
+        mode="sequential" if sequential else "at-once",
+        n_source=len(source),
+        n_target=len(target),
+        model=model_info or {"class": type(model).__name__},
+        description=description,
+        extra={"fit": {**stats, "batch_size": bs, "batches": len(batches)}},
+    )
+
+
+def _fit_one_pass(model, resolved, batch, run, pooling, fit_site, progress):
+    """Sequential fit inside ONE forward pass: each hook estimates its map, then transports the source rows."""
+    items, is_source = batch
+    ctx = ForwardContext()
+    recorder = _Recorder([s for s, *_ in resolved], pooling)
+    maps: dict[str, UnitMap] = {}
+    folded: dict[str, FoldedMap] = {}
+    bar = tqdm(total=len(resolved), desc="actsteer: fitting sites", disable=not progress, leave=False)
+    by_module: dict[str, list[tuple[str, int | None]]] = {}
+    modules = {}
+    for site, name, k, module in resolved:
+        by_module.setdefault(name, []).append((site, k))
+        modules[name] = module
+
+    def make_hook(plan):
+        def hook(module, args, output):
+            if not ctx.active:
+                return None
+            out = output
+            for site, k in plan:
+                x = _tensor_of(out, k, site)
+                if site not in maps:
+                    pooled = recorder.add(site, x, ctx)
+                    maps[site] = fit_site(site, pooled, is_source)
+                    folded[site] = maps[site].fold(1.0)
+                    bar.update(1)
+                else:
+                    recorder._count[site] = recorder._count.get(site, 1) + 1
+                out = _with_tensor(out, k, _select_source_rows(x, ctx, is_source, folded[site]))
+            return out
+
+        return hook
+
+    handles = [modules[name].register_forward_hook(make_hook(plan)) for name, plan in by_module.items()]
+    try:
+        with torch.no_grad():
+            run(items, ctx)
+    finally:
+        for h in reversed(handles):
+            h.remove()
+        bar.close()
+    counts = recorder.end_batch([s for s, *_ in resolved])
+    repeated = [s for s, c in counts.items() if c > 1]
+    if repeated:
+        raise RuntimeError(
+            f"Site(s) {', '.join(map(repr, repeated[:3]))} ran more than once in one forward pass, so the one-pass "
+            "sequential fit would see them half-steered; fit with sequential=False, or give a batch_size"
+        )
+    return maps, recorder.order
+
+
+def _fit_passes(model, resolved, batches, run, pooling, fit_site, sequential, progress, stats):
+    """At-once fitting (one pass over the data), or sequential fitting with one early-stopping pass per site."""
+    ctx = ForwardContext()
+    all_sites = [s for s, *_ in resolved]
+    info = {s: (name, k, module) for s, name, k, module in resolved}
+    labels = torch.cat([lab for _, lab in batches])
+    state: dict[str, Any] = {"is_source": None, "record": set(all_sites), "stop_after": None, "seen": 0}
+    maps: dict[str, UnitMap] = {}
+    folded: dict[str, FoldedMap] = {}
+    recorder = _Recorder(all_sites, pooling)
+
+    by_module: dict[str, list[tuple[str, int | None]]] = {}
+    for s in all_sites:
+        by_module.setdefault(info[s][0], []).append((s, info[s][1]))
+
+    def make_hook(plan):
+        def hook(module, args, output):
+            if not ctx.active:
+                return None
+            out = output
+            for site, k in plan:
+                x = _tensor_of(out, k, site)
+                if site in state["record"]:
+                    recorder.add(site, x, ctx)
+                    state["seen"] += 1
+                    if site == state["stop_after"]:
+                        raise _EarlyStop
+                elif site in folded:
+                    out = _with_tensor(out, k, _select_source_rows(x, ctx, state["is_source"], folded[site]))
+            return None if out is output else out
+
+        return hook
+
+    def run_pass(record: list[str], stop_after: str | None, desc: str) -> None:
+        state["record"], state["stop_after"] = set(record), stop_after
+        for site in record:
+            recorder.rows[site] = []
+        for items, is_source in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            state["is_source"], state["seen"] = is_source, 0
+            ctx.mask, ctx.rows, ctx.active = None, None, True
+            stats["forward_calls"] += 1
+            try:
+                run(items, ctx)
+                stats["forward_equivalents"] += 1.0
+            except _EarlyStop:
+                # depth of the stopping site in execution order approximates how much of the pass ran
+                stats["forward_equivalents"] += (order.index(stop_after) + 1) / (len(order) + 1)
+            recorder.end_batch(record)
+
+    handles = [info[plan[0][0]][2].register_forward_hook(make_hook(plan)) for plan in by_module.values()]
+    order: list[str] = []
+    try:
+        with torch.no_grad():
+            run_pass(all_sites, None, "actsteer: recording")
+            order = list(recorder.order)
+            first = order if not sequential else order[:1]
+            for site in first:
+                maps[site] = fit_site(site, recorder.stacked(site), labels)
+                folded[site] = maps[site].fold(1.0)
+            if sequential:
+                for site in tqdm(order[1:], desc="actsteer: sequential sites", disable=not progress):
+                    run_pass([site], site, f"actsteer: {site}")
+                    maps[site] = fit_site(site, recorder.stacked(site), labels)
+                    folded[site] = maps[site].fold(1.0)
+    finally:
+        for h in reversed(handles):
+            h.remove()
+    return maps, order

@@ -1,0 +1,314 @@
+"""The hook engine: `attach`/`steer` apply transports to a model's sites with forward hooks.
+
+Per-strength work happens once (folding, ACT_SPEC.md section 4); the per-call path is one
+``addcmul`` (inside a ``where`` when a support range applies) in the activation's dtype and device.
+Hooks never edit outputs in place and never keep references to them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Union
+
+import torch
+
+from .sites import infer_width, iter_site_modules, missing_site_message
+from .transport import FoldedMap, Strength, Transport
+
+logger = logging.getLogger(__name__)
+
+SiteStrength = Union[Strength, Mapping[str, Strength]]
+
+# model -> its live handle; steering the same model twice must go through one handle (a list).
+_ACTIVE: weakref.WeakKeyDictionary[torch.nn.Module, SteeringHandle] = weakref.WeakKeyDictionary()
+
+
+@dataclasses.dataclass(frozen=True)
+class Steering:
+    """A transport with the strength to apply it at; lists of these compose, applied in order.
+
+    Args:
+        transport: the fitted `Transport`.
+        strength: 0 identity, 1 full transport, negative = reverse (target -> source) at ``|strength|``,
+            above 1 extrapolation. A 1-D tensor gives one strength per batch row; a mapping
+            ``{site: strength}`` sets sites individually (``"*"`` is the default for the others, else 1.0).
+    """
+
+    transport: Transport
+    strength: SiteStrength = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.transport, Transport):
+            raise TypeError(f"Steering needs a Transport, got {type(self.transport).__name__}")
+
+
+SteeringLike = Union[Transport, Steering, Sequence[Union[Transport, Steering]]]
+
+
+def as_steerings(steering: SteeringLike, strength: SiteStrength = 1.0) -> list[Steering]:
+    """Normalise a Transport, a Steering, or a list of them; bare transports take ``strength``."""
+    items = [steering] if isinstance(steering, (Transport, Steering)) else list(steering)
+    if not items:
+        raise ValueError("Nothing to steer with: got an empty list of transports")
+    out = []
+    for item in items:
+        if isinstance(item, Transport):
+            out.append(Steering(item, strength))
+        elif isinstance(item, Steering):
+            out.append(item)
+        else:
+            raise TypeError(f"Expected a Transport or a Steering, got {type(item).__name__}")
+    return out
+
+
+def _site_strength(strength: SiteStrength, site: str) -> Strength:
+    if isinstance(strength, Mapping):
+        return strength.get(site, strength.get("*", 1.0))
+    return strength
+
+
+def _is_zero(strength: Strength) -> bool:
+    return not isinstance(strength, torch.Tensor) and float(strength) == 0.0
+
+
+class SteeringHandle:
+    """Live steering of one model; returned by `attach`. ``remove()`` is idempotent.
+
+    Attributes:
+        strength: read/write; setting it re-folds every site of every transport (cheap, no forward).
+        active: set False to pause steering without removing the hooks (used for step windows).
+        calls: how many times each site was transported since attach (``{site: int}``).
+    """
+
+    def __init__(self, model: torch.nn.Module, steerings: list[Steering]) -> None:
+        self._model_ref = weakref.ref(model)
+        self._steerings = list(steerings)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._folded: dict[tuple[int, str], FoldedMap | None] = {}
+        self._cast: dict[tuple[int, str, torch.dtype, torch.device], FoldedMap] = {}
+        self.active = True
+        self.calls: dict[str, int] = {}
+        self._refold()
+
+    # strength ----------------------------------------------------------------------------------
+    @property
+    def strength(self) -> SiteStrength | list[SiteStrength]:
+        """The strength (one value, or a list with one per composed transport)."""
+        values = [s.strength for s in self._steerings]
+        return values[0] if len(values) == 1 else values
+
+    @strength.setter
+    def strength(self, value: SiteStrength) -> None:
+        self.set_strength(value)
+
+    def set_strength(self, value: SiteStrength, *, index: int | None = None) -> None:
+        """Set the strength of every composed transport, or only of ``self.transports[index]``."""
+        targets = range(len(self._steerings)) if index is None else [index]
+        for i in targets:
+            self._steerings[i] = dataclasses.replace(self._steerings[i], strength=value)
+        self._refold()
+
+    def _refold(self) -> None:
+        folded: dict[tuple[int, str], FoldedMap | None] = {}
+        for i, st in enumerate(self._steerings):
+            for site, unit_map in st.transport.items():
+                s = _site_strength(st.strength, site)
+                folded[(i, site)] = None if _is_zero(s) else unit_map.fold(s)
+        self._folded = folded
+        self._cast = {}
+
+    @property
+    def transports(self) -> list[Transport]:
+        return [s.transport for s in self._steerings]
+
+    @property
+    def sites(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for st in self._steerings:
+            seen.update(dict.fromkeys(st.transport))
+        return list(seen)
+
+    # hooks -------------------------------------------------------------------------------------
+    def _folded_for(self, i: int, site: str, x: torch.Tensor) -> FoldedMap | None:
+        key = (i, site, x.dtype, x.device)
+        fm = self._cast.get(key)
+        if fm is None:
+            base = self._folded[(i, site)]
+            if base is None:
+                return None
+            if not x.is_floating_point():
+                raise TypeError(f"Site {site!r} returned a {x.dtype} tensor; only floating point outputs can be steered")
+            fm = self._cast[key] = base.to(x.device, x.dtype)
+        return fm
+
+    def _transport_tensor(self, i: int, site: str, x: torch.Tensor) -> torch.Tensor:
+        fm = self._folded_for(i, site, x)
+        if fm is None:
+            return x
+        axis = 1 if x.dim() == 4 else -1
+        d = self._steerings[i].transport[site].dim
+        if x.dim() < 2 or x.shape[axis] != d:
+            raise ValueError(
+                f"Site {site!r}: the transport has {d} units but the model's output has shape {tuple(x.shape)} "
+                f"(units on dim {axis}); the transport was fitted on a different model"
+            )
+        if fm.weight.dim() == 2 and fm.weight.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"Site {site!r}: {fm.weight.shape[0]} per-row strengths given but the batch has {x.shape[0]} rows"
+            )
+        self.calls[site] = self.calls.get(site, 0) + 1
+        return fm.apply_spatial(x) if x.dim() == 4 else fm.apply_last(x)
+
+    def _make_hook(self, plan: list[tuple[int, str, int | None]]):
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+            if not self.active:
+                return None
+            out = output
+            for i, site, k in plan:
+                if k is None:
+                    if not isinstance(out, torch.Tensor):
+                        raise TypeError(
+                            f"Site {site!r} returned a {type(out).__name__}; name the element to steer as '{site}:k'"
+                        )
+                    out = self._transport_tensor(i, site, out)
+                else:
+                    if not isinstance(out, (tuple, list)) or k >= len(out):
+                        got = type(out).__name__ + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
+                        raise TypeError(f"Site {site!r} selects element {k} but the module returned a {got}")
+                    new = self._transport_tensor(i, site, out[k])
+                    if new is not out[k]:
+                        items = list(out)
+                        items[k] = new
+                        out = type(out)(items) if isinstance(out, list) else tuple(items)
+            return None if out is output else out
+
+        return hook
+
+    def _register(self) -> None:
+        model = self._model_ref()
+        plans: dict[str, tuple[torch.nn.Module, list[tuple[int, str, int | None]]]] = {}
+        for i, st in enumerate(self._steerings):
+            for site, name, k, module in iter_site_modules(model, st.transport):
+                plans.setdefault(name, (module, []))[1].append((i, site, k))
+        try:
+            for name, (module, plan) in plans.items():
+                self._handles.append(module.register_forward_hook(self._make_hook(plan)))
+                logger.debug("actsteer: hooked %s", name)
+        except BaseException:
+            self.remove()
+            raise
+        _ACTIVE[model] = self
+
+    def remove(self) -> None:
+        """Remove every hook; safe to call twice. The model is then exactly as before."""
+        for h in reversed(self._handles):
+            h.remove()
+        self._handles.clear()
+        model = self._model_ref()
+        if model is not None and _ACTIVE.get(model) is self:
+            del _ACTIVE[model]
+
+    @property
+    def is_attached(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> SteeringHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"SteeringHandle(sites={len(self.sites)}, strength={self.strength!r}, attached={self.is_attached})"
+
+
+def validate(model: torch.nn.Module, transport: Transport) -> None:
+    """Check that every site of ``transport`` exists in ``model`` with the right width, before touching it.
+
+    Raises:
+        KeyError: a site's module is missing (the message names near misses).
+        ValueError: a module's width differs from the transport's (names expected vs actual).
+    """
+    problems = []
+    for site, unit_map in transport.items():
+        try:
+            (_, name, k, module), = iter_site_modules(model, [site])
+        except KeyError:
+            raise KeyError(
+                missing_site_message(model, site.split(":")[0]) + _fitted_on(transport)
+            ) from None
+        width = infer_width(module) if k is None else None
+        if width is not None and width != unit_map.dim:
+            problems.append(f"{site!r}: transport has {unit_map.dim} units, {type(module).__name__} outputs {width}")
+    if problems:
+        raise ValueError(
+            f"Transport does not match {type(model).__name__}: " + "; ".join(problems[:5])
+            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "") + _fitted_on(transport)
+        )
+
+
+def _fitted_on(transport: Transport) -> str:
+    hint = transport.model.get("name_or_path") or transport.model.get("class")
+    return f" (the transport was fitted on {hint!r})" if hint else ""
+
+
+def attach(model: torch.nn.Module, transport: SteeringLike, strength: SiteStrength = 1.0) -> SteeringHandle:
+    """Steer ``model`` until ``handle.remove()``: forward hooks apply the transport(s) to their sites.
+
+    Args:
+        model: any module whose submodule names match the transport's sites.
+        transport: a `Transport`, a `Steering`, or a list of them (applied in order, so concepts compose).
+        strength: strength for bare transports (see `Steering`).
+
+    Returns:
+        A `SteeringHandle` (``.strength`` is settable live; ``.remove()``).
+
+    Raises:
+        KeyError / ValueError: before anything is attached, if a site is missing or has the wrong width.
+        RuntimeError: if ``model`` is already steered (pass a list instead of nesting).
+
+    Example:
+        >>> import torch, actsteer
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+        >>> t = actsteer.Transport({"0": actsteer.UnitMap(torch.ones(3), torch.full((3,), 5.0))})
+        >>> handle = actsteer.attach(model, t, strength=0.5)
+        >>> bool(torch.allclose(model(torch.zeros(1, 3)), model[0](torch.zeros(1, 3)) + 0))  # hooks see the module
+        False
+        >>> handle.remove()
+    """
+    steerings = as_steerings(transport, strength)
+    if model in _ACTIVE:
+        raise RuntimeError(
+            f"{type(model).__name__} is already steered by {_ACTIVE[model]!r}; pass a list of transports to one "
+            "attach()/steer() call to compose them, or remove the first handle"
+        )
+    for st in steerings:
+        validate(model, st.transport)
+    handle = SteeringHandle(model, steerings)
+    handle._register()
+    return handle
+
+
+@contextlib.contextmanager
+def steer(model: torch.nn.Module, transport: SteeringLike, strength: SiteStrength = 1.0) -> Iterator[SteeringHandle]:
+    """Context manager form of `attach`: hooks are removed on exit, also when the body raises.
+
+    Example:
+        >>> import torch, actsteer
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+        >>> t = actsteer.Transport({"1": actsteer.UnitMap(torch.ones(3), torch.ones(3))})
+        >>> x = torch.randn(2, 3)
+        >>> with actsteer.steer(model, t, strength=1.0):
+        ...     steered = model(x)
+        >>> torch.allclose(steered, model(x) + 1)
+        True
+    """
+    handle = attach(model, transport, strength)
+    try:
+        yield handle
+    finally:
+        handle.remove()

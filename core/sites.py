@@ -1,0 +1,134 @@
+"""Sites: parse ``"module.path:k"`` names, list and resolve them on a model, suggest near misses."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+
+import torch
+
+# "<module regex>:<tuple index spec>" where the spec is digits, a character class or an alternation of digits.
+_TUPLE_SPEC = re.compile(r"^(?P<module>.*?):(?P<k>\d+|\[[0-9\-,]+\]|\(\d+(?:\|\d+)*\))$")
+
+
+def parse_site(site: str) -> tuple[str, int | None]:
+    """Split ``"a.b:1"`` into ``("a.b", 1)``; ``"a.b"`` gives ``("a.b", None)``."""
+    module, sep, k = site.rpartition(":")
+    if sep and k.isdigit():
+        return module, int(k)
+    if ":" in site:
+        raise ValueError(f"Bad site name {site!r}: use 'module.path' or 'module.path:k' with an integer k")
+    return site, None
+
+
+def get_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The submodule called ``name`` (``""`` is the model itself), or a KeyError with near misses."""
+    if name == "":
+        return model
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise KeyError(missing_site_message(model, name)) from None
+
+
+def missing_site_message(model: torch.nn.Module, name: str) -> str:
+    names = [n for n, _ in model.named_modules() if n]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    hint = f"; closest: {', '.join(repr(c) for c in close)}" if close else ""
+    return (
+        f"Site {name!r} not found in {type(model).__name__} ({len(names)} submodules){hint}; "
+        "see actsteer.list_sites(model)"
+    )
+
+
+def list_sites(model: torch.nn.Module, pattern: str | None = None) -> list[str]:
+    """Names of ``model``'s submodules (registration order), optionally those matching ``pattern`` in full.
+
+    Example:
+        >>> import torch, actsteer
+        >>> actsteer.list_sites(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2)), r".*")
+        ['0', '1']
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    if pattern is None:
+        return names
+    rx = re.compile(pattern)
+    return [n for n in names if rx.fullmatch(n)]
+
+
+def _expand_k(spec: str) -> list[int]:
+    if spec.isdigit():
+        return [int(spec)]
+    rx = re.compile(spec)
+    return [k for k in range(10) if rx.fullmatch(str(k))]
+
+
+def resolve_sites(model: torch.nn.Module, patterns: str | Sequence[str]) -> list[str]:
+    """Expand regexes (matched in full against module names) into site names, in registration order.
+
+    A pattern may end with ``:k``, ``:[0-1]`` or ``:(0|1)`` to select tuple elements; the suffix is added to
+    every module the regex matches (unlike the reference, plain names are never rewritten). Exact names
+    are accepted as they are.
+
+    Raises:
+        ValueError: if a pattern matches no module; the message lists near misses.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    names = [n for n, _ in model.named_modules() if n]
+    index = {n: i for i, n in enumerate(names)}
+    found: dict[str, tuple[int, int]] = {}
+    for pattern in patterns:
+        m = _TUPLE_SPEC.match(pattern)
+        module_rx, ks = (m["module"], _expand_k(m["k"])) if m else (pattern, [None])
+        if module_rx in index:  # an exact name (may contain regex metacharacters like '.')
+            hits = [module_rx]
+        else:
+            try:
+                rx = re.compile(module_rx)
+            except re.error as err:
+                raise ValueError(f"Bad site pattern {pattern!r}: {err}") from None
+            hits = [n for n in names if rx.fullmatch(n)]
+        if not hits:
+            close = difflib.get_close_matches(module_rx, names, n=3, cutoff=0.5)
+            hint = f"; closest: {', '.join(repr(c) for c in close)}" if close else ""
+            raise ValueError(
+                f"Site pattern {pattern!r} matches no module of {type(model).__name__}{hint}; "
+                "see actsteer.list_sites(model)"
+            )
+        for n in hits:
+            for k in ks:
+                site = n if k is None else f"{n}:{k}"
+                found.setdefault(site, (index[n], -1 if k is None else k))
+    return sorted(found, key=found.__getitem__)
+
+
+def infer_width(module: torch.nn.Module) -> int | None:
+    """The number of units a module's output has along its unit axis, when it can be told without running it."""
+    if isinstance(module, torch.nn.Linear):
+        return module.out_features
+    if isinstance(module, torch.nn.LayerNorm):
+        return module.normalized_shape[-1]
+    if isinstance(module, torch.nn.GroupNorm):
+        return module.num_channels
+    if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+        return module.out_channels
+    if isinstance(module, torch.nn.Embedding):
+        return module.embedding_dim
+    if isinstance(module, torch.nn.modules.batchnorm._NormBase):
+        return module.num_features
+    if type(module).__name__.endswith("RMSNorm"):  # torch.nn.RMSNorm and the HF *RMSNorm classes
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+            return weight.shape[0]
+    return None
+
+
+def iter_site_modules(model: torch.nn.Module, sites: Iterable[str]) -> list[tuple[str, str, int | None, torch.nn.Module]]:
+    """``(site, module_name, k, module)`` for each site; raises KeyError naming the first missing module."""
+    out = []
+    for site in sites:
+        name, k = parse_site(site)
+        out.append((site, name, k, get_module(model, name)))
+    return out

@@ -1,0 +1,323 @@
+"""Fitted transport maps: `UnitMap` (one site, per-unit affine map) and `Transport` (site -> UnitMap).
+
+The math is ACT_SPEC.md sections 3-4: T(a) = omega * a + beta on the support [lo, hi], and the strength
+lambda interpolates, T_lambda(a) = a + lambda * ((omega - 1) a + beta), folded ahead into one multiply-add.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+Strength = Union[float, torch.Tensor]
+
+# Units whose omega is this small cannot be inverted for the reverse (target -> source) transport.
+_MIN_INVERTIBLE_OMEGA = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldedMap:
+    """A `UnitMap` folded for one strength: ``out = where(lo <= x <= hi, x * weight + bias, x)``.
+
+    Shapes are ``(D,)`` for a scalar strength or ``(R, D)`` for one strength per batch row.
+    ``masked`` is False when the support is all reals, so the hot path skips the compare.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    masked: bool
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FoldedMap:
+        return FoldedMap(
+            self.weight.to(device=device, dtype=dtype),
+            self.bias.to(device=device, dtype=dtype),
+            self.lo.to(device=device, dtype=dtype),
+            self.hi.to(device=device, dtype=dtype),
+            self.masked,
+        )
+
+    def apply_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply on the last dim of ``x`` (..., D); a per-row map (R, D) broadcasts over dims 1..-2."""
+        w, b, lo, hi = self.weight, self.bias, self.lo, self.hi
+        if w.dim() == 2 and x.dim() > 2:  # per-row strengths: (R, D) -> (R, 1, ..., 1, D)
+            shape = (w.shape[0],) + (1,) * (x.dim() - 2) + (w.shape[1],)
+            w, b, lo, hi = w.view(shape), b.view(shape), lo.view(shape), hi.view(shape)
+        moved = torch.addcmul(b, x, w)
+        if not self.masked:
+            return moved
+        return torch.where((x >= lo) & (x <= hi), moved, x)
+
+    def apply_spatial(self, x: torch.Tensor) -> torch.Tensor:
+        """The 4D rule (ACT_SPEC.md section 6): transport the spatial mean per channel of ``x`` (B, C, H, W),
+        keep the spatial deviations: ``out = x + (T(mu) - mu)`` with ``mu = x.mean((2, 3))``.
+        """
+        mu = x.mean(dim=(2, 3))  # (B, C)
+        delta = self.apply_last(mu) - mu
+        return x + delta[:, :, None, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitMap:
+    """Per-unit affine transport for one site: ``T(a) = omega * a + beta`` on ``lo <= a <= hi``.
+
+    Every tensor has shape ``(D,)`` and dtype float32 (estimation itself runs in float64).
+
+    Attributes:
+        omega: slope per unit (1 for mean shifts, the damping factor for AurA).
+        beta: offset per unit.
+        lo, hi: the source support; values outside are left alone (``-inf``/``+inf`` for all reals).
+        target_lo, target_hi: the target support computed with the same rule; the reverse
+            (target -> source) transport applies there.
+        dead: True for units whose source values were (near-)constant; they were mapped as a pure
+            mean shift instead of getting a huge omega.
+
+    Example:
+        >>> import torch, actsteer
+        >>> m = actsteer.UnitMap(omega=torch.tensor([2.0]), beta=torch.tensor([1.0]))
+        >>> m(torch.tensor([[3.0]])), m(torch.tensor([[3.0]]), strength=0.5)
+        (tensor([[7.]]), tensor([[5.]]))
+    """
+
+    omega: torch.Tensor
+    beta: torch.Tensor
+    lo: torch.Tensor | None = None
+    hi: torch.Tensor | None = None
+    target_lo: torch.Tensor | None = None
+    target_hi: torch.Tensor | None = None
+    dead: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        omega = torch.as_tensor(self.omega)
+        if omega.dim() != 1:
+            raise ValueError(f"`omega` must have shape (D,), got {tuple(omega.shape)}")
+        d = omega.shape[0]
+        inf = torch.full((d,), float("inf"))
+        defaults = {"lo": -inf, "hi": inf, "target_lo": -inf, "target_hi": inf}
+        for field in ("omega", "beta", "lo", "hi", "target_lo", "target_hi"):
+            value = getattr(self, field)
+            value = defaults[field] if value is None else torch.as_tensor(value)
+            if value.shape != (d,):
+                raise ValueError(f"`{field}` must have shape ({d},) like `omega`, got {tuple(value.shape)}")
+            object.__setattr__(self, field, value.detach().to(device="cpu", dtype=torch.float32))
+        dead = torch.zeros(d, dtype=torch.bool) if self.dead is None else torch.as_tensor(self.dead)
+        if dead.shape != (d,):
+            raise ValueError(f"`dead` must have shape ({d},), got {tuple(dead.shape)}")
+        object.__setattr__(self, "dead", dead.detach().to(device="cpu", dtype=torch.bool))
+
+    @property
+    def dim(self) -> int:
+        """Number of units D."""
+        return self.omega.shape[0]
+
+    @property
+    def has_support(self) -> bool:
+        """False when the map applies on all reals (no range check needed)."""
+        return bool(torch.isfinite(self.lo).any() or torch.isfinite(self.hi).any())
+
+    def fold(self, strength: Strength = 1.0) -> FoldedMap:
+        """Fold a strength into ``weight = 1 + s(omega - 1)``, ``bias = s * beta`` (float32, CPU).
+
+        A negative strength folds the inverse map ``a = (z - beta) / omega`` at ``|s|`` on the target
+        support; units with ``omega`` ~ 0 cannot be inverted and stay the identity. ``strength`` may be
+        a tensor of shape ``(R,)`` (one per batch row), giving ``(R, D)`` folded tensors.
+        """
+        s = torch.as_tensor(strength, dtype=torch.float64)
+        if s.dim() > 1:
+            raise ValueError(f"`strength` must be a float or a 1-D tensor (one per batch row), got shape {tuple(s.shape)}")
+        if not torch.isfinite(s).all():
+            raise ValueError(f"`strength` must be finite, got {strength!r}")
+        omega, beta = self.omega.double(), self.beta.double()
+        invertible = omega > _MIN_INVERTIBLE_OMEGA
+        safe = torch.where(invertible, omega, torch.ones_like(omega))
+        inv_omega = torch.where(invertible, 1.0 / safe, torch.ones_like(omega))
+        inv_beta = torch.where(invertible, -beta / safe, torch.zeros_like(beta))
+        s_col = s.unsqueeze(-1) if s.dim() == 1 else s  # (R, 1) or ()
+        forward = s_col >= 0
+        a = s_col.abs()
+        weight = torch.where(forward, 1 + a * (omega - 1), 1 + a * (inv_omega - 1))
+        bias = torch.where(forward, a * beta, a * inv_beta)
+        lo = torch.where(forward, self.lo.double(), self.target_lo.double())
+        hi = torch.where(forward, self.hi.double(), self.target_hi.double())
+        shape = weight.shape
+        lo, hi = lo.expand(shape), hi.expand(shape)
+        masked = bool(torch.isfinite(lo).any() or torch.isfinite(hi).any())
+        return FoldedMap(weight.float(), bias.float(), lo.float().contiguous(), hi.float().contiguous(), masked)
+
+    def __call__(self, x: torch.Tensor, strength: Strength = 1.0) -> torch.Tensor:
+        """Transport the last dim of ``x`` (..., D) at ``strength``; returns a new tensor in ``x``'s dtype.
+
+        0 is the identity, 1 the full map, values in (0, 1) interpolate, a negative value applies the reverse
+        (target -> source) map at ``|strength|``; values above 1 extrapolate past the target.
+        """
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"Expected a tensor whose last dim is {self.dim} units, got shape {tuple(x.shape)}")
+        return self.fold(strength).to(x.device, x.dtype).apply_last(x)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The map's tensors by field name (what `Transport.save` writes)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __repr__(self) -> str:
+        o = self.omega
+        return (
+            f"UnitMap(D={self.dim}, omega=[{o.min().item():.3g}, {o.max().item():.3g}], "
+            f"mean|beta|={self.beta.abs().mean().item():.3g}, support={'range' if self.has_support else 'all'}, "
+            f"dead={int(self.dead.sum())})"
+        )
+
+
+UNITMAP_FIELDS = tuple(f.name for f in dataclasses.fields(UnitMap))
+
+
+class Transport(Mapping[str, UnitMap]):
+    """An ordered mapping site name -> `UnitMap`, plus metadata. Immutable; transforms return new objects.
+
+    Site names are dotted module paths with an optional ``:k`` selecting element k of a tuple output.
+    Order is the execution order of the sites when known (sequential estimation depends on it).
+
+    Args:
+        maps: site -> UnitMap, in order.
+        method: estimator name (see `actsteer.estimate`).
+        pooling: how activations were pooled per input (``"mean"``, ``"last"``, ``"max"``, ...).
+        support: the support rule used (``"observed"``, ``"all"`` or ``[q_lo, q_hi]``).
+        mode: ``"sequential"`` or ``"at-once"`` estimation.
+        n_source, n_target: how many inputs each side had.
+        model: hint about the model it was fitted on (class, hidden sizes, name_or_path, ...).
+        description: free text.
+        extra: any other JSON-serialisable metadata.
+
+    Example:
+        >>> import torch, actsteer
+        >>> t = actsteer.Transport({"0": actsteer.UnitMap(torch.ones(4), torch.zeros(4))}, method="mean-act")
+        >>> list(t), len(t), t.method
+        (['0'], 1, 'mean-act')
+    """
+
+    def __init__(
+        self,
+        maps: Mapping[str, UnitMap] | Iterable[tuple[str, UnitMap]],
+        *,
+        method: str = "linear-act",
+        pooling: str = "mean",
+        support: Any = "observed",
+        mode: str = "sequential",
+        n_source: int = 0,
+        n_target: int = 0,
+        model: Mapping[str, Any] | None = None,
+        description: str = "",
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        items = list(maps.items()) if isinstance(maps, Mapping) else list(maps)
+        self._maps: dict[str, UnitMap] = {}
+        for name, unit_map in items:
+            if not isinstance(unit_map, UnitMap):
+                raise TypeError(f"Transport values must be UnitMap, got {type(unit_map).__name__} for site {name!r}")
+            if name in self._maps:
+                raise ValueError(f"Site {name!r} appears twice in the transport")
+            self._maps[str(name)] = unit_map
+        self.method = method
+        self.pooling = pooling
+        self.support = list(support) if isinstance(support, (tuple, list)) else support
+        self.mode = mode
+        self.n_source = int(n_source)
+        self.n_target = int(n_target)
+        self.model = dict(model or {})
+        self.description = description
+        self.extra = dict(extra or {})
+        json.dumps(self.metadata())  # fail now, not at save time, on non-JSON metadata
+
+    # Mapping protocol
+    def __getitem__(self, site: str) -> UnitMap:
+        try:
+            return self._maps[site]
+        except KeyError:
+            raise KeyError(f"Site {site!r} is not in this transport; it has: {', '.join(self._maps) or '(none)'}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._maps)
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    @property
+    def sites(self) -> list[str]:
+        """Site names in order."""
+        return list(self._maps)
+
+    def metadata(self) -> dict[str, Any]:
+        """All metadata as a JSON-serialisable dict (what `save` writes in the header)."""
+        return {
+            "method": self.method,
+            "pooling": self.pooling,
+            "support": self.support,
+            "mode": self.mode,
+            "sites": self.sites,
+            "n_source": self.n_source,
+            "n_target": self.n_target,
+            "model": self.model,
+            "description": self.description,
+            "extra": self.extra,
+        }
+
+    def replace(self, maps: Mapping[str, UnitMap] | None = None, **metadata: Any) -> Transport:
+        """A copy with some maps or metadata fields replaced."""
+        meta = self.metadata()
+        meta.pop("sites")
+        meta.update(metadata)
+        return Transport(self._maps if maps is None else maps, **meta)
+
+    def select(self, sites: Iterable[str] | str) -> Transport:
+        """A new transport with only the given sites (a list of names, or one regex matched in full)."""
+        import re
+
+        if isinstance(sites, str):
+            pattern = re.compile(sites)
+            keep = [s for s in self._maps if pattern.fullmatch(s)]
+            if not keep:
+                raise ValueError(f"Pattern {sites!r} matches no site of this transport ({len(self)} sites)")
+        else:
+            keep = list(sites)
+            for s in keep:
+                self[s]  # raises a KeyError naming the sites
+        return self.replace({s: self._maps[s] for s in keep})
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write to a ``.safetensors`` file (refuses to overwrite unless ``overwrite=True``). See `actsteer.core.io`."""
+        from .io import save_transport
+
+        return save_transport(self, path, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Transport:
+        """Read a file written by `save`. Never unpickles anything."""
+        from .io import load_transport
+
+        return load_transport(path)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Transport):
+            return NotImplemented
+        if self.metadata() != other.metadata():
+            return False
+        return all(
+            torch.equal(getattr(self[s], f), getattr(other[s], f)) for s in self for f in UNITMAP_FIELDS
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        units = sum(m.dim for m in self._maps.values())
+        first = ", ".join(list(self._maps)[:3]) + (", ..." if len(self) > 3 else "")
+        hint = self.model.get("name_or_path") or self.model.get("class") or "?"
+        return (
+            f"Transport(method={self.method!r}, sites={len(self)} [{first}], units={units}, "
+            f"pooling={self.pooling!r}, support={self.support!r}, mode={self.mode!r}, "
+            f"n_source={self.n_source}, n_target={self.n_target}, model={hint!r})"
+        )

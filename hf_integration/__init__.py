@@ -1,0 +1,1 @@
+"""actsteer.hf_integration: transformers and diffusers integration (imports them lazily)."""
