@@ -39,3 +39,13 @@ __all__ = [
     "steer",
 ]
 
+
+
+async def comfy_entrypoint():
+    """ComfyUI V3 entry point: ComfyUI calls it when this folder is in ``custom_nodes/``.
+
+    Imported lazily so that ``import actsteer`` never needs ComfyUI.
+    """
+    from .comfy_nodes import comfy_entrypoint as _entrypoint
+
+    return await _entrypoint()

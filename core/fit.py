@@ -286,7 +286,7 @@ def _fit_passes(model, resolved, batches, run, pooling, fit_site, sequential, pr
     all_sites = [s for s, *_ in resolved]
     info = {s: (name, k, module) for s, name, k, module in resolved}
     labels = torch.cat([lab for _, lab in batches])
-    state: dict[str, Any] = {"is_source": None, "record": set(all_sites), "stop_after": None, "seen": 0}
+    state: dict[str, Any] = {"is_source": None, "record": set(all_sites), "stop_after": None, "calls": {}}
     maps: dict[str, UnitMap] = {}
     folded: dict[str, FoldedMap] = {}
     recorder = _Recorder(all_sites, pooling)
@@ -304,7 +304,6 @@ def _fit_passes(model, resolved, batches, run, pooling, fit_site, sequential, pr
                 x = _tensor_of(out, k, site)
                 if site in state["record"]:
                     recorder.add(site, x, ctx)
-                    state["seen"] += 1
                     if site == state["stop_after"]:
                         raise _EarlyStop
                 elif site in folded:
@@ -318,7 +317,7 @@ def _fit_passes(model, resolved, batches, run, pooling, fit_site, sequential, pr
         for site in record:
             recorder.rows[site] = []
         for items, is_source in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            state["is_source"], state["seen"] = is_source, 0
+            state["is_source"] = is_source
             ctx.mask, ctx.rows, ctx.active = None, None, True
             stats["forward_calls"] += 1
             try:
@@ -327,7 +326,9 @@ def _fit_passes(model, resolved, batches, run, pooling, fit_site, sequential, pr
             except _EarlyStop:
                 # depth of the stopping site in execution order approximates how much of the pass ran
                 stats["forward_equivalents"] += (order.index(stop_after) + 1) / (len(order) + 1)
-            recorder.end_batch(record)
+            counts = recorder.end_batch(record)
+            for site, c in counts.items():
+                state["calls"][site] = max(state["calls"].get(site, 0), c)
 
     handles = [info[plan[0][0]][2].register_forward_hook(make_hook(plan)) for plan in by_module.values()]
     order: list[str] = []
@@ -335,13 +336,16 @@ def _fit_passes(model, resolved, batches, run, pooling, fit_site, sequential, pr
         with torch.no_grad():
             run_pass(all_sites, None, "actsteer: recording")
             order = list(recorder.order)
+            # A site that runs several times per batch (e.g. every denoising step) is averaged over its calls,
+            # so later passes must run to the end instead of stopping at the site's first call.
+            may_stop = max(state["calls"].values(), default=1) <= 1
             first = order if not sequential else order[:1]
             for site in first:
                 maps[site] = fit_site(site, recorder.stacked(site), labels)
                 folded[site] = maps[site].fold(1.0)
             if sequential:
                 for site in tqdm(order[1:], desc="actsteer: sequential sites", disable=not progress):
-                    run_pass([site], site, f"actsteer: {site}")
+                    run_pass([site], site if may_stop else None, f"actsteer: {site}")
                     maps[site] = fit_site(site, recorder.stacked(site), labels)
                     folded[site] = maps[site].fold(1.0)
     finally:
