@@ -16,16 +16,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .core import (
-    Steering,
-    SteeringHandle,
-    Transport,
-    UnitMap,
-    attach,
-    estimate,
-    list_sites,
-    steer,
-)
+from .core import Steering, SteeringHandle, Transport, UnitMap, attach, estimate, list_sites
+from .hf_integration import disable_steering, enable_steering, fit_lm, steer
 
 __all__ = [
     "Steering",
@@ -34,7 +26,10 @@ __all__ = [
     "UnitMap",
     "__version__",
     "attach",
+    "disable_steering",
+    "enable_steering",
     "estimate",
+    "fit_lm",
     "list_sites",
     "steer",
 ]

@@ -70,14 +70,21 @@ def _interp_rows(sorted_x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return sorted_x[lo] * (1 - frac) + sorted_x[hi] * frac
 
 
-def _quantile_grid(sorted_x: torch.Tensor, k: int) -> torch.Tensor:
-    """The empirical quantile function of each column at the ``k`` mid-points ``(i + 0.5) / k``.
+def _monotone_coupling(sorted_a: torch.Tensor, sorted_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact 1-D optimal (monotone) coupling of two empirical distributions with n and m atoms.
 
-    With ``k == N`` this returns the sorted samples exactly, so equal counts pair ``a_(i)`` with ``b_(i)``.
+    The unit interval is cut at every i/n and j/m; each piece pairs one source atom with one target atom
+    and weighs its length. Returns ``(a_pairs, b_pairs, weights)`` with shapes ``(K, D)``, ``(K, D)``, ``(K,)``,
+    ``K <= n + m - 1``; with n == m it is ``(sorted_a, sorted_b, 1/n)``.
     """
-    n = sorted_x.shape[0]
-    q = (torch.arange(k, dtype=sorted_x.dtype) + 0.5) / k
-    return _interp_rows(sorted_x, (q * n - 0.5).clamp(0, n - 1))
+    n, m = sorted_a.shape[0], sorted_b.shape[0]
+    if n == m:
+        return sorted_a, sorted_b, torch.full((n,), 1.0 / n, dtype=sorted_a.dtype)
+    # integer breakpoints on a grid of n*m steps, so there is no rounding
+    ends = torch.unique(torch.cat([torch.arange(1, n + 1) * m, torch.arange(1, m + 1) * n]))
+    starts = torch.cat([torch.zeros(1, dtype=ends.dtype), ends[:-1]])
+    weights = (ends - starts).to(sorted_a.dtype) / (n * m)
+    return sorted_a[starts // m], sorted_b[starts // n], weights
 
 
 def _dead_units(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -92,17 +99,18 @@ def _linear_act(a: torch.Tensor, b: torch.Tensor, **_: Any) -> tuple[torch.Tenso
     """Linear-AcT: least squares of sorted target on sorted source, per unit.
 
     ``omega = sum(a~ b~) / sum(a~^2)`` (the denominator is the SOURCE spread), ``beta = m_b - omega m_a``,
-    with ``a~``, ``b~`` the centred quantile functions on a common grid of ``max(n, m)`` points.
-    ``m_a``/``m_b`` are the sample means, so the transported source mean equals the target mean.
+    with ``a~ = a_(i) - m_a``, ``b~ = b_(i) - m_b`` over the sorted pairs. With unequal counts the pairs are
+    the exact monotone coupling of the two samples, weighted (the same answer as replicating both samples
+    to a common count). ``m_a``/``m_b`` are the sample means, so the transported source mean equals the
+    target mean.
     """
-    k = max(a.shape[0], b.shape[0])
-    qa = _quantile_grid(a.sort(dim=0).values, k)
-    qb = _quantile_grid(b.sort(dim=0).values, k)
-    ca = qa - qa.mean(dim=0)
-    cb = qb - qb.mean(dim=0)
+    qa, qb, w = _monotone_coupling(a.sort(dim=0).values, b.sort(dim=0).values)
+    w = w.unsqueeze(1)
+    ca = qa - a.mean(dim=0)  # the coupling's weighted means are the sample means
+    cb = qb - b.mean(dim=0)
     dead = _dead_units(a, b)
-    denom = (ca * ca).sum(dim=0)
-    omega = torch.where(dead, torch.ones_like(denom), (ca * cb).sum(dim=0) / torch.where(dead, torch.ones_like(denom), denom))
+    denom = (w * ca * ca).sum(dim=0)
+    omega = torch.where(dead, torch.ones_like(denom), (w * ca * cb).sum(dim=0) / torch.where(dead, torch.ones_like(denom), denom))
     omega = omega.clamp(min=0.0)  # >= 0 in exact arithmetic (Chebyshev); guard rounding
     beta = b.mean(dim=0) - omega * a.mean(dim=0)
     return omega, beta, dead

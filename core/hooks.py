@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import torch
 
@@ -22,6 +22,7 @@ from .transport import FoldedMap, Strength, Transport
 logger = logging.getLogger(__name__)
 
 SiteStrength = Union[Strength, Mapping[str, Strength]]
+ApplyTo = Literal["all", "prompt", "generated"]
 
 # model -> its live handle; steering the same model twice must go through one handle (a list).
 _ACTIVE: weakref.WeakKeyDictionary[torch.nn.Module, SteeringHandle] = weakref.WeakKeyDictionary()
@@ -36,14 +37,26 @@ class Steering:
         strength: 0 identity, 1 full transport, negative = reverse (target -> source) at ``|strength|``,
             above 1 extrapolation. A 1-D tensor gives one strength per batch row; a mapping
             ``{site: strength}`` sets sites individually (``"*"`` is the default for the others, else 1.0).
+        apply_to: ``"all"`` tokens (default, as in the paper), only the ``"prompt"`` tokens, or only the
+            ``"generated"`` ones. The last two need to know token positions, which ``generate(..., steering=...)``
+            provides (`actsteer.enable_steering`); they apply to token outputs ``(B, T, D)``.
+
+    Example:
+        >>> import torch, actsteer
+        >>> t = actsteer.Transport({"0": actsteer.UnitMap(torch.ones(2), torch.ones(2))})
+        >>> actsteer.Steering(t, strength=0.5, apply_to="generated").apply_to
+        'generated'
     """
 
     transport: Transport
     strength: SiteStrength = 1.0
+    apply_to: ApplyTo = "all"
 
     def __post_init__(self) -> None:
         if not isinstance(self.transport, Transport):
             raise TypeError(f"Steering needs a Transport, got {type(self.transport).__name__}")
+        if self.apply_to not in ("all", "prompt", "generated"):
+            raise ValueError(f"`apply_to` must be 'all', 'prompt' or 'generated', got {self.apply_to!r}")
 
 
 SteeringLike = Union[Transport, Steering, Sequence[Union[Transport, Steering]]]
@@ -92,6 +105,7 @@ class SteeringHandle:
         self._cast: dict[tuple[int, str, torch.dtype, torch.device], FoldedMap] = {}
         self.active = True
         self.calls: dict[str, int] = {}
+        self._positions: tuple[int, int] | None = None
         self._refold()
 
     # strength ----------------------------------------------------------------------------------
@@ -120,6 +134,11 @@ class SteeringHandle:
                 folded[(i, site)] = None if _is_zero(s) else unit_map.fold(s)
         self._folded = folded
         self._cast = {}
+
+    def set_positions(self, offset: int, prompt_length: int) -> None:
+        """Tell the hooks where the next forward's tokens sit: token ``j`` of the call is at position
+        ``offset + j``; positions below ``prompt_length`` are prompt tokens (for ``apply_to``)."""
+        self._positions = (int(offset), int(prompt_length))
 
     @property
     def transports(self) -> list[Transport]:
@@ -161,7 +180,19 @@ class SteeringHandle:
                 f"Site {site!r}: {fm.weight.shape[0]} per-row strengths given but the batch has {x.shape[0]} rows"
             )
         self.calls[site] = self.calls.get(site, 0) + 1
-        return fm.apply_spatial(x) if x.dim() == 4 else fm.apply_last(x)
+        moved = fm.apply_spatial(x) if x.dim() == 4 else fm.apply_last(x)
+        apply_to = self._steerings[i].apply_to
+        if apply_to == "all":
+            return moved
+        if self._positions is None or x.dim() != 3:
+            raise ValueError(
+                f"Steering with apply_to={apply_to!r} needs token positions: use it through "
+                "model.generate(..., steering=...) after actsteer.enable_steering(model), on (B, T, D) outputs"
+            )
+        offset, prompt_length = self._positions
+        pos = torch.arange(offset, offset + x.shape[1], device=x.device)
+        keep = pos < prompt_length if apply_to == "prompt" else pos >= prompt_length
+        return torch.where(keep[None, :, None], moved, x)
 
     def _make_hook(self, plan: list[tuple[int, str, int | None]]):
         def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 FORMAT = "actsteer.transport"
 FORMAT_VERSION = 1
+_METADATA_KEYS = ("method", "pooling", "support", "mode", "n_source", "n_target", "model", "description", "extra")
 
 
 def _version() -> str:
@@ -97,6 +98,8 @@ def load_transport(path: str | Path) -> Transport:
     from .transport import Transport
 
     path = Path(path)
+    if not path.exists() and path.suffix != ".safetensors" and path.with_name(path.name + ".safetensors").is_file():
+        path = path.with_name(path.name + ".safetensors")
     meta = read_header(path)
     version = meta.get("format_version", "")
     if not version.isdigit() or int(version) > FORMAT_VERSION:
@@ -109,6 +112,10 @@ def load_transport(path: str | Path) -> Transport:
         sites = info.pop("sites")
     except (KeyError, json.JSONDecodeError, AttributeError, TypeError) as err:
         raise ValueError(f"{path}: the transport metadata is corrupt ({err})") from None
+    known = {k: v for k, v in info.items() if k in _METADATA_KEYS}
+    unknown = {k: v for k, v in info.items() if k not in _METADATA_KEYS}
+    if unknown:  # written by a newer actsteer with the same format version: keep, don't fail
+        known["extra"] = {**(known.get("extra") or {}), "unknown_metadata": unknown}
     maps = {}
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -119,9 +126,15 @@ def load_transport(path: str | Path) -> Transport:
                     raise ValueError(f"{path}: tensors {missing} of site {site!r} are missing; the file is incomplete")
                 fields = {fld: f.get_tensor(f"maps.{i}.{fld}") for fld in UNITMAP_FIELDS}
                 fields["dead"] = fields["dead"].bool()
-                maps[site] = UnitMap(**fields)
+                try:
+                    maps[site] = UnitMap(**fields)
+                except ValueError as err:
+                    raise ValueError(f"{path}: site {site!r} is malformed ({err})") from None
     except ValueError:
         raise
     except Exception as err:
         raise ValueError(f"{path}: could not read the tensors ({err}); the file may be corrupt") from None
-    return Transport(maps, **info)
+    try:
+        return Transport(maps, **known)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: the transport metadata is invalid ({err})") from None

@@ -38,8 +38,9 @@ def pool(x: torch.Tensor, *, mask: torch.Tensor | None = None, how: Pooling = "m
         (tensor([[2.]]), tensor([[3.]]))
     """
     check_pooling(how)
+    # Always a fresh tensor: the recorder keeps it while later modules may modify their inputs in place.
     if x.dim() == 2:
-        return x.float()
+        return x.to(torch.float32, copy=True)
     if x.dim() == 4:
         if how == "last":
             raise ValueError("Pooling 'last' has no meaning for (B, C, H, W) outputs; use 'mean' or 'max'")
@@ -54,10 +55,10 @@ def pool(x: torch.Tensor, *, mask: torch.Tensor | None = None, how: Pooling = "m
         mask = mask.to(device=x.device, dtype=torch.bool)
     if how == "last":
         if mask is None:
-            return x[:, -1].float()
+            return x[:, -1].to(torch.float32, copy=True)
         positions = torch.arange(t, device=x.device).expand(b, t)
         last = torch.where(mask, positions, -1).amax(dim=1).clamp(min=0)
-        return x[torch.arange(b, device=x.device), last].float()
+        return x[torch.arange(b, device=x.device), last].to(torch.float32, copy=True)
     if how == "mean":
         if mask is None:
             return x.float().mean(dim=1)

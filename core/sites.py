@@ -119,6 +119,9 @@ def infer_width(module: torch.nn.Module) -> int | None:
     if isinstance(module, torch.nn.modules.batchnorm._NormBase):
         return module.num_features
     if type(module).__name__.endswith("RMSNorm"):  # torch.nn.RMSNorm and the HF *RMSNorm classes
+        shape = getattr(module, "normalized_shape", None)
+        if isinstance(shape, (tuple, list)) and shape:
+            return int(shape[-1])
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() == 1:
             return weight.shape[0]

@@ -6,6 +6,7 @@ lambda interpolates, T_lambda(a) = a + lambda * ((omega - 1) a + beta), folded a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from collections.abc import Iterable, Iterator, Mapping
@@ -105,11 +106,12 @@ class UnitMap:
             value = defaults[field] if value is None else torch.as_tensor(value)
             if value.shape != (d,):
                 raise ValueError(f"`{field}` must have shape ({d},) like `omega`, got {tuple(value.shape)}")
-            object.__setattr__(self, field, value.detach().to(device="cpu", dtype=torch.float32))
+            # clone: never share memory with the caller's tensors or between fields (safetensors refuses that)
+            object.__setattr__(self, field, value.detach().to(device="cpu", dtype=torch.float32).clone())
         dead = torch.zeros(d, dtype=torch.bool) if self.dead is None else torch.as_tensor(self.dead)
         if dead.shape != (d,):
             raise ValueError(f"`dead` must have shape ({d},), got {tuple(dead.shape)}")
-        object.__setattr__(self, "dead", dead.detach().to(device="cpu", dtype=torch.bool))
+        object.__setattr__(self, "dead", dead.detach().to(device="cpu", dtype=torch.bool).clone())
 
     @property
     def dim(self) -> int:
@@ -252,8 +254,8 @@ class Transport(Mapping[str, UnitMap]):
         return list(self._maps)
 
     def metadata(self) -> dict[str, Any]:
-        """All metadata as a JSON-serialisable dict (what `save` writes in the header)."""
-        return {
+        """All metadata as a JSON-serialisable dict (what `save` writes in the header); a copy."""
+        return copy.deepcopy({
             "method": self.method,
             "pooling": self.pooling,
             "support": self.support,
@@ -264,7 +266,7 @@ class Transport(Mapping[str, UnitMap]):
             "model": self.model,
             "description": self.description,
             "extra": self.extra,
-        }
+        })
 
     def replace(self, maps: Mapping[str, UnitMap] | None = None, **metadata: Any) -> Transport:
         """A copy with some maps or metadata fields replaced."""
@@ -274,7 +276,8 @@ class Transport(Mapping[str, UnitMap]):
         return Transport(self._maps if maps is None else maps, **meta)
 
     def select(self, sites: Iterable[str] | str) -> Transport:
-        """A new transport with only the given sites (a list of names, or one regex matched in full)."""
+        """A new transport with only the given sites (a list of names, or one regex matched in full), in this
+        transport's order."""
         import re
 
         if isinstance(sites, str):
@@ -283,9 +286,10 @@ class Transport(Mapping[str, UnitMap]):
             if not keep:
                 raise ValueError(f"Pattern {sites!r} matches no site of this transport ({len(self)} sites)")
         else:
-            keep = list(sites)
-            for s in keep:
+            wanted = set(sites)
+            for s in wanted:
                 self[s]  # raises a KeyError naming the sites
+            keep = [s for s in self._maps if s in wanted]
         return self.replace({s: self._maps[s] for s in keep})
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -296,7 +300,7 @@ class Transport(Mapping[str, UnitMap]):
 
     @classmethod
     def load(cls, path: str | Path) -> Transport:
-        """Read a file written by `save`. Never unpickles anything."""
+        """Read a file written by `save` (``.safetensors`` may be left out). Never unpickles anything."""
         from .io import load_transport
 
         return load_transport(path)

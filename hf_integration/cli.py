@@ -1,0 +1,284 @@
+"""The ``actsteer`` command: ``fit``, ``generate``, ``inspect`` and ``demo`` (causal LMs).
+
+Examples:
+    actsteer demo
+    actsteer fit --model smollm2 --source neutral.txt --target ocean.txt -o ocean.safetensors
+    actsteer generate --model smollm2 --steer ocean.safetensors --sweep 0,0.5,1 --prompt "Once upon a time"
+    actsteer inspect ocean.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+DEMO_PROMPTS = ["Once upon a time,", "My favorite thing to do on weekends is", "Yesterday I went"]
+# Words whose presence marks the demo concept (the ocean) in a generation.
+DEMO_KEYWORDS = (
+    "ocean sea seas beach wave waves tide shore coast coral reef whale whales dolphin dolphins fish ship ships "
+    "sail sailor sailors boat boats harbor island surf sand shell shells marine underwater water waters"
+).split()
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Texts from a file: ``.txt`` one example per line (blank lines skipped), ``.jsonl`` strings or ``{"text": ...}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: no such file: {path}")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        return lines
+    texts = []
+    for i, line in enumerate(lines, 1):
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"error: {path}:{i} is not valid JSON ({err})") from None
+        text = item.get("text") if isinstance(item, dict) else item
+        if not isinstance(text, str):
+            raise SystemExit(f"error: {path}:{i} must be a JSON string or an object with a 'text' string")
+        texts.append(text)
+    return texts
+
+
+def parse_support(value: str) -> Any:
+    if value in ("observed", "all"):
+        return value
+    try:
+        lo, hi = (float(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"support must be 'observed', 'all' or 'q_lo,q_hi' (e.g. 0.01,0.99), got {value!r}")
+    return (lo, hi)
+
+
+def parse_floats(value: str) -> list[float]:
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0,0.5,1, got {value!r}")
+
+
+def concept_score(text: str, keywords: Sequence[str] = DEMO_KEYWORDS) -> int:
+    """How many concept keywords a text contains (a cheap presence score for the demo)."""
+    words = re.findall(r"[a-z]+", text.lower())
+    return sum(w in keywords for w in words)
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from .default_model import load_model
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    return load_model(args.model, dtype=dtype, device=args.device)
+
+
+def generate_rows(model, tokenizer, transport, prompts: Sequence[str], strengths: Sequence[float], *,
+                  max_new_tokens: int = 40, sample: bool = False, seed: int = 0, apply_to: str = "all") -> list[list[str]]:
+    """Continuations of ``prompts`` (one batched generate per strength); ``rows[s][p]``."""
+    import torch
+
+    from ..core.hooks import Steering
+    from .generation import enable_steering_lm
+    from .lm import padding_ready
+
+    enable_steering_lm(model)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        with padding_ready(tokenizer):
+            enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(model.device)
+            pad_id = tokenizer.pad_token_id
+        rows = []
+        for s in strengths:
+            torch.manual_seed(seed)
+            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=pad_id, repetition_penalty=1.2)
+            if sample:
+                kwargs.update(top_p=0.9, temperature=0.8)
+            steering = None if transport is None else Steering(transport, float(s), apply_to)
+            out = model.generate(**enc, steering=steering, **kwargs)
+            rows.append(tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+        return rows
+    finally:
+        tokenizer.padding_side = side
+
+
+def print_rows(prompts: Sequence[str], strengths: Sequence[float], rows: list[list[str]], score=None) -> None:
+    for p, prompt in enumerate(prompts):
+        print(f"\n=== {prompt}")
+        for s, row in zip(strengths, rows):
+            text = " ".join(row[p].split())
+            tag = f"  [concept words: {score(prompt + ' ' + text)}]" if score else ""
+            print(f"  strength {s:>5g}{tag}: {text}")
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .lm import fit_lm
+
+    out = Path(args.output)
+    if not out.suffix:
+        out = out.with_suffix(".safetensors")
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"error: {out} exists; pass --overwrite to replace it")
+    source, target = read_texts(args.source), read_texts(args.target)
+    model, tokenizer = _load(args)
+    modules = args.modules if args.modules in ("auto", "all-norms", "post-norms", "mlp") else args.modules.split(",")
+    transport = fit_lm(model, tokenizer, source, target, modules=modules, method=args.method, pooling=args.pooling,
+                       support=args.support, sequential=not args.at_once, batch_size=args.batch_size,
+                       max_length=args.max_length, description=args.description)
+    path = transport.save(out, overwrite=args.overwrite)
+    print(f"Fitted {transport.method} on {len(transport)} sites from {len(source)} source / {len(target)} target texts.")
+    print(f"Wrote {path}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ..core.transport import Transport
+
+    transport = Transport.load(args.steer)
+    strengths = args.sweep if args.sweep is not None else [args.strength]
+    model, tokenizer = _load(args)
+    rows = generate_rows(model, tokenizer, transport, args.prompt, strengths, max_new_tokens=args.max_new_tokens,
+                         sample=args.sample, seed=args.seed, apply_to=args.apply_to)
+    print_rows(args.prompt, strengths, rows)
+    return 0
+
+
+def summarize(transport) -> list[dict[str, Any]]:
+    """Per-site summary: units, mean |beta|, omega range, share of units with a finite support, dead units."""
+    out = []
+    for site, m in transport.items():
+        finite = (m.lo.isfinite() | m.hi.isfinite()).float().mean().item()
+        out.append({
+            "site": site, "units": m.dim, "mean_abs_beta": m.beta.abs().mean().item(),
+            "omega_min": m.omega.min().item(), "omega_max": m.omega.max().item(),
+            "support_coverage": finite, "dead": int(m.dead.sum()),
+        })
+    return out
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from ..core.transport import Transport
+
+    transport = Transport.load(args.path)
+    meta = transport.metadata()
+    meta.pop("sites")
+    print(f"{args.path}")
+    for key, value in meta.items():
+        if value not in ({}, "", None):
+            print(f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    print(f"  sites: {len(transport)}, units: {sum(m.dim for m in transport.values())}")
+    print(f"\n  {'site':<48} {'units':>6} {'mean|beta|':>11} {'omega range':>17} {'ranged':>7} {'dead':>5}")
+    for row in summarize(transport):
+        print(f"  {row['site']:<48} {row['units']:>6} {row['mean_abs_beta']:>11.4f} "
+              f"{row['omega_min']:>8.3f}..{row['omega_max']:<7.3f} {row['support_coverage']:>6.0%} {row['dead']:>5}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..core.transport import Transport
+    from .default_model import cache_dir
+    from .lm import fit_lm
+
+    t0 = time.perf_counter()
+    data = resources.files(__package__) / "data"
+    source = read_texts(Path(str(data / "neutral.txt")))
+    target = read_texts(Path(str(data / "ocean.txt")))
+    print(f"actsteer demo: induce the concept 'the ocean' into neutral text ({len(source)} neutral vs {len(target)} "
+          f"ocean sentences), Linear-AcT, sites: {args.modules}")
+    model, tokenizer = _load(args)
+    print(f"Model: {model.config._name_or_path} ({type(model).__name__}) loaded in {time.perf_counter() - t0:.0f}s")
+    transport = fit_lm(model, tokenizer, source, target, modules=args.modules, progress=not args.quiet,
+                       description="actsteer demo: neutral sentences -> sentences about the ocean")
+    out = Path(args.output) if args.output else cache_dir() / "demo" / "ocean.safetensors"
+    if args.output and out.exists() and not args.overwrite:
+        raise SystemExit(f"error: {out} exists; pass --overwrite to replace it")
+    path = transport.save(out, overwrite=True)  # the default path is the demo's own cache file
+    print(f"Fitted {len(transport)} sites in {time.perf_counter() - t0:.0f}s total; wrote {path}")
+    reloaded = Transport.load(path)
+    rows = generate_rows(model, tokenizer, reloaded, DEMO_PROMPTS, args.strengths, max_new_tokens=args.max_new_tokens)
+    print_rows(DEMO_PROMPTS, args.strengths, rows, score=concept_score)
+    totals = [sum(concept_score(p + " " + t) for p, t in zip(DEMO_PROMPTS, row)) for row in rows]
+    print("\nConcept words per strength: " + ", ".join(f"{s:g}: {n}" for s, n in zip(args.strengths, totals)))
+    print(f"Done in {time.perf_counter() - t0:.0f}s. Try: actsteer generate --steer {path} --sweep 0,0.5,1 --prompt \"...\"")
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="local path or cached hub id; 'smollm2' (default) is the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="actsteer", description="Activation Transport (AcT) steering for language models")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fit", help="fit a transport from two text files")
+    _add_model_args(p)
+    p.add_argument("--source", required=True, help="source examples: .txt (one per line) or .jsonl")
+    p.add_argument("--target", required=True, help="target examples: .txt (one per line) or .jsonl")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    p.add_argument("--method", default="linear-act", help="linear-act (default), mean-act, gaussian-ot, actadd, caa, itic, aura")
+    p.add_argument("--modules", default="auto", help="auto, all-norms, post-norms, mlp, or comma-separated regexes")
+    p.add_argument("--support", default="observed", type=parse_support, help="observed (default), all, or q_lo,q_hi")
+    p.add_argument("--pooling", default="mean", choices=["mean", "last", "max", "min"])
+    p.add_argument("--batch-size", type=int, default=None, help="texts per forward pass (default: all at once)")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--at-once", action="store_true", help="fit all sites at once instead of sequentially")
+    p.add_argument("--description", default="")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("generate", help="generate with a transport at one or several strengths")
+    _add_model_args(p)
+    p.add_argument("--steer", required=True, help="a transport .safetensors file")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--strength", type=float, default=1.0)
+    g.add_argument("--sweep", type=parse_floats, default=None, help="comma-separated strengths, e.g. 0,0.5,1")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--sample", action="store_true", help="sample (top_p 0.9) instead of greedy decoding")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--apply-to", default="all", choices=["all", "prompt", "generated"])
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("inspect", help="show a transport file's metadata and a per-site summary")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="fit and try a concept transport on the embedded SmolLM2 (or --model)")
+    _add_model_args(p)
+    p.add_argument("--modules", default="all-norms", help="sites (default all-norms: clearest effect on SmolLM2)")
+    p.add_argument("--strengths", type=parse_floats, default=[0.0, 0.5, 1.0])
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("-o", "--output", default=None, help="where to write the fitted transport (default: the cache dir)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as err:
+        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Fitting transports on causal LMs from two lists of texts (`fit_lm`)."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ..core.estimate import Support
+from ..core.fit import ForwardContext, fit
+from ..core.transport import Transport
+from .presets import lm_sites
+
+logger = logging.getLogger(__name__)
+
+# More than this ratio between the two list sizes is almost always a mistake (a wrong file, a truncated list).
+MAX_IMBALANCE = 10.0
+
+
+def check_texts(name: str, texts: Sequence[str]) -> list[str]:
+    """Validate one list of texts: a list of non-empty strings, at least 2 of them."""
+    if isinstance(texts, str):
+        raise TypeError(f"`{name}` must be a list of texts, got a single string; split it into lines")
+    texts = list(texts)
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"`{name}` must contain strings; item {bad[0]} is a {type(texts[bad[0]]).__name__}")
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise ValueError(f"`{name}` has {len(empty)} empty text(s) (first at index {empty[0]}); remove them")
+    if len(texts) < 2:
+        raise ValueError(f"`{name}` needs at least 2 texts to estimate a distribution, got {len(texts)}; a few dozen work well")
+    return texts
+
+
+def check_balance(n_source: int, n_target: int) -> None:
+    ratio = max(n_source, n_target) / min(n_source, n_target)
+    if ratio > MAX_IMBALANCE:
+        raise ValueError(
+            f"The text lists are very unbalanced ({n_source} source vs {n_target} target, {ratio:.0f}x); "
+            f"give each side a similar number of examples (within {MAX_IMBALANCE:.0f}x)"
+        )
+
+
+@contextlib.contextmanager
+def padding_ready(tokenizer: Any) -> Iterator[Any]:
+    """Give a tokenizer without a pad token a temporary one (EOS, else BOS); restored on exit."""
+    if tokenizer.pad_token is not None:
+        yield tokenizer
+        return
+    fallback = tokenizer.eos_token or tokenizer.bos_token
+    if fallback is None:
+        raise ValueError("The tokenizer has no pad, EOS or BOS token to pad batches with; set tokenizer.pad_token")
+    tokenizer.pad_token = fallback
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.pad_token = None
+
+
+def model_info(model: torch.nn.Module) -> dict[str, Any]:
+    """What a transport records about the LM it was fitted on."""
+    config = getattr(model, "config", None)
+    info: dict[str, Any] = {"class": type(model).__name__}
+    for key in ("model_type", "name_or_path", "hidden_size", "num_hidden_layers", "n_embd", "n_layer"):
+        value = getattr(config, key if key != "name_or_path" else "_name_or_path", None)
+        if value not in (None, ""):
+            info[key] = value
+    return info
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, as ``generate`` does, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def make_runner(model: torch.nn.Module, tokenizer: Any, max_length: int):
+    """``run(texts, ctx)`` for `actsteer.core.fit.fit`: tokenize with padding, mask, forward without cache."""
+    device = next(model.parameters()).device
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+
+    def run(texts: Sequence[str], ctx: ForwardContext) -> None:
+        enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        if takes_positions:
+            enc["position_ids"] = position_ids(enc["attention_mask"])
+        ctx.mask = enc["attention_mask"]
+        model(**enc, use_cache=False)
+
+    return run
+
+
+def fit_lm(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    source_texts: Sequence[str],
+    target_texts: Sequence[str],
+    *,
+    modules: str | Sequence[str] = "auto",
+    method: str = "linear-act",
+    pooling: str = "mean",
+    support: Support = "observed",
+    sequential: bool = True,
+    batch_size: int | None = None,
+    max_length: int = 128,
+    progress: bool = True,
+    description: str = "",
+) -> Transport:
+    """Fit a transport that moves ``source_texts``-like activations to ``target_texts``-like ones.
+
+    Args:
+        model: a Hugging Face causal LM (any device/dtype; estimation itself runs in float64).
+        tokenizer: its tokenizer; left or right padding both work (padding is masked out of the pooling).
+        source_texts, target_texts: at least 2 non-empty texts each (a few dozen to a few hundred work well).
+        modules: ``"auto"`` (the paper's sites for the architecture), a preset (``"all-norms"``,
+            ``"post-norms"``, ``"mlp"``), a regex, or a list of regexes/module names.
+        method: ``"linear-act"`` (default) or another `actsteer.estimate` method.
+        pooling: ``"mean"`` over real tokens (default), ``"last"``, ``"max"``, ``"min"``.
+        support: ``"observed"`` (default: strength 1 stays fluent), ``"all"``, or a quantile band.
+        sequential: causal estimation, each site fitted with the earlier sites already steered (default).
+        batch_size: texts per forward pass; None runs all texts in ONE pass (cheapest for sequential fitting).
+        max_length: texts are truncated to this many tokens.
+        progress: tqdm progress bars.
+        description: free text stored in the file.
+
+    Returns:
+        A `Transport` (sites in execution order; metadata records the model and the prompt counts).
+
+    Example:
+        >>> import actsteer
+        >>> from actsteer.hf_integration.default_model import load_default_model
+        >>> model, tok = load_default_model()  # doctest: +SKIP
+        >>> t = actsteer.fit_lm(model, tok, ["A walk in town."] * 8, ["The ocean waves."] * 8)  # doctest: +SKIP
+    """
+    source_texts = check_texts("source_texts", source_texts)
+    target_texts = check_texts("target_texts", target_texts)
+    check_balance(len(source_texts), len(target_texts))
+    if max_length < 1:
+        raise ValueError(f"`max_length` must be >= 1, got {max_length}")
+    sites = lm_sites(model, modules)
+    with padding_ready(tokenizer):
+        lengths = [len(ids) for ids in tokenizer(source_texts + target_texts)["input_ids"]]
+        if min(lengths) == 0:
+            raise ValueError("Some texts tokenize to zero tokens; remove them")
+        return fit(
+            model,
+            sites,
+            source_texts,
+            target_texts,
+            run=make_runner(model, tokenizer, max_length),
+            method=method,
+            pooling=pooling,
+            support=support,
+            sequential=sequential,
+            batch_size=batch_size,
+            progress=progress,
+            model_info=model_info(model),
+            description=description,
+        )

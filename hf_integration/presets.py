@@ -1,0 +1,118 @@
+"""Site presets for causal LMs, chosen by ``model.config.model_type`` (ACT_SPEC.md section 6).
+
+``"auto"`` is the paper's choice where it has one (GPT-2: all LayerNorms; Gemma-2: the post norms;
+Llama: the MLP projections) and the per-layer norms elsewhere. Named presets work on every listed
+architecture; explicit regexes (matched in full) work on any model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Sequence
+
+import torch
+
+from ..core.sites import list_sites, resolve_sites
+
+_L = r"model\.layers\.\d+"
+# Decoder-layer norms of the Llama family (Llama, SmolLM2, Mistral, Qwen2/3, Phi-3): the norms before
+# attention and before the MLP. Qwen3's q_norm/k_norm (head-sized) are deliberately left out.
+_LLAMA_NORMS = [rf"{_L}\.input_layernorm", rf"{_L}\.post_attention_layernorm"]
+_GEMMA_POST = [rf"{_L}\.post_attention_layernorm", rf"{_L}\.post_feedforward_layernorm"]
+_GEMMA_ALL = _LLAMA_NORMS + [rf"{_L}\.pre_feedforward_layernorm", rf"{_L}\.post_feedforward_layernorm"]
+_GPT2_ALL = [r"transformer\.h\.\d+\.ln_1", r"transformer\.h\.\d+\.ln_2", r"transformer\.ln_f"]
+
+LM_PRESETS: dict[str, dict[str, list[str]]] = {
+    "gpt2": {
+        "all-norms": _GPT2_ALL,
+        "post-norms": [r"transformer\.h\.\d+\.ln_2"],
+        "mlp": [r"transformer\.h\.\d+\.mlp\.c_proj"],
+    },
+    "llama": {
+        "all-norms": _LLAMA_NORMS + [r"model\.norm"],
+        "post-norms": [rf"{_L}\.post_attention_layernorm"],
+        "mlp": [rf"{_L}\.mlp\.(gate|up|down)_proj"],
+    },
+    "mistral": {
+        "all-norms": _LLAMA_NORMS + [r"model\.norm"],
+        "post-norms": [rf"{_L}\.post_attention_layernorm"],
+        "mlp": [rf"{_L}\.mlp\.(gate|up|down)_proj"],
+    },
+    "qwen2": {
+        "all-norms": _LLAMA_NORMS + [r"model\.norm"],
+        "post-norms": [rf"{_L}\.post_attention_layernorm"],
+        "mlp": [rf"{_L}\.mlp\.(gate|up|down)_proj"],
+    },
+    "phi3": {
+        "all-norms": _LLAMA_NORMS + [r"model\.norm"],
+        "post-norms": [rf"{_L}\.post_attention_layernorm"],
+        "mlp": [rf"{_L}\.mlp\.(gate_up|down)_proj"],
+    },
+    "gemma2": {
+        "all-norms": _GEMMA_ALL + [r"model\.norm"],
+        "post-norms": _GEMMA_POST,
+        "mlp": [rf"{_L}\.mlp\.(gate|up|down)_proj"],
+    },
+}
+LM_PRESETS["qwen3"] = LM_PRESETS["qwen2"]
+LM_PRESETS["gemma3_text"] = LM_PRESETS["gemma3"] = {
+    # Gemma-3 multimodal checkpoints nest the text model under language_model; patterns allow a prefix.
+    name: [r"(.*\.)?" + p for p in pats] for name, pats in LM_PRESETS["gemma2"].items()
+}
+
+# The "auto" choice per architecture (the paper's where it has one).
+AUTO_PRESET = {
+    "gpt2": "all-norms",
+    "llama": "mlp",
+    "gemma2": "post-norms",
+    "gemma3": "post-norms",
+    "gemma3_text": "post-norms",
+    "mistral": "all-norms",
+    "qwen2": "all-norms",
+    "qwen3": "all-norms",
+    "phi3": "all-norms",
+}
+
+
+def candidate_sites(model: torch.nn.Module, limit: int = 12) -> list[str]:
+    """Likely steering sites (norms and MLP outputs) of an unknown model, to suggest in errors."""
+    names = list_sites(model)
+    rx = re.compile(r".*(norm|ln_\w+|ln|mlp|ffn|feed_forward)(\.(down_proj|c_proj|fc2))?$", re.IGNORECASE)
+    hits = [n for n in names if rx.fullmatch(n)]
+    # collapse layer indices so the list shows the kinds of modules, not every layer
+    kinds = list(dict.fromkeys(re.sub(r"\.\d+\.", ".{i}.", n) for n in hits))
+    return kinds[:limit]
+
+
+def lm_sites(model: torch.nn.Module, modules: str | Sequence[str] = "auto") -> list[str]:
+    """Resolve ``modules`` ("auto", a preset name, a regex, or a list of regexes/names) to site names.
+
+    Raises:
+        ValueError: unknown architecture with ``"auto"``/a preset (lists candidate module names), unknown
+            preset name, or a pattern matching nothing.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    presets = LM_PRESETS.get(model_type or "", {})
+    if isinstance(modules, str) and (modules == "auto" or modules in _preset_names()):
+        if not presets:
+            kinds = candidate_sites(model)
+            raise ValueError(
+                f"No site preset for model_type={model_type!r} ({type(model).__name__}); pass modules= as a regex or a "
+                f"list of module names. Candidates: {', '.join(kinds) or '(none found; see actsteer.list_sites(model))'}"
+            )
+        name = AUTO_PRESET[model_type] if modules == "auto" else modules
+        if name not in presets:
+            raise ValueError(f"Preset {name!r} is not defined for {model_type!r}; choose one of: {', '.join(presets)}")
+        return resolve_sites(model, presets[name])
+    if isinstance(modules, str):
+        if modules.isidentifier() and not list_sites(model, modules) and "." not in modules:
+            close = difflib.get_close_matches(modules, _preset_names(), n=1)
+            if close:
+                raise ValueError(f"Unknown preset {modules!r}; did you mean {close[0]!r}?")
+        modules = [modules]
+    return resolve_sites(model, list(modules))
+
+
+def _preset_names() -> list[str]:
+    return sorted({p for table in LM_PRESETS.values() for p in table})

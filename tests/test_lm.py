@@ -1,0 +1,135 @@
+"""fit_lm and the LM site presets on tiny random GPT-2 / Llama / Gemma2 models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import actsteer
+from actsteer.hf_integration.presets import lm_sites
+
+SOURCE = [f"the cat sat on mat number {i} today" for i in range(12)]
+TARGET = [f"STORMY SEAS AND WAVES {i}!!" * (1 + i % 3) for i in range(12)]
+
+
+@pytest.mark.parametrize(
+    "arch, expected",
+    [
+        ("gpt2", ["transformer.h.0.ln_1", "transformer.h.0.ln_2", "transformer.h.1.ln_1", "transformer.h.1.ln_2", "transformer.ln_f"]),
+        ("llama", [f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")]),
+        ("gemma2", [f"model.layers.{i}.{p}_layernorm" for i in range(2) for p in ("post_attention", "post_feedforward")]),
+    ],
+)
+def test_lm_sites_auto_is_the_papers_choice(tiny_lm_factory, arch, expected):
+    model, _ = tiny_lm_factory(arch)
+    assert lm_sites(model, "auto") == expected
+
+
+def test_lm_sites_named_presets_and_regexes(tiny_llama):
+    model, _ = tiny_llama
+    assert lm_sites(model, "all-norms") == [
+        "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
+        "model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm", "model.norm",
+    ]
+    assert lm_sites(model, r"model\.layers\.1\.mlp\.down_proj") == ["model.layers.1.mlp.down_proj"]
+    assert lm_sites(model, ["model.norm", r"model\.layers\.0\.input_layernorm"]) == [
+        "model.layers.0.input_layernorm", "model.norm"]
+    with pytest.raises(ValueError, match="did you mean 'post-norms'"):
+        lm_sites(model, "post_norms")
+
+
+def test_lm_sites_unknown_architecture_lists_candidates(tiny_gpt2):
+    model, _ = tiny_gpt2
+
+    class Mystery(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("Cfg", (), {"model_type": "mystery"})()
+            self.body = model
+
+    with pytest.raises(ValueError, match=r"No site preset for model_type='mystery'.*body\.transformer\.h\.\{i\}\.ln_1"):
+        lm_sites(Mystery(), "auto")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
+def test_fit_lm_records_metadata_and_moves_pooled_activations(tiny_lm_factory, arch):
+    model, tok = tiny_lm_factory(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # support="all": every token is moved, so the sequential fit and steering agree exactly (see below)
+    t = actsteer.fit_lm(model, tok, SOURCE, TARGET, support="all", progress=False, description="tiny")
+    assert t.n_source == len(SOURCE) and t.n_target == len(TARGET)
+    assert t.model["model_type"] == arch and t.model["class"] == type(model).__name__
+    assert t.method == "linear-act" and t.mode == "sequential" and t.description == "tiny"
+    assert t.extra["fit"]["forward_calls"] == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # The last site's mean pooled source activation, steered, equals the target's: the map is affine and was
+    # fitted sequentially on the same (steered-upstream) source activations it now sees.
+    from actsteer.core.fit import ForwardContext
+    from actsteer.hf_integration.lm import make_runner
+    from actsteer.core.pooling import pool
+
+    site = t.sites[-1]
+    module = model.get_submodule(site)
+    run = make_runner(model, tok, 128)
+
+    def pooled(texts):
+        rec = {}
+        ctx = ForwardContext()
+        h = module.register_forward_hook(lambda m, a, o: rec.__setitem__("x", pool(o, mask=ctx.mask)))
+        try:
+            with torch.no_grad():
+                run(texts, ctx)
+        finally:
+            h.remove()
+        return rec["x"]
+
+    target_mean = pooled(TARGET).mean(0)
+    assert (pooled(SOURCE).mean(0) - target_mean).abs().max() > 1e-3
+    with actsteer.steer(model, t, strength=1.0):
+        steered_mean = pooled(SOURCE).mean(0)
+    assert_close(steered_mean, target_mean, rtol=0, atol=2e-4)
+
+
+def test_fit_lm_left_and_right_padding_agree(tiny_lm_factory):
+    left_model, left_tok = tiny_lm_factory("llama", padding_side="left")
+    right_model, right_tok = tiny_lm_factory("llama", padding_side="right")
+    a = actsteer.fit_lm(left_model, left_tok, SOURCE, TARGET, modules="all-norms", progress=False)
+    b = actsteer.fit_lm(right_model, right_tok, SOURCE, TARGET, modules="all-norms", progress=False)
+    assert a.sites == b.sites
+    for site in a:
+        assert_close(a[site].omega, b[site].omega, rtol=1e-4, atol=1e-4)
+        assert_close(a[site].beta, b[site].beta, rtol=1e-4, atol=1e-4)
+
+
+def test_fit_lm_batches_give_the_same_maps(tiny_gpt2):
+    model, tok = tiny_gpt2
+    one = actsteer.fit_lm(model, tok, SOURCE, TARGET, progress=False)
+    many = actsteer.fit_lm(model, tok, SOURCE, TARGET, progress=False, batch_size=5)
+    assert many.extra["fit"]["forward_calls"] > 1
+    for site in one:
+        assert_close(one[site].beta, many[site].beta, rtol=1e-4, atol=1e-5)
+
+
+def test_fit_lm_restores_a_tokenizer_without_pad_token(tiny_gpt2):
+    model, tok = tiny_gpt2
+    tok.pad_token = None
+    actsteer.fit_lm(model, tok, SOURCE[:4], TARGET[:4], progress=False)
+    assert tok.pad_token is None
+
+
+@pytest.mark.parametrize(
+    "source, target, error, match",
+    [
+        ([], TARGET, ValueError, "at least 2"),
+        (["only one"], TARGET[:2], ValueError, "at least 2"),
+        (["fine", "   "], TARGET[:2], ValueError, "empty text"),
+        ("a single string", TARGET, TypeError, "single string"),
+        (["ok", 3], TARGET[:2], TypeError, "must contain strings"),
+        (SOURCE[:2], TARGET * 3, ValueError, "unbalanced"),
+    ],
+)
+def test_fit_lm_rejects_bad_text_lists(tiny_gpt2, source, target, error, match):
+    model, tok = tiny_gpt2
+    with pytest.raises(error, match=match):
+        actsteer.fit_lm(model, tok, source, target, progress=False)
