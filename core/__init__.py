@@ -1,5 +1,6 @@
 """actsteer.core: estimation, transport maps, the hook engine and the file format (torch only)."""
 
+from .collect import collect
 from .estimate import ESTIMATORS, estimate
 from .fit import ForwardContext, fit
 from .hooks import Steering, SteeringHandle, attach, steer, validate
@@ -15,6 +16,7 @@ __all__ = [
     "Transport",
     "UnitMap",
     "attach",
+    "collect",
     "estimate",
     "fit",
     "list_sites",
