@@ -264,8 +264,8 @@ def estimate(
         >>> g = torch.Generator().manual_seed(0)
         >>> src, tgt = torch.randn(1000, 3, generator=g), 2 + 3 * torch.randn(1000, 3, generator=g)
         >>> m = actsteer.estimate(src, tgt, support="all")
-        >>> [round(v, 1) for v in m.omega.tolist()]  # ~ sigma_target / sigma_source
-        [3.0, 3.0, 3.0]
+        >>> bool(((m.omega - 3).abs() < 0.15).all())  # omega ~ sigma_target / sigma_source = 3
+        True
     """
     name = canonical_method(method)
     a, b = _check_inputs("source", source), _check_inputs("target", target)

@@ -306,10 +306,17 @@ def attach(model: torch.nn.Module, transport: SteeringLike, strength: SiteStreng
         >>> import torch, actsteer
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 3))
         >>> t = actsteer.Transport({"0": actsteer.UnitMap(torch.ones(3), torch.full((3,), 5.0))})
+        >>> x = torch.zeros(1, 3)
+        >>> plain = model(x)
         >>> handle = actsteer.attach(model, t, strength=0.5)
-        >>> bool(torch.allclose(model(torch.zeros(1, 3)), model[0](torch.zeros(1, 3)) + 0))  # hooks see the module
-        False
+        >>> torch.allclose(model(x), plain + 2.5)
+        True
+        >>> handle.strength = 1.0
+        >>> torch.allclose(model(x), plain + 5.0)
+        True
         >>> handle.remove()
+        >>> torch.equal(model(x), plain)
+        True
     """
     steerings = as_steerings(transport, strength)
     if model in _ACTIVE:
