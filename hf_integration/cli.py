@@ -169,10 +169,13 @@ def summarize(transport) -> list[dict[str, Any]]:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from ..core.transport import Transport
 
+    from ..core.io import read_header
+
     transport = Transport.load(args.path)
+    header = read_header(args.path)
     meta = transport.metadata()
     meta.pop("sites")
-    print(f"{args.path}")
+    print(f"{args.path} (format v{header.get('format_version')}, written by actsteer {header.get('actsteer_version')})")
     for key, value in meta.items():
         if value not in ({}, "", None):
             print(f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
@@ -231,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
     p.add_argument("--method", default="linear-act", help="linear-act (default), mean-act, gaussian-ot, actadd, caa, itic, aura")
     p.add_argument("--modules", default="auto", help="auto, all-norms, post-norms, mlp, or comma-separated regexes")
-    p.add_argument("--support", default="observed", type=parse_support, help="observed (default), all, or q_lo,q_hi")
-    p.add_argument("--pooling", default="mean", choices=["mean", "last", "max", "min"])
+    p.add_argument("--support", default=None, type=parse_support,
+                   help="observed, all, or q_lo,q_hi (default: observed for the AcT maps, all for the baselines)")
+    p.add_argument("--pooling", default=None, choices=["mean", "last", "max", "min"], help="default: the method's own")
     p.add_argument("--batch-size", type=int, default=None, help="texts per forward pass (default: all at once)")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--at-once", action="store_true", help="fit all sites at once instead of sequentially")

@@ -13,7 +13,8 @@ import torch
 from ..core.estimate import Support
 from ..core.fit import ForwardContext, fit
 from ..core.transport import Transport
-from .presets import lm_sites
+from ..core.estimate import canonical_method
+from .presets import METHOD_DEFAULTS, lm_sites
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +103,8 @@ def fit_lm(
     *,
     modules: str | Sequence[str] = "auto",
     method: str = "linear-act",
-    pooling: str = "mean",
-    support: Support = "observed",
+    pooling: str | None = None,
+    support: Support | None = None,
     sequential: bool = True,
     batch_size: int | None = None,
     max_length: int = 128,
@@ -119,8 +120,10 @@ def fit_lm(
         modules: ``"auto"`` (the paper's sites for the architecture), a preset (``"all-norms"``,
             ``"post-norms"``, ``"mlp"``), a regex, or a list of regexes/module names.
         method: ``"linear-act"`` (default) or another `actsteer.estimate` method.
-        pooling: ``"mean"`` over real tokens (default), ``"last"``, ``"max"``, ``"min"``.
-        support: ``"observed"`` (default: strength 1 stays fluent), ``"all"``, or a quantile band.
+        pooling: ``"mean"`` over real tokens, ``"last"``, ``"max"``, ``"min"``. Default: the method's own
+            (mean for the AcT maps, last token for actadd/caa/itic, max for aura).
+        support: ``"observed"``, ``"all"``, or a quantile band. Default: ``"observed"`` for the AcT maps (strength
+            1 stays fluent), ``"all"`` for the additive baselines and aura.
         sequential: causal estimation, each site fitted with the earlier sites already steered (default).
         batch_size: texts per forward pass; None runs all texts in ONE pass (cheapest for sequential fitting).
         max_length: texts are truncated to this many tokens.
@@ -136,6 +139,10 @@ def fit_lm(
         >>> model, tok = load_default_model()  # doctest: +SKIP
         >>> t = actsteer.fit_lm(model, tok, ["A walk in town."] * 8, ["The ocean waves."] * 8)  # doctest: +SKIP
     """
+    method = canonical_method(method)
+    defaults = METHOD_DEFAULTS[method]
+    pooling = defaults["pooling"] if pooling is None else pooling
+    support = defaults["support"] if support is None else support
     source_texts = check_texts("source_texts", source_texts)
     target_texts = check_texts("target_texts", target_texts)
     check_balance(len(source_texts), len(target_texts))

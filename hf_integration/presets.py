@@ -57,8 +57,8 @@ LM_PRESETS: dict[str, dict[str, list[str]]] = {
 }
 LM_PRESETS["qwen3"] = LM_PRESETS["qwen2"]
 LM_PRESETS["gemma3_text"] = LM_PRESETS["gemma3"] = {
-    # Gemma-3 multimodal checkpoints nest the text model under language_model; patterns allow a prefix.
-    name: [r"(.*\.)?" + p for p in pats] for name, pats in LM_PRESETS["gemma2"].items()
+    # Gemma-3 multimodal checkpoints nest the text model (model.language_model.layers...): allow any prefix.
+    name: [r"(?:.*\.)?" + p.replace(r"model\.", "", 1) for p in pats] for name, pats in LM_PRESETS["gemma2"].items()
 }
 
 # The "auto" choice per architecture (the paper's where it has one).
@@ -72,6 +72,19 @@ AUTO_PRESET = {
     "qwen2": "all-norms",
     "qwen3": "all-norms",
     "phi3": "all-norms",
+}
+
+
+# Per-method defaults when fit_lm is not told: the paper's pooling, and the support that keeps strength 1 safe
+# for the transport maps vs the additive baselines' usual all-reals application.
+METHOD_DEFAULTS: dict[str, dict[str, object]] = {
+    "linear-act": {"pooling": "mean", "support": "observed"},
+    "mean-act": {"pooling": "mean", "support": "observed"},
+    "gaussian-ot": {"pooling": "mean", "support": "observed"},
+    "actadd": {"pooling": "last", "support": "all"},
+    "caa": {"pooling": "last", "support": "all"},
+    "itic": {"pooling": "last", "support": "all"},
+    "aura": {"pooling": "max", "support": "all"},
 }
 
 

@@ -133,3 +133,40 @@ def test_fit_lm_rejects_bad_text_lists(tiny_gpt2, source, target, error, match):
     model, tok = tiny_gpt2
     with pytest.raises(error, match=match):
         actsteer.fit_lm(model, tok, source, target, progress=False)
+
+
+def _tiny(config_cls, **extra):
+    import transformers
+
+    cfg = config_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=257, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral", "phi3", "gemma3_text"])
+def test_lm_sites_presets_cover_other_architectures(name):
+    import transformers
+
+    config_cls = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+                  "mistral": transformers.MistralConfig, "phi3": transformers.Phi3Config,
+                  "gemma3_text": transformers.Gemma3TextConfig}[name]
+    extra = {"head_dim": 16} if name in ("qwen3", "gemma3_text") else {}
+    model = _tiny(config_cls, **extra)
+    auto = lm_sites(model, "auto")
+    if name == "gemma3_text":
+        assert auto == [f"model.layers.{i}.{p}_layernorm" for i in range(2) for p in ("post_attention", "post_feedforward")]
+    else:  # the decoder norms (Qwen3's head-sized q_norm/k_norm are left out)
+        assert auto == [f"model.layers.{i}.{p}" for i in range(2) for p in ("input_layernorm", "post_attention_layernorm")] + ["model.norm"]
+    for preset in ("all-norms", "post-norms", "mlp"):
+        assert lm_sites(model, preset)
+
+
+def test_fit_lm_method_defaults(tiny_gpt2):
+    model, tok = tiny_gpt2
+    caa = actsteer.fit_lm(model, tok, SOURCE, TARGET, method="caa", progress=False)
+    assert caa.pooling == "last" and caa.support == "all"
+    aura = actsteer.fit_lm(model, tok, SOURCE, TARGET, method="AurA", progress=False)
+    assert aura.method == "aura" and aura.pooling == "max"
+    lin = actsteer.fit_lm(model, tok, SOURCE, TARGET, progress=False)
+    assert lin.pooling == "mean" and lin.support == "observed"
+    assert torch.isfinite(lin[lin.sites[0]].lo).all()
