@@ -139,6 +139,7 @@ def fit(
     support: Support = "observed",
     sequential: bool = True,
     batch_size: int | None = None,
+    one_pass: bool | None = None,
     progress: bool = True,
     model_info: dict[str, Any] | None = None,
     description: str = "",
@@ -156,6 +157,9 @@ def fit(
         pooling: ``"mean"`` (default), ``"last"``, ``"max"``, ``"min"``; see `actsteer.core.pooling.pool`.
         sequential: causal estimation in execution order (default) or all sites at once.
         batch_size: items per forward call; None = all in one call (cheapest for sequential fitting).
+        one_pass: with one batch, fit sequentially inside one forward pass (None/True, the default) or force
+            the pass-per-site mode (False): needed when a site runs several times per forward (e.g. every
+            denoising step) and its calls must be averaged.
         progress: show tqdm progress bars.
         model_info: hint stored in the transport's metadata (class, name_or_path, hidden size, ...).
         description: free text stored in the metadata.
@@ -203,7 +207,7 @@ def fit(
     was_training = model.training
     model.eval()
     try:
-        if sequential and len(batches) == 1:
+        if sequential and len(batches) == 1 and one_pass is not False:
             maps, order = _fit_one_pass(model, resolved, batches[0], run, pooling, fit_site, progress)
             stats["forward_calls"], stats["forward_equivalents"] = 1, 1.0
         else:

@@ -102,7 +102,7 @@ class SteeringHandle:
         self._steerings = list(steerings)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._folded: dict[tuple[int, str], FoldedMap | None] = {}
-        self._cast: dict[tuple[int, str, torch.dtype, torch.device], FoldedMap] = {}
+        self._cast: dict[tuple[int, str, torch.dtype, torch.device], FoldedMap] = {}  # folds on the model's device
         self.active = True
         self.calls: dict[str, int] = {}
         self._positions: tuple[int, int] | None = None
@@ -121,19 +121,22 @@ class SteeringHandle:
 
     def set_strength(self, value: SiteStrength, *, index: int | None = None) -> None:
         """Set the strength of every composed transport, or only of ``self.transports[index]``."""
-        targets = range(len(self._steerings)) if index is None else [index]
+        targets = list(range(len(self._steerings))) if index is None else [index]
         for i in targets:
             self._steerings[i] = dataclasses.replace(self._steerings[i], strength=value)
-        self._refold()
+        self._refold(targets)
 
-    def _refold(self) -> None:
-        folded: dict[tuple[int, str], FoldedMap | None] = {}
-        for i, st in enumerate(self._steerings):
+    def _refold(self, indices: list[int] | None = None) -> None:
+        """Fold the strengths of the given composed transports (all by default); others keep their folds."""
+        indices = list(range(len(self._steerings))) if indices is None else indices
+        folded = dict(self._folded) if hasattr(self, "_folded") else {}
+        for i in indices:
+            st = self._steerings[i]
             for site, unit_map in st.transport.items():
                 s = _site_strength(st.strength, site)
                 folded[(i, site)] = None if _is_zero(s) else unit_map.fold(s)
         self._folded = folded
-        self._cast = {}
+        self._cast = {k: v for k, v in self._cast.items() if k[0] not in indices}
 
     def set_positions(self, offset: int, prompt_length: int) -> None:
         """Tell the hooks where the next forward's tokens sit: token ``j`` of the call is at position

@@ -1,0 +1,142 @@
+"""Sampling time in ComfyUI with the AcT Apply node vs without it (ratio), on the biggest configs that run here.
+
+The models keep the real SDXL / FLUX.1 block layouts, so the number of hooked sites is the real one (SDXL UNet:
+every GroupNorm/LayerNorm; FLUX: both streams of 19 double blocks + 38 single blocks), with narrower widths
+(random weights) so a CPU can sample them. Narrow widths make each hook relatively MORE expensive than on the
+real models, so the measured ratio is an upper bound of the overhead on real checkpoints.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/comfy_overhead.py [--repeats 5] [--steps 4] [--threads 1] [--json out.json]
+
+Timings on shared VMs are noisy: runs are interleaved (plain, steered, plain, ...) and the median is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import comfy_harness as harness  # noqa: E402  (sets ComfyUI up offline: CPU, stubbed torchvision, tiny CLIP)
+
+
+def sdxl_layout(width: int):
+    """SDXL base's UNet layout (2 res blocks per level, transformer depth 2/10, 10 in the middle) at ``width``."""
+    import comfy.supported_models
+
+    mc = comfy.supported_models.SDXL(dict(
+        image_size=32, use_spatial_transformer=True, legacy=False, num_classes="sequential", model_channels=width,
+        in_channels=4, out_channels=4, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
+        transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+        transformer_depth_middle=10, context_dim=64, adm_in_channels=64 + 6 * 256, use_linear_in_transformer=True,
+        use_temporal_attention=False, dtype=torch.float32,
+    ))
+    mc.unet_config["num_head_channels"] = 32
+    return harness._patcher(mc, seed=0)
+
+
+def flux_layout(hidden: int):
+    """FLUX.1's layout (19 double + 38 single blocks) at hidden size ``hidden`` (4 heads)."""
+    import comfy.supported_models
+
+    head = hidden // 4
+    axes = [head - 2 * (head * 3 // 8), head * 3 // 8, head * 3 // 8]
+    mc = comfy.supported_models.Flux(dict(
+        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=64, context_in_dim=64, hidden_size=hidden,
+        mlp_ratio=4.0, num_heads=4, depth=19, depth_single_blocks=38, axes_dim=axes, theta=10000, patch_size=2,
+        qkv_bias=True, guidance_embed=True, dtype=torch.float32,
+    ))
+    return harness._patcher(mc, seed=0)
+
+
+def transport_for(pack, model, preset: str, support: str = "observed"):
+    """A transport with random maps; ``support="observed"`` gives finite ranges (the masked ``where`` path)."""
+    core, nodes_pkg = pack.core, pack.comfy_nodes
+    dm = model.model.diffusion_model
+    sites = nodes_pkg.presets.preset_sites(dm, preset)
+    g = torch.Generator().manual_seed(0)
+    maps = {}
+    for site in sites:
+        d = nodes_pkg.checks.site_width(dm.get_submodule(site.split(":")[0]))
+        bound = 4.0 if support == "observed" else float("inf")
+        maps[site] = core.UnitMap(1 + 0.2 * (torch.rand(d, generator=g) - 0.5), 0.1 * torch.randn(d, generator=g),
+                                  lo=torch.full((d,), -bound), hi=torch.full((d,), bound),
+                                  target_lo=torch.full((d,), -bound), target_hi=torch.full((d,), bound))
+    return core.Transport(maps, model={"framework": "comfyui", "class": type(model.model).__name__})
+
+
+def time_sampling(model, pos, neg, steps: int, cfg: float, size: int) -> float:
+    latent = harness.empty_latent(model, 1, size)
+    start = time.perf_counter()
+    harness.ksample(model, pos, neg, seed=0, steps=steps, cfg=cfg, latent=latent)
+    return time.perf_counter() - start
+
+
+def bench(name: str, model, flux: bool, preset: str, args, pack) -> dict:
+    import nodes
+
+    clip = harness.tiny_clip(0)
+    pos, neg = harness.encode(clip, "a photo of a cat", flux=flux), harness.encode(clip, "", flux=flux)
+    transport = transport_for(pack, model, preset, args.support)
+    steered = nodes.NODE_CLASS_MAPPINGS["ActSteerApply"].execute(
+        model=model, transport=transport, strength=1.0, start_percent=0.0, end_percent=1.0, layers="")[0]
+    cfg = 1.0 if flux else 4.0
+    for m in (model, steered):  # warm-up (first-call allocations, model load)
+        time_sampling(m, pos, neg, 1, cfg, args.size)
+    plain, with_act = [], []
+    for _ in range(args.repeats):
+        plain.append(time_sampling(model, pos, neg, args.steps, cfg, args.size))
+        with_act.append(time_sampling(steered, pos, neg, args.steps, cfg, args.size))
+    dm = model.model.diffusion_model
+    attach_times = []
+    for _ in range(3):  # the per-run fixed cost: validate + fold every site once (in the OUTER_SAMPLE wrapper)
+        start = time.perf_counter()
+        pack.core.attach(dm, transport, strength=1.0).remove()
+        attach_times.append(time.perf_counter() - start)
+    params = sum(p.numel() for p in dm.parameters())
+    result = {
+        "config": name, "support": args.support, "params_M": round(params / 1e6, 1), "sites": len(transport),
+        "units": sum(m.dim for m in transport.values()), "latent": f"{args.size // 8}x{args.size // 8}",
+        "steps": args.steps, "cfg": cfg, "plain_s": statistics.median(plain), "steered_s": statistics.median(with_act),
+        "attach_fold_s": statistics.median(attach_times),
+    }
+    result["ratio"] = result["steered_s"] / result["plain_s"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--size", type=int, default=256, help="image size in pixels (latent = size / 8)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is the most stable on shared CPUs)")
+    parser.add_argument("--sdxl-width", type=int, default=64, help="UNet model_channels (real SDXL: 320)")
+    parser.add_argument("--flux-hidden", type=int, default=256, help="FLUX hidden size (real FLUX.1: 3072)")
+    parser.add_argument("--support", choices=["observed", "all"], default="observed",
+                        help="observed: finite support ranges (masked path, the default of Learn); all: unmasked")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pack = harness.load_pack()
+    results = [
+        bench(f"SDXL layout, width {args.sdxl_width}", sdxl_layout(args.sdxl_width), False, "all-norms", args, pack),
+        bench(f"FLUX.1 layout, hidden {args.flux_hidden}", flux_layout(args.flux_hidden), True, "blocks", args, pack),
+    ]
+    print(f"{'config':<28} {'params':>8} {'sites':>6} {'plain s':>9} {'AcT s':>9} {'ratio':>7} {'attach s':>9}")
+    for r in results:
+        print(f"{r['config']:<28} {r['params_M']:>7}M {r['sites']:>6} {r['plain_s']:>9.3f} {r['steered_s']:>9.3f} "
+              f"{r['ratio']:>7.3f} {r['attach_fold_s']:>9.3f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

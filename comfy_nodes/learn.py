@@ -1,0 +1,257 @@
+"""Learning a transport inside ComfyUI: encode prompts, sample through ComfyUI's sampler, fit with `core.fit`.
+
+Each item is one (prompt, sample) pair: ``samples_per_prompt`` seeds per prompt (seed, seed + 1, ...; the
+same noise for every prompt, so source and target differ by their prompts only). All items of a fit batch
+are sampled together in ONE sampler call (latent batch = items, one conditioning row per item); an
+APPLY_MODEL wrapper on a clone of the MODEL tells the recording hooks, per model call, which rows are the
+positive CFG branch (``ForwardContext.rows``) and whether the call's step is in the pooled window
+(``ForwardContext.active``), and stops the sampler once the last pooled step ran: later steps cannot change
+what was recorded. Pooling is the token / spatial mean, averaged over the pooled steps.
+
+Cost (model calls, each on a batch of all items, x2 under CFG):
+- ``sequential`` (the paper's causal fit, ACT_SPEC.md section 5), pooling the first step only, one batch:
+  ONE model call in total; every hook fits its map on the spot and transports the source rows onward.
+- ``sequential`` with ``batch_size`` < items: per batch one call for recording, then per further site one
+  call that stops right after that site (about ``batches * (1 + L/2)`` calls for L sites).
+- ``at-once``: ``batches * collect_steps`` calls; sites are fitted independently on unsteered activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Literal
+
+import torch
+
+from ..core.fit import ForwardContext, fit
+from .checks import diffusion_model
+from .patching import KEY, transformer_options_of
+from .presets import model_family
+
+logger = logging.getLogger(__name__)
+
+FitMode = Literal["sequential", "at-once"]
+FIT_MODES: tuple[str, ...] = ("sequential", "at-once")
+SAMPLER, SCHEDULER = "euler", "simple"  # only the first steps are pooled: any first-order sampler gives the same
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One input of the fit: a prompt and which of its samples (seed offset) it is."""
+
+    prompt: str
+    sample: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectSettings:
+    """How activations are collected (stored in the transport's metadata under ``extra["comfy"]``)."""
+
+    steps: int = 20
+    seed: int = 0
+    cfg: float = 1.0
+    width: int = 1024
+    height: int = 1024
+    samples_per_prompt: int = 1
+    collect_steps: int = 1
+    negative_prompt: str = ""
+
+
+class _StopSampling(Exception):
+    """Raised from the collection wrapper after the last pooled step: the rest of the schedule is not needed."""
+
+
+def parse_prompts(text: str, what: str) -> list[str]:
+    """One prompt per non-empty line; raises a ValueError naming ``what`` when fewer than 2 remain."""
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(prompts) < 2:
+        raise ValueError(
+            f"Need at least 2 {what} prompts (one per line) to estimate a distribution, got {len(prompts)}"
+        )
+    return prompts
+
+
+class _Collector:
+    """The APPLY_MODEL wrapper of the collection clone: sets ``ctx.rows``/``ctx.active`` for each model call."""
+
+    def __init__(self, collect_steps: int, progress) -> None:
+        self.collect_steps = collect_steps
+        self.progress = progress
+        self.ctx: ForwardContext | None = None
+
+    def __deepcopy__(self, memo: dict) -> _Collector:
+        return self
+
+    def __call__(self, executor, *args: Any, **kwargs: Any) -> Any:
+        import comfy.model_management
+
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        to = transformer_options_of(args, kwargs)
+        ctx = self.ctx
+        sigma = torch.as_tensor(to["sigmas"]).reshape(-1)[0]
+        schedule = torch.as_tensor(to["sample_sigmas"]).to(sigma.device)
+        step = int((schedule[:-1] > sigma * (1 + 1e-5)).sum())
+        flags = list(to.get("cond_or_uncond", [0]))
+        chunk = args[0].shape[0] // max(len(flags), 1)
+        positive = [j for j, flag in enumerate(flags) if flag == 0]
+        record = ctx is not None and step < self.collect_steps and len(positive) == 1
+        if ctx is not None:  # the recording hooks ignore every call not flagged here (uncond-only, later steps)
+            ctx.active = record
+            ctx.rows = torch.arange(positive[0] * chunk, (positive[0] + 1) * chunk) if record else None
+        try:
+            out = executor(*args, **kwargs)
+        finally:
+            if record:
+                ctx.active, ctx.rows = False, None
+                self.progress.update(1)
+        if record and step >= self.collect_steps - 1:
+            raise _StopSampling
+        return out
+
+
+def _batched_conditioning(encoded: list[list]) -> list:
+    """Stack single-prompt conditionings ``[[cond (1, T, C), {...}]]`` into one batch, row i = prompt i."""
+    conds = [e[0][0] for e in encoded]
+    lengths = sorted({c.shape[1] for c in conds})
+    if len(lengths) > 1:
+        raise ValueError(
+            f"The prompts encode to different token lengths ({', '.join(map(str, lengths))}), so they cannot share "
+            "one batch; shorten the long prompts, or set batch_size to 1"
+        )
+    extras: dict[str, Any] = {}
+    for key, value in encoded[0][0][1].items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == 1:
+            extras[key] = torch.cat([e[0][1][key] for e in encoded])
+        else:
+            extras[key] = value
+    return [[torch.cat(conds), extras]]
+
+
+def _model_info(model, dm: torch.nn.Module) -> dict[str, Any]:
+    """Metadata saved with the transport; ``naming``/``arch``/``unet_config`` let `comfy_names.from_comfy`
+    translate it to diffusers names."""
+    family = model_family(dm)
+    info: dict[str, Any] = {
+        "framework": "comfyui", "naming": "comfyui", "class": type(model.model).__name__,
+        "diffusion_model": type(dm).__name__, "family": family,
+        "latent_channels": model.model.latent_format.latent_channels,
+    }
+    arch = {"SDXL": "sdxl", "Flux": "flux"}.get(info["class"], {"flux": "flux"}.get(family))
+    if arch:
+        info["arch"] = arch
+    config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+    layout = {k: config[k] for k in _LAYOUT_KEYS if k in config}
+    if family == "unet" and layout:
+        info["unet_config"] = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in layout.items()}
+    return info
+
+
+_LAYOUT_KEYS = ("num_res_blocks", "channel_mult", "transformer_depth", "transformer_depth_output",
+                "transformer_depth_middle", "model_channels", "context_dim")
+
+
+def learn(
+    model,
+    clip,
+    source: list[str],
+    target: list[str],
+    *,
+    sites: list[str],
+    method: str = "linear-act",
+    support: str = "observed",
+    fit_mode: str = "sequential",
+    batch_size: int = 0,
+    settings: CollectSettings = CollectSettings(),
+):
+    """Fit a transport from source prompts to target prompts by sampling ``model`` through ComfyUI.
+
+    Args:
+        model: a ComfyUI MODEL; it is cloned, never modified (AcT steering already on it is dropped for the fit).
+        clip: the CLIP used to encode the prompts (``CLIPTextEncode``).
+        source, target: prompts (at least 2 each).
+        sites: site names of ``model.model.diffusion_model`` (see `presets.preset_sites`).
+        method, support: passed to `actsteer.estimate`.
+        fit_mode: ``"sequential"`` (needs ``collect_steps == 1``) or ``"at-once"``.
+        batch_size: items per sampler call; 0 = all items in one call (cheapest).
+        settings: sampling and pooling settings.
+
+    Returns:
+        The fitted `Transport`; its metadata records the model class and the settings.
+
+    Raises:
+        ValueError: bad settings; RuntimeError from a failed forward; InterruptProcessingException on Cancel.
+    """
+    import comfy.model_management
+    import comfy.sample
+    import comfy.utils
+    import nodes
+    from comfy.patcher_extension import WrappersMP
+
+    if fit_mode not in FIT_MODES:
+        raise ValueError(f"Unknown fit_mode {fit_mode!r}; choose one of: {', '.join(FIT_MODES)}")
+    s = settings
+    if s.collect_steps < 1 or s.collect_steps > s.steps:
+        raise ValueError(f"collect_steps must be between 1 and steps ({s.steps}), got {s.collect_steps}")
+    if fit_mode == "sequential" and s.collect_steps != 1:
+        raise ValueError(
+            "Sequential fitting pools the first denoising step only (the paper's choice): set collect_steps to 1, "
+            "or fit_mode to 'at-once' to pool several steps"
+        )
+    dm = diffusion_model(model)
+    items_source = [Item(p, k) for p in source for k in range(s.samples_per_prompt)]
+    items_target = [Item(p, k) for p in target for k in range(s.samples_per_prompt)]
+    n_items = len(items_source) + len(items_target)
+    bs = n_items if batch_size <= 0 else min(batch_size, n_items)
+    batches = math.ceil(n_items / bs)
+    sequential = fit_mode == "sequential"
+    expected_calls = (batches * (1 + len(sites)) if batches > 1 else 1) if sequential else batches * s.collect_steps
+    progress = comfy.utils.ProgressBar(expected_calls)
+
+    collector = _Collector(s.collect_steps, progress)
+    work = model.clone()
+    for kind in (WrappersMP.OUTER_SAMPLE, WrappersMP.APPLY_MODEL):
+        if work.get_wrappers(kind, KEY):
+            logger.warning("actsteer: AcT Apply steering on the Learn node's MODEL is ignored while learning")
+            work.remove_wrappers_with_key(kind, KEY)
+    work.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KEY + "_learn", collector)
+
+    encoder = nodes.CLIPTextEncode()
+    cache: dict[str, list] = {}
+
+    def encoded(prompt: str) -> list:
+        if prompt not in cache:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            (cache[prompt],) = encoder.encode(clip, prompt)
+        return cache[prompt]
+
+    negative = encoded(s.negative_prompt)
+    channels = model.model.latent_format.latent_channels
+
+    def run(batch: list[Item], ctx: ForwardContext) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        positive = _batched_conditioning([encoded(item.prompt) for item in batch])
+        latent = torch.zeros(len(batch), channels, s.height // 8, s.width // 8)
+        noise = torch.cat([comfy.sample.prepare_noise(latent[:1], (s.seed + item.sample) % 2**64) for item in batch])
+        ctx.active, ctx.rows = False, None
+        collector.ctx = ctx
+        try:
+            comfy.sample.sample(
+                work, noise, s.steps, s.cfg, SAMPLER, SCHEDULER, positive, negative, latent,
+                disable_pbar=True, seed=s.seed,
+            )
+        except _StopSampling:
+            pass
+        finally:
+            collector.ctx = None
+
+    transport = fit(
+        dm, sites, items_source, items_target, run=run, method=method, support=support,
+        sequential=sequential, batch_size=None if bs >= n_items else bs, progress=False,
+        model_info=_model_info(model, dm),
+        description=f"{len(source)} source vs {len(target)} target prompts, learned in ComfyUI",
+    )
+    extra = {**transport.extra, "comfy": dataclasses.asdict(s) | {"sampler": SAMPLER, "scheduler": SCHEDULER}}
+    extra["comfy"]["prompts"] = {"source": source, "target": target}
+    return transport.replace(extra=extra)

@@ -1,0 +1,229 @@
+"""Steering a ComfyUI MODEL: a cloned ModelPatcher carrying one keyed pair of wrappers, never an in-place edit.
+
+How it works (COMFYUI_NOTES.md section 3):
+
+- `apply_steering` clones the MODEL and registers, under the key ``"actsteer"``, an OUTER_SAMPLE and an
+  APPLY_MODEL wrapper, both bound to one `SteeringPatch` that holds every `SteeringEntry` of the clone
+  (transport, strength, sigma window). A second Apply node on that clone replaces the pair with one holding
+  both entries: `actsteer.core.hooks.attach` steers a module through ONE handle, so composition is a list.
+- OUTER_SAMPLE (once per sampling run): `attach` the entries to the diffusion model with ``active=False``;
+  the per-strength folding happens here, once. The handle is removed in ``finally`` (also on Cancel).
+- APPLY_MODEL (every model call): read the call's sigma, switch each entry on or off for its window
+  (re-folding only when that set changes), set ``handle.active`` for the call, and reset it in ``finally``.
+  Outside our model calls the hooks are inert, so other users of the shared module see it unchanged.
+- The steering applies to every batch row (positive and negative CFG branches), as in the paper's reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+
+from ..core.hooks import Steering, SteeringHandle, attach
+from ..core.transport import Transport
+from .checks import check_transport, to_comfy_names
+from .presets import filter_sites
+
+logger = logging.getLogger(__name__)
+
+KEY = "actsteer"
+_RUN_KEY = "actsteer_run"  # transformer_options entry holding the live `_Run` of a sampling run
+
+
+@dataclasses.dataclass(frozen=True)
+class SteeringEntry:
+    """One Apply node: a transport, its strength, and the part of the schedule it is active in.
+
+    The window is in sigmas (``sigma_end <= sigma <= sigma_start``), converted from
+    ``start_percent``/``end_percent`` with the model's ``percent_to_sigma`` when the node runs.
+    """
+
+    transport: Transport
+    strength: float
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    sigma_start: float = float("inf")
+    sigma_end: float = 0.0
+
+    def __deepcopy__(self, memo: dict) -> SteeringEntry:
+        return self  # immutable; ModelPatcher.clone() deep-copies model_options, never copy tensors
+
+    def is_active(self, sigma: float) -> bool:
+        return self.sigma_end <= sigma <= self.sigma_start
+
+
+@dataclasses.dataclass
+class RunLog:
+    """What happened during the last sampling run of a `SteeringPatch` (for logs and tests).
+
+    Attributes:
+        calls: one ``(sigma, steered)`` pair per model call, in order.
+        site_calls: how many times each site was transported (``SteeringHandle.calls``).
+    """
+
+    calls: list[tuple[float, bool]] = dataclasses.field(default_factory=list)
+    site_calls: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+class _Run:
+    """The live state of one sampling run: the handle, and which entries are on for the current call."""
+
+    def __init__(self, model: torch.nn.Module, entries: list[SteeringEntry]) -> None:
+        self.model = model
+        self.entries = entries
+        self.handle: SteeringHandle = attach(model, [Steering(e.transport, e.strength) for e in entries])
+        self.handle.active = False
+        self.on = [True] * len(entries)
+        self.log = RunLog()
+
+    def enter(self, sigma: float) -> bool:
+        """Switch entries for ``sigma``; returns whether any entry steers this call."""
+        for i, entry in enumerate(self.entries):
+            on = entry.is_active(sigma)
+            if on != self.on[i]:
+                self.handle.set_strength(entry.strength if on else 0.0, index=i)  # re-folds; only at window edges
+                self.on[i] = on
+        steered = any(self.on)
+        self.handle.active = steered
+        self.log.calls.append((sigma, steered))
+        return steered
+
+
+def transformer_options_of(args: tuple, kwargs: dict) -> dict:
+    """The ``transformer_options`` dict of an APPLY_MODEL call (positional or keyword)."""
+    if isinstance(kwargs.get("transformer_options"), dict):
+        return kwargs["transformer_options"]
+    if len(args) > 5 and isinstance(args[5], dict):  # apply_model(x, t, c_concat, c_crossattn, control, transformer_options)
+        return args[5]
+    return {}
+
+
+def _call_sigma(args: tuple, to: dict) -> float:
+    sigmas = to.get("sigmas")
+    if sigmas is None and len(args) > 1:
+        sigmas = args[1]
+    return float(torch.as_tensor(sigmas).reshape(-1)[0])
+
+
+class SteeringPatch:
+    """The steering of one cloned MODEL: its entries, plus the OUTER_SAMPLE and APPLY_MODEL wrappers."""
+
+    def __init__(self, entries: list[SteeringEntry]) -> None:
+        self.entries = tuple(entries)
+        self.last_run: RunLog | None = None
+
+    def __deepcopy__(self, memo: dict) -> SteeringPatch:
+        return self
+
+    def outer_sample(self, executor, *args: Any, **kwargs: Any) -> Any:
+        guider = executor.class_obj
+        entries = [e for e in self.entries if e.strength != 0.0]
+        if not entries:  # strength 0 everywhere: no hooks at all, bit-identical to the unpatched model
+            self.last_run = RunLog()
+            return executor(*args, **kwargs)
+        model = guider.model_patcher.model.diffusion_model
+        run = _Run(model, entries)
+        options = guider.model_options.setdefault("transformer_options", {})
+        options[_RUN_KEY] = run
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            run.handle.remove()
+            options.pop(_RUN_KEY, None)
+            run.log.site_calls = dict(run.handle.calls)
+            self.last_run = run.log
+            steered = sum(s for _, s in run.log.calls)
+            logger.info(
+                "actsteer: steered %d/%d model calls with %d transport(s) on %d sites",
+                steered, len(run.log.calls), len(entries), len(run.handle.sites),
+            )
+
+    def apply_model(self, executor, *args: Any, **kwargs: Any) -> Any:
+        to = transformer_options_of(args, kwargs)
+        run = to.get(_RUN_KEY)
+        model = executor.class_obj.diffusion_model
+        sigma = _call_sigma(args, to)
+        if run is None or run.model is not model:
+            return self._apply_model_alone(executor, model, sigma, *args, **kwargs)
+        run.enter(sigma)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            run.handle.active = False
+
+    def _apply_model_alone(self, executor, model, sigma: float, *args: Any, **kwargs: Any) -> Any:
+        """A model call outside a sampler run (no OUTER_SAMPLE): attach for this one call."""
+        entries = [e for e in self.entries if e.strength != 0.0 and e.is_active(sigma)]
+        if not entries:
+            return executor(*args, **kwargs)
+        handle = attach(model, [Steering(e.transport, e.strength) for e in entries])
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            handle.remove()
+
+
+def steering_patch(model) -> SteeringPatch | None:
+    """The `SteeringPatch` of a ModelPatcher, or None when no AcT Apply node patched it."""
+    from comfy.patcher_extension import WrappersMP
+
+    for wrapper in model.get_wrappers(WrappersMP.OUTER_SAMPLE, KEY):
+        patch = getattr(wrapper, "__self__", None)
+        if isinstance(patch, SteeringPatch):
+            return patch
+    return None
+
+
+def apply_steering(
+    model,
+    transport: Transport,
+    *,
+    strength: float = 1.0,
+    start_percent: float = 0.0,
+    end_percent: float = 1.0,
+    layers: str = "",
+):
+    """A clone of ``model`` that steers with ``transport``; ``model`` itself is never modified.
+
+    Args:
+        model: a ComfyUI MODEL (``comfy.model_patcher.ModelPatcher``).
+        transport: the fitted `Transport` (ComfyUI or diffusers site names).
+        strength: 0 identity, 1 full transport, negative = reverse (target -> source), above 1 extrapolation.
+        start_percent, end_percent: the part of the sampling schedule to steer (0 = first step, 1 = last).
+        layers: a regex; only the transport's sites whose name it matches (searched anywhere) are applied.
+
+    Returns:
+        The cloned ModelPatcher. Steering already present on ``model`` (an earlier Apply node) is kept:
+        both are applied, in node order, through one handle.
+
+    Raises:
+        ValueError: bad percents, a layer filter matching nothing, or a transport that does not fit the model.
+    """
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise ValueError(
+            f"Need 0 <= start_percent <= end_percent <= 1, got start_percent={start_percent}, end_percent={end_percent}"
+        )
+    transport = to_comfy_names(model, transport)
+    if layers.strip():
+        transport = transport.select(filter_sites(transport.sites, layers))
+    check_transport(model, transport)
+    sampling = model.get_model_object("model_sampling")
+    # the schedule's ends are open: float noise in the first sigma must not drop the first step
+    sigma_start = float("inf") if start_percent <= 0.0 else float(sampling.percent_to_sigma(start_percent))
+    sigma_end = float("-inf") if end_percent >= 1.0 else float(sampling.percent_to_sigma(end_percent))
+    entry = SteeringEntry(transport, float(strength), start_percent, end_percent, sigma_start, sigma_end)
+    from comfy.patcher_extension import WrappersMP
+
+    previous = steering_patch(model)
+    patch = SteeringPatch([*(previous.entries if previous else ()), entry])
+    patched = model.clone()
+    patched.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, KEY)
+    patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, KEY)
+    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, patch.outer_sample)
+    patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KEY, patch.apply_model)
+    logger.debug("actsteer: %d transport(s) on %s", len(patch.entries), type(model.model).__name__)
+    return patched
+

@@ -1,0 +1,145 @@
+"""AcT Learn through ComfyUI's own encoder and sampler, end to end with Save -> Load -> Apply -> sample."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from comfy_harness import (  # noqa: F401  (fixtures)
+    clip,
+    comfy_dirs,
+    encode,
+    flux,
+    forward_hook_count,
+    ksample,
+    one_thread,
+    pack,
+    sdxl,
+    state_fingerprint,
+    tiny_flux,
+    tiny_sdxl,
+)
+
+SOURCE = "a photo of a cat\na photo of a dog\na photo of a house\na photo of a tree"
+TARGET = "a watercolor of a cat\na watercolor of a dog\na watercolor of a house\na watercolor of a tree"
+
+
+def _node(name: str):
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS[name]
+
+
+def _learn(model, clip, **overrides):
+    inputs = dict(
+        model=model, clip=clip, source_prompts=SOURCE, target_prompts=TARGET, method="linear-act", layers="auto",
+        layer_regex="", steps=3, seed=0, cfg=1.0, width=64, height=64, samples_per_prompt=2, collect_steps=1,
+        fit_mode="sequential", support="observed", batch_size=0,
+    )
+    inputs.update(overrides)
+    return _node("ActSteerLearn").execute(**inputs)[0]
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "flux"])
+def test_learn_save_load_apply_sample_end_to_end(pack, comfy_dirs, clip, kind):
+    model = tiny_sdxl(0) if kind == "sdxl" else tiny_flux(0)
+    weights = state_fingerprint(model)
+    pos, neg = encode(clip, "a photo of a cat", flux=kind == "flux"), encode(clip, "", flux=kind == "flux")
+    base = ksample(model, pos, neg)
+
+    transport = _learn(model, clip)
+    expected_sites = 33 if kind == "sdxl" else 6  # every norm of the tiny UNet / both streams + single blocks
+    assert len(transport) == expected_sites and transport.mode == "sequential"
+    assert (transport.n_source, transport.n_target) == (8, 8)  # 4 prompts x 2 samples each
+    assert transport.model["framework"] == "comfyui" and transport.model["class"] == type(model.model).__name__
+    # the metadata lets actsteer's diffusers API translate it (and back) without knowing the model
+    names = importlib.import_module(pack.__name__ + ".hf_integration.comfy_names")
+    as_diffusers = names.from_comfy(transport, kind)
+    assert all(s.startswith("unet." if kind == "sdxl" else "transformer.") for s in as_diffusers.sites)
+    if kind == "sdxl":  # FLUX single blocks change layout between the two frameworks (one tensor vs a tuple)
+        layout = {**as_diffusers.model, "unet_layout": transport.model["unet_config"]}  # to_comfy reads unet_layout
+        assert names.to_comfy(as_diffusers.replace(model=layout)).sites == transport.sites
+    assert transport.extra["fit"]["forward_calls"] == 1  # one batched model call for the whole sequential fit
+    assert forward_hook_count(model) == 0 and all(torch.equal(v, weights[k]) for k, v in state_fingerprint(model).items())
+
+    saved = _node("ActSteerSave").execute(transport=transport, filename=f"{kind}_style", if_exists="error")
+    assert saved[0] == f"{kind}_style.safetensors" and (comfy_dirs / saved[0]).is_file()
+    assert f"{kind}_style.safetensors" in _node("ActSteerLoad").INPUT_TYPES()["required"]["transport_name"][1]["options"]
+    loaded = _node("ActSteerLoad").execute(transport_name=saved[0])[0]
+    assert loaded == transport
+
+    steered_model = _node("ActSteerApply").execute(model=model, transport=loaded, strength=1.0, start_percent=0.0,
+                                                   end_percent=1.0, layers="")[0]
+    steered = ksample(steered_model, pos, neg)
+    assert torch.isfinite(steered).all() and not torch.equal(steered, base)
+    assert torch.equal(ksample(model, pos, neg), base)  # the original MODEL is untouched
+
+
+def test_learn_pools_the_positive_branch_only(pack, clip, sdxl):
+    # at the first step the positive rows see the same input whatever the CFG: with the uncond rows
+    # excluded, cfg 1 (no negative pass) and cfg 6 (negative rows in the same batch) give the same maps
+    plain = _learn(sdxl, clip, layers="fast", cfg=1.0)
+    with_negative = _learn(sdxl, clip, layers="fast", cfg=6.0)
+    for site in plain:
+        torch.testing.assert_close(plain[site].omega, with_negative[site].omega, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(plain[site].beta, with_negative[site].beta, rtol=1e-4, atol=1e-4)
+
+
+def test_learn_at_once_pools_several_steps_and_reports_progress(pack, clip, flux):
+    import comfy.utils
+
+    updates = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
+    try:
+        transport = _learn(flux, clip, fit_mode="at-once", collect_steps=2, steps=4, batch_size=3, samples_per_prompt=1)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert transport.mode == "at-once" and len(transport) == 6
+    assert transport.extra["fit"]["forward_calls"] == 3  # 8 items in batches of 3
+    assert transport.extra["comfy"]["collect_steps"] == 2
+    assert updates[-1] == (6, 6)  # 3 batches x 2 pooled steps
+    one_step = _learn(flux, clip, fit_mode="at-once", collect_steps=1, steps=4, batch_size=3, samples_per_prompt=1)
+    assert not torch.equal(one_step["double_blocks.0:0"].beta, transport["double_blocks.0:0"].beta)
+
+
+def test_learn_honours_cancel(pack, clip, sdxl):
+    import comfy.model_management
+    import comfy.utils
+
+    def cancel_after_first_batch(value, total, preview, node_id=None):
+        comfy.model_management.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(cancel_after_first_batch)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _learn(sdxl, clip, fit_mode="at-once", batch_size=2)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    assert forward_hook_count(sdxl) == 0
+
+
+def test_learn_sequential_with_small_batches_uses_site_passes(pack, clip, flux):
+    transport = _learn(flux, clip, batch_size=4, samples_per_prompt=1)
+    fit = transport.extra["fit"]
+    assert transport.mode == "sequential" and fit["batches"] == 2
+    assert fit["forward_calls"] == 2 * len(transport)  # per batch: one recording call + one call per further site
+    assert fit["forward_equivalents"] < fit["forward_calls"]  # passes stop right after their site
+
+
+def test_learn_errors_are_one_line_and_actionable(pack, clip, sdxl, flux):
+    with pytest.raises(ValueError, match="Need at least 2 source prompts"):
+        _learn(sdxl, clip, source_prompts="  \n\n")
+    with pytest.raises(ValueError, match="Need at least 2 target prompts .* got 1"):
+        _learn(sdxl, clip, target_prompts="only one\n")
+    with pytest.raises(ValueError, match="set collect_steps to 1, or fit_mode to 'at-once'"):
+        _learn(sdxl, clip, collect_steps=2)
+    with pytest.raises(ValueError, match="'blocks' does not apply to a UNetModel.*'all-norms' or 'fast'"):
+        _learn(sdxl, clip, layers="blocks")
+    with pytest.raises(ValueError, match="matches no module of Flux"):
+        _learn(flux, clip, layers="regex", layer_regex=r"input_blocks\..*")
+    with pytest.raises(ValueError, match="different token lengths"):
+        _learn(sdxl, clip, source_prompts=SOURCE + "\n" + " ".join(["word"] * 90))
+    with pytest.raises(ValueError, match="needs a CLIP"):
+        _learn(sdxl, None)

@@ -1,0 +1,76 @@
+"""Every ``example_workflows/*.json`` loads and runs through ComfyUI's own validator and executor (tiny models)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from comfy_harness import (  # noqa: F401  (fixtures)
+    REPO,
+    comfy_dirs,
+    load_workflow,
+    one_thread,
+    pack,
+    run_prompt,
+    workflow_to_prompt,
+)
+
+SMALL = {"width": 64, "height": 64, "steps": 2}  # real sizes and step counts, shrunk for tiny models on CPU
+
+
+def _classes(prompt: dict) -> list[str]:
+    return [node["class_type"] for node in prompt.values()]
+
+
+def test_example_workflows_are_wellformed_ui_graphs(pack):
+    import nodes
+
+    files = sorted(p.name for p in (REPO / "example_workflows").glob("*.json"))
+    assert files == ["flux_concept_negation.json", "sdxl_learn_and_apply_style.json", "sdxl_strength_sweep.json"]
+    for name in files:
+        workflow = json.loads((REPO / "example_workflows" / name).read_text())
+        ids = {node["id"] for node in workflow["nodes"]}
+        for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:
+            assert src in ids and dst in ids
+            target = next(n for n in workflow["nodes"] if n["id"] == dst)
+            assert target["inputs"][dst_slot]["link"] == link_id and target["inputs"][dst_slot]["type"] == kind
+        for node in workflow["nodes"]:
+            assert node["type"] in nodes.NODE_CLASS_MAPPINGS or node["type"] == "Note"
+        # as a user opens it: real loader nodes and real file names, full sizes
+        prompt = workflow_to_prompt(workflow, swap_loaders=False)
+        assert any(c.startswith("ActSteer") for c in _classes(prompt))
+
+
+def test_sdxl_style_then_strength_sweep_workflows_run(pack, comfy_dirs):
+    import folder_paths
+
+    style = workflow_to_prompt(load_workflow("sdxl_learn_and_apply_style.json"), overrides=SMALL)
+    assert {"ActSteerLearn", "ActSteerSave", "ActSteerApply", "KSampler"} <= set(_classes(style))
+    outputs = run_prompt(style, "style")
+    assert (comfy_dirs / "sdxl_watercolor.safetensors").is_file()
+    saved_images = [i for out in outputs["outputs"].values() for i in out.get("images", [])]
+    assert len(saved_images) == 1 and saved_images[0]["type"] == "output"
+    assert (Path(folder_paths.get_output_directory()) / saved_images[0]["subfolder"] / saved_images[0]["filename"]).is_file()
+
+    sweep = workflow_to_prompt(load_workflow("sdxl_strength_sweep.json"), overrides=SMALL)
+    outputs = run_prompt(sweep, "sweep")
+    previews = [i for out in outputs["outputs"].values() for i in out.get("images", [])]
+    assert len(previews) == 5  # one image per strength in "0, 0.25, 0.5, 0.75, 1"
+
+
+def test_flux_concept_negation_workflow_runs(pack, comfy_dirs):
+    import folder_paths
+    import numpy as np
+    from PIL import Image
+
+    prompt = workflow_to_prompt(load_workflow("flux_concept_negation.json"), overrides=SMALL)
+    assert "ActSteerTestTinyUNET" in _classes(prompt)
+    outputs = run_prompt(prompt, "flux")
+    images = {}
+    for out in outputs["outputs"].values():
+        for item in out.get("images", []):
+            path = f"{folder_paths.get_output_directory()}/{item['subfolder']}/{item['filename']}"
+            images[item["filename"].split("_0")[0]] = np.asarray(Image.open(path))
+    assert set(images) == {"flux_without_dog", "flux_original"}
+    assert images["flux_without_dog"].shape == images["flux_original"].shape == (64, 64, 3)
+    assert not np.array_equal(images["flux_without_dog"], images["flux_original"])  # steered vs untouched branch
