@@ -61,6 +61,7 @@ class _Recorder:
 
     def __init__(self, sites: list[str], pooling: str) -> None:
         self.pooling = pooling
+        self.batch_rows: int | None = None  # items in the current batch, to check the runner's output rows
         self.rows: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
         self.order: list[str] = []
         self._sum: dict[str, torch.Tensor] = {}
@@ -72,6 +73,11 @@ class _Recorder:
         mask = ctx.mask
         if mask is not None and ctx.rows is not None and mask.shape[0] != x.shape[0]:
             mask = mask[ctx.rows.to(mask.device)]
+        if self.batch_rows is not None and x.shape[0] != self.batch_rows:
+            raise ValueError(
+                f"Site {site!r} produced {x.shape[0]} rows for a batch of {self.batch_rows} items; if the runner "
+                "duplicates rows (e.g. classifier-free guidance), set ctx.rows to the indices of the items' rows"
+            )
         pooled = pool(x, mask=mask, how=self.pooling).detach().cpu()
         if site not in self._sum:
             self._sum[site], self._count[site] = pooled, 1
@@ -204,7 +210,7 @@ def fit(
         except ValueError as err:
             raise ValueError(f"Site {site!r}: {err}") from None
 
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # restore each submodule's own mode afterwards
     model.eval()
     try:
         if sequential and len(batches) == 1 and one_pass is not False:
@@ -213,7 +219,8 @@ def fit(
         else:
             maps, order = _fit_passes(model, resolved, batches, run, pooling, fit_site, sequential, progress, stats)
     finally:
-        model.train(was_training)
+        for module, mode in modes.items():
+            module.training = mode
     logger.info(
         "actsteer: fitted %s on %d sites (%s) from %d source / %d target inputs in %.1fs, %d forward calls",
         method, len(order), "sequential" if sequential else "at once", len(source), len(target),
@@ -238,6 +245,7 @@ def _fit_one_pass(model, resolved, batch, run, pooling, fit_site, progress):
     items, is_source = batch
     ctx = ForwardContext()
     recorder = _Recorder([s for s, *_ in resolved], pooling)
+    recorder.batch_rows = len(items)
     maps: dict[str, UnitMap] = {}
     folded: dict[str, FoldedMap] = {}
     bar = tqdm(total=len(resolved), desc="actsteer: fitting sites", disable=not progress, leave=False)
@@ -322,6 +330,7 @@ def _fit_passes(model, resolved, batches, run, pooling, fit_site, sequential, pr
             recorder.rows[site] = []
         for items, is_source in tqdm(batches, desc=desc, disable=not progress, leave=False):
             state["is_source"] = is_source
+            recorder.batch_rows = len(items)
             ctx.mask, ctx.rows, ctx.active = None, None, True
             stats["forward_calls"] += 1
             try:

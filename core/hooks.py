@@ -26,6 +26,8 @@ ApplyTo = Literal["all", "prompt", "generated"]
 
 # model -> its live handle; steering the same model twice must go through one handle (a list).
 _ACTIVE: weakref.WeakKeyDictionary[torch.nn.Module, SteeringHandle] = weakref.WeakKeyDictionary()
+# hooked module -> the handle whose hook it carries (catches nesting through a parent or child module)
+_HOOKED: weakref.WeakKeyDictionary[torch.nn.Module, SteeringHandle] = weakref.WeakKeyDictionary()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +96,8 @@ class SteeringHandle:
     Attributes:
         strength: read/write; setting it re-folds every site of every transport (cheap, no forward).
         active: set False to pause steering without removing the hooks (used for step windows).
-        calls: how many times each site was transported since attach (``{site: int}``).
+        calls: how many times each site was transported since attach (``{site: int}``); calls at strength 0
+            and while paused are not counted (nothing is computed then).
     """
 
     def __init__(self, model: torch.nn.Module, steerings: list[Steering]) -> None:
@@ -231,6 +234,7 @@ class SteeringHandle:
         try:
             for name, (module, plan) in plans.items():
                 self._handles.append(module.register_forward_hook(self._make_hook(plan)))
+                _HOOKED[module] = self
                 logger.debug("actsteer: hooked %s", name)
         except BaseException:
             self.remove()
@@ -242,6 +246,8 @@ class SteeringHandle:
         for h in reversed(self._handles):
             h.remove()
         self._handles.clear()
+        for module in [m for m, owner in _HOOKED.items() if owner is self]:
+            del _HOOKED[module]
         model = self._model_ref()
         if model is not None and _ACTIVE.get(model) is self:
             del _ACTIVE[model]
@@ -329,6 +335,21 @@ def attach(model: torch.nn.Module, transport: SteeringLike, strength: SiteStreng
         )
     for st in steerings:
         validate(model, st.transport)
+        if isinstance(st.strength, Mapping):
+            unknown = sorted(set(st.strength) - set(st.transport) - {"*"})
+            if unknown:
+                raise KeyError(
+                    f"Per-site strengths name site(s) {unknown[:3]} that are not in the transport; its sites are "
+                    f"{st.transport.sites[:3]}{'...' if len(st.transport) > 3 else ''} ('*' sets the default)"
+                )
+    for st in steerings:  # a handle on a parent or child module would put two maps on one site
+        for site, name, _, module in iter_site_modules(model, st.transport):
+            owner = _HOOKED.get(module)
+            if owner is not None and owner.is_attached:
+                raise RuntimeError(
+                    f"Site {site!r} is already steered by another handle ({owner!r}, attached to an enclosing or inner "
+                    "module); remove it first, or pass all transports as one list"
+                )
     handle = SteeringHandle(model, steerings)
     handle._register()
     return handle
