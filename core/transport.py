@@ -53,7 +53,8 @@ class FoldedMap:
         moved = torch.addcmul(b, x, w)
         if not self.masked:
             return moved
-        return torch.where((x >= lo) & (x <= hi), moved, x)
+        # lo <= x <= hi as one clamp + compare (cheaper than two compares and an and; NaN stays outside)
+        return torch.where(torch.clamp(x, lo, hi) == x, moved, x)
 
     def apply_spatial(self, x: torch.Tensor) -> torch.Tensor:
         """The 4D rule (ACT_SPEC.md section 6): transport the spatial mean per channel of ``x`` (B, C, H, W),
