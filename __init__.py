@@ -16,8 +16,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .core import Steering, SteeringHandle, Transport, UnitMap, attach, estimate, list_sites
-from .hf_integration import disable_steering, enable_steering, fit_lm, steer
+from .core import Steering, SteeringHandle, Transport, UnitMap, estimate, list_sites
+from .hf_integration import (
+    attach,
+    disable_steering,
+    enable_steering,
+    fit_lm,
+    fit_pipeline,
+    steer,
+    strength_grid,
+)
 
 __all__ = [
     "Steering",
@@ -30,8 +38,10 @@ __all__ = [
     "enable_steering",
     "estimate",
     "fit_lm",
+    "fit_pipeline",
     "list_sites",
     "steer",
+    "strength_grid",
 ]
 
 

@@ -306,6 +306,26 @@ class Transport(Mapping[str, UnitMap]):
 
         return load_transport(path)
 
+    def to_comfy(self, arch: str | None = None) -> Transport:
+        """The same maps under ComfyUI's module names (SDXL / FLUX), for the ComfyUI nodes.
+
+        Warns where ComfyUI's activations differ from diffusers' (e.g. FLUX single blocks, text padding).
+        See `actsteer.hf_integration.comfy_names.to_comfy`.
+        """
+        from ..hf_integration.comfy_names import to_comfy
+
+        return to_comfy(self, arch=arch)
+
+    @classmethod
+    def from_comfy(cls, transport: Transport, arch: str, **options: Any) -> Transport:
+        """A transport fitted in ComfyUI, renamed for diffusers pipelines (``arch`` = ``"sdxl"`` or ``"flux"``).
+
+        See `actsteer.hf_integration.comfy_names.from_comfy` for ``options`` (``layout``, ``diffusers_version``).
+        """
+        from ..hf_integration.comfy_names import from_comfy
+
+        return from_comfy(transport, arch, **options)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Transport):
             return NotImplemented

@@ -11,13 +11,26 @@ from typing import Any
 
 import torch
 
-from ..core.hooks import SiteStrength, SteeringLike
+from ..core.hooks import SiteStrength, SteeringHandle, SteeringLike
+from ..core.hooks import attach as _attach_module
 from ..core.hooks import steer as _steer_module
 from .generation import disable_steering_lm, enable_steering_lm
 from .lm import fit_lm
+from .pipelines import PipelineSteeringHandle, attach_pipeline, fit_pipeline, strength_grid
 from .presets import LM_PRESETS, lm_sites
 
-__all__ = ["LM_PRESETS", "disable_steering", "enable_steering", "fit_lm", "is_pipeline", "lm_sites", "steer"]
+__all__ = [
+    "LM_PRESETS",
+    "attach",
+    "disable_steering",
+    "enable_steering",
+    "fit_lm",
+    "fit_pipeline",
+    "is_pipeline",
+    "lm_sites",
+    "steer",
+    "strength_grid",
+]
 
 
 def is_pipeline(obj: Any) -> bool:
@@ -45,6 +58,20 @@ def disable_steering(model_or_pipe: Any) -> Any:
 
         return disable_pipeline_steering(model_or_pipe)
     return disable_steering_lm(model_or_pipe)
+
+
+def attach(
+    model: Any, transport: SteeringLike, strength: SiteStrength = 1.0, **options: Any
+) -> SteeringHandle | PipelineSteeringHandle:
+    """Steer a torch module (see `actsteer.core.hooks.attach`) or a diffusers pipeline until ``handle.remove()``.
+
+    Pipelines accept ``timesteps=(start, end)``, a window in fractions of the schedule (0 = first step).
+    """
+    if is_pipeline(model):
+        return attach_pipeline(model, transport, strength, **options)
+    if options:
+        raise TypeError(f"attach() got unexpected options {sorted(options)} for a {type(model).__name__}")
+    return _attach_module(model, transport, strength)
 
 
 @contextlib.contextmanager
