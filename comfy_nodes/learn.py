@@ -13,6 +13,8 @@ Cost (model calls, each on a batch of all items, x2 under CFG):
   ONE model call in total; every hook fits its map on the spot and transports the source rows onward.
 - ``sequential`` with ``batch_size`` < items: per batch one call for recording, then per further site one
   call that stops right after that site (about ``batches * (1 + L/2)`` calls for L sites).
+- ``sequential`` pooling several steps (``collect_steps > 1``): a site runs once per step, so it cannot be
+  fitted inside one call; per batch one recording call, then one full call per further site (``fit(one_pass=False)``).
 - ``at-once``: ``batches * collect_steps`` calls; sites are fitted independently on unsteered activations.
 """
 
@@ -173,7 +175,7 @@ def learn(
         source, target: prompts (at least 2 each).
         sites: site names of ``model.model.diffusion_model`` (see `presets.preset_sites`).
         method, support: passed to `actsteer.estimate`.
-        fit_mode: ``"sequential"`` (needs ``collect_steps == 1``) or ``"at-once"``.
+        fit_mode: ``"sequential"`` (one call with ``collect_steps == 1``, one call per site otherwise) or ``"at-once"``.
         batch_size: items per sampler call; 0 = all items in one call (cheapest).
         settings: sampling and pooling settings.
 
@@ -194,11 +196,6 @@ def learn(
     s = settings
     if s.collect_steps < 1 or s.collect_steps > s.steps:
         raise ValueError(f"collect_steps must be between 1 and steps ({s.steps}), got {s.collect_steps}")
-    if fit_mode == "sequential" and s.collect_steps != 1:
-        raise ValueError(
-            "Sequential fitting pools the first denoising step only (the paper's choice): set collect_steps to 1, "
-            "or fit_mode to 'at-once' to pool several steps"
-        )
     dm = diffusion_model(model)
     items_source = [Item(p, k) for p in source for k in range(s.samples_per_prompt)]
     items_target = [Item(p, k) for p in target for k in range(s.samples_per_prompt)]
@@ -206,7 +203,13 @@ def learn(
     bs = n_items if batch_size <= 0 else min(batch_size, n_items)
     batches = math.ceil(n_items / bs)
     sequential = fit_mode == "sequential"
-    expected_calls = (batches * (1 + len(sites)) if batches > 1 else 1) if sequential else batches * s.collect_steps
+    one_pass = s.collect_steps == 1
+    if not sequential:
+        expected_calls = batches * s.collect_steps
+    elif batches == 1 and one_pass:
+        expected_calls = 1
+    else:
+        expected_calls = batches * len(sites)  # a recording call, then one per further site
     progress = comfy.utils.ProgressBar(expected_calls)
 
     collector = _Collector(s.collect_steps, progress)
@@ -248,7 +251,7 @@ def learn(
 
     transport = fit(
         dm, sites, items_source, items_target, run=run, method=method, support=support,
-        sequential=sequential, batch_size=None if bs >= n_items else bs, progress=False,
+        sequential=sequential, batch_size=None if bs >= n_items else bs, one_pass=one_pass, progress=False,
         model_info=_model_info(model, dm),
         description=f"{len(source)} source vs {len(target)} target prompts, learned in ComfyUI",
     )

@@ -95,7 +95,7 @@ class ActSteerLearn(io.ComfyNode):
                              tooltip="Seeds per prompt (seed, seed+1, ...); each sample is one data point"),
                 io.Int.Input("collect_steps", default=1, min=1, max=1000,
                              tooltip="Pool the activations of this many first steps (1 = the highest-noise step, as "
-                                     "in the paper; more than 1 needs fit_mode at-once)"),
+                                     "in the paper; more than 1 costs one sampling run per layer in sequential mode)"),
                 io.Combo.Input("fit_mode", options=list(FIT_MODES), default="sequential",
                                tooltip="sequential: each layer is fitted after the earlier ones are transported (the "
                                        "paper; one batched model call); at-once: all layers on unsteered activations"),
