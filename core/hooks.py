@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Union
 
 import torch
@@ -80,6 +80,10 @@ def as_steerings(steering: SteeringLike, strength: SiteStrength = 1.0) -> list[S
     return out
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def _site_strength(strength: SiteStrength, site: str) -> Strength:
     if isinstance(strength, Mapping):
         return strength.get(site, strength.get("*", 1.0))
@@ -105,7 +109,8 @@ class SteeringHandle:
         self._steerings = list(steerings)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._folded: dict[tuple[int, str], FoldedMap | None] = {}
-        self._cast: dict[tuple[int, str, torch.dtype, torch.device], FoldedMap] = {}  # folds on the model's device
+        # per (transport index, site, dtype, device): the bound per-call function
+        self._cast: dict[tuple[int, str, torch.dtype, torch.device], Callable[[torch.Tensor], torch.Tensor]] = {}
         self.active = True
         self.calls: dict[str, int] = {}
         self._positions: tuple[int, int] | None = None
@@ -158,47 +163,60 @@ class SteeringHandle:
         return list(seen)
 
     # hooks -------------------------------------------------------------------------------------
-    def _folded_for(self, i: int, site: str, x: torch.Tensor) -> FoldedMap | None:
-        key = (i, site, x.dtype, x.device)
-        fm = self._cast.get(key)
-        if fm is None:
-            base = self._folded[(i, site)]
-            if base is None:
-                return None
-            if not x.is_floating_point():
-                raise TypeError(f"Site {site!r} returned a {x.dtype} tensor; only floating point outputs can be steered")
-            fm = self._cast[key] = base.to(x.device, x.dtype)
-        return fm
-
     def _transport_tensor(self, i: int, site: str, x: torch.Tensor) -> torch.Tensor:
-        fm = self._folded_for(i, site, x)
-        if fm is None:
-            return x
-        axis = 1 if x.dim() == 4 else -1
+        key = (i, site, x.dtype, x.device)
+        apply = self._cast.get(key)
+        if apply is None:
+            apply = self._cast[key] = self._build_applier(i, site, x)
+        return apply(x)
+
+    def _build_applier(self, i: int, site: str, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The per-call function for one site, dtype and device, with everything it needs bound ahead
+        (the hot path is a shape check, a counter and one addcmul, inside a where when a range applies)."""
+        base = self._folded[(i, site)]
+        if base is None:  # strength 0: nothing to compute, the output is passed through untouched
+            return _identity
+        if not x.is_floating_point():
+            raise TypeError(f"Site {site!r} returned a {x.dtype} tensor; only floating point outputs can be steered")
+        fm = base.to(x.device, x.dtype)
+        w, b, lo, hi, masked = fm.weight, fm.bias, fm.lo, fm.hi, fm.masked
         d = self._steerings[i].transport[site].dim
-        if x.dim() < 2 or x.shape[axis] != d:
-            raise ValueError(
-                f"Site {site!r}: the transport has {d} units but the model's output has shape {tuple(x.shape)} "
-                f"(units on dim {axis}); the transport was fitted on a different model"
-            )
-        if fm.weight.dim() == 2 and fm.weight.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"Site {site!r}: {fm.weight.shape[0]} per-row strengths given but the batch has {x.shape[0]} rows"
-            )
-        self.calls[site] = self.calls.get(site, 0) + 1
-        moved = fm.apply_spatial(x) if x.dim() == 4 else fm.apply_last(x)
         apply_to = self._steerings[i].apply_to
-        if apply_to == "all":
-            return moved
-        if self._positions is None or x.dim() != 3:
-            raise ValueError(
-                f"Steering with apply_to={apply_to!r} needs token positions: use it through "
-                "model.generate(..., steering=...) after actsteer.enable_steering(model), on (B, T, D) outputs"
-            )
-        offset, prompt_length = self._positions
-        pos = torch.arange(offset, offset + x.shape[1], device=x.device)
-        keep = pos < prompt_length if apply_to == "prompt" else pos >= prompt_length
-        return torch.where(keep[None, :, None], moved, x)
+        simple = w.dim() == 1 and apply_to == "all"
+        calls = self.calls
+
+        def general(x: torch.Tensor) -> torch.Tensor:
+            nd = x.dim()
+            axis = 1 if nd == 4 else -1
+            if nd < 2 or x.shape[axis] != d:
+                raise ValueError(
+                    f"Site {site!r}: the transport has {d} units but the model's output has shape {tuple(x.shape)} "
+                    f"(units on dim {axis}); the transport was fitted on a different model"
+                )
+            if w.dim() == 2 and w.shape[0] != x.shape[0]:
+                raise ValueError(f"Site {site!r}: {w.shape[0]} per-row strengths given but the batch has {x.shape[0]} rows")
+            calls[site] = calls.get(site, 0) + 1
+            moved = fm.apply_spatial(x) if nd == 4 else fm.apply_last(x)
+            if apply_to == "all":
+                return moved
+            if self._positions is None or nd != 3:
+                raise ValueError(
+                    f"Steering with apply_to={apply_to!r} needs token positions: use it through "
+                    "model.generate(..., steering=...) after actsteer.enable_steering(model), on (B, T, D) outputs"
+                )
+            offset, prompt_length = self._positions
+            pos = torch.arange(offset, offset + x.shape[1], device=x.device)
+            keep = pos < prompt_length if apply_to == "prompt" else pos >= prompt_length
+            return torch.where(keep[None, :, None], moved, x)
+
+        def fast(x: torch.Tensor) -> torch.Tensor:
+            if x.dim() == 4 or x.dim() < 2 or x.shape[-1] != d:
+                return general(x)
+            calls[site] = calls.get(site, 0) + 1
+            moved = torch.addcmul(b, x, w)
+            return torch.where(torch.clamp(x, lo, hi) == x, moved, x) if masked else moved
+
+        return fast if simple else general
 
     def _make_hook(self, plan: list[tuple[int, str, int | None]]):
         def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:

@@ -268,17 +268,22 @@ def test_sweep_writes_generation_and_summary_csv(swept):
         assert [float(r["strength"]) for r in csv.DictReader(f)] == [0.0, 4.0]
 
 
-def test_sweep_plot_is_optional(swept, caplog):
+def test_sweep_plot_without_matplotlib_is_skipped_with_a_message(swept, caplog, monkeypatch):
     model, tok, transport, result, tmp_path = swept
     png = tmp_path / "sweep.png"
-    if importlib.util.find_spec("matplotlib") is None:
-        with pytest.raises(ModuleNotFoundError, match=r"actsteer\[plot\]"):
-            result.plot(png)
-        with caplog.at_level(logging.WARNING, logger="actsteer.eval.sweep"):
-            sweep(model, tok, transport, PROMPTS[:1], [0.0], max_new_tokens=2, plot_path=png)
-        assert "matplotlib is missing" in caplog.text and not png.exists()
-    else:
-        assert result.plot(png).stat().st_size > 0
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without the [plot] extra looks like
+    with pytest.raises(ModuleNotFoundError, match=r"actsteer\[plot\]"):
+        result.plot(png)
+    with caplog.at_level(logging.WARNING, logger="actsteer.eval.sweep"):
+        sweep(model, tok, transport, PROMPTS[:1], [0.0], max_new_tokens=2, plot_path=png)
+    assert "matplotlib is missing" in caplog.text and not png.exists()
+
+
+def test_sweep_plot_writes_a_png(swept):
+    pytest.importorskip("matplotlib")
+    _, _, _, result, tmp_path = swept
+    png = result.plot(tmp_path / "sweep.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_sweep_without_transport_is_one_unsteered_row(tiny_gpt2):
