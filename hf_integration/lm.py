@@ -82,7 +82,10 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 def make_runner(model: torch.nn.Module, tokenizer: Any, max_length: int):
     """``run(texts, ctx)`` for `actsteer.core.fit.fit`: tokenize with padding, mask, forward without cache."""
     device = next(model.parameters()).device
-    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+    params = inspect.signature(model.forward).parameters
+    takes_positions = "position_ids" in params
+    # the logits are not needed while fitting: computing only the last position's saves the LM head's cost
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def run(texts: Sequence[str], ctx: ForwardContext) -> None:
         enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
@@ -90,7 +93,7 @@ def make_runner(model: torch.nn.Module, tokenizer: Any, max_length: int):
         if takes_positions:
             enc["position_ids"] = position_ids(enc["attention_mask"])
         ctx.mask = enc["attention_mask"]
-        model(**enc, use_cache=False)
+        model(**enc, use_cache=False, **extra)
 
     return run
 

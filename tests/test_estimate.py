@@ -344,3 +344,11 @@ def test_estimate_bad_support_rejected(gen, support):
     source, target = torch.randn(5, 3, generator=gen), torch.randn(5, 3, generator=gen)
     with pytest.raises(ValueError, match="support"):
         actsteer.estimate(source, target, support=support)
+
+
+def test_estimate_itic_inseparable_sites_get_a_zero_shift(caplog):
+    same = torch.randn(10, 4, generator=torch.Generator().manual_seed(1))
+    with caplog.at_level("WARNING"):
+        m = actsteer.estimate(same, same.clone(), method="itic")
+    assert torch.equal(m.beta, torch.zeros(4)) and torch.equal(m.omega, torch.ones(4))
+    assert "no direction" in caplog.text
