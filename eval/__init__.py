@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+from .clip import ClipScores, clip_scores
 from .fidelity import FidelityReport, SiteFidelity, normalised_w1, support_coverage, transport_fidelity, wasserstein_1d
 from .sweep import SweepResult, generate_continuations, sweep
 from .text import (
@@ -25,6 +26,7 @@ from .text import (
 )
 
 __all__ = [
+    "ClipScores",
     "DEFAULT_CONTRAST",
     "DEFAULT_THRESHOLD",
     "FidelityReport",
@@ -32,6 +34,7 @@ __all__ = [
     "SentenceEncoder",
     "SiteFidelity",
     "SweepResult",
+    "clip_scores",
     "concept_presence",
     "default_encoder",
     "distinct_n",
