@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from diffusers_support import make_sdxl_pipeline  # noqa: E402
 from diffusion_overhead import SDXL_LAYOUT  # noqa: E402  (same directory)
 
-from actsteer.hf_integration.pipelines import fit_pipeline  # noqa: E402
+from actsteer.hf_integration.pipeline_fit import fit_pipeline  # noqa: E402
 
 PROMPTS = ["a cat", "a dog on grass", "a red car", "a small house", "a tall tree", "a bird in the sky",
            "a bowl of fruit", "a city street"]

@@ -23,7 +23,8 @@ import torch  # noqa: E402
 from diffusers_support import make_flux_pipeline, make_sdxl_pipeline  # noqa: E402
 
 from actsteer.core import Steering  # noqa: E402
-from actsteer.hf_integration.pipelines import attach_pipeline, fit_pipeline  # noqa: E402
+from actsteer.hf_integration.pipeline_fit import fit_pipeline  # noqa: E402
+from actsteer.hf_integration.pipelines import attach_pipeline  # noqa: E402
 
 SOURCE = ["a cat", "a dog on grass", "a red car", "a small house", "a tall tree", "a bird in the sky"]
 TARGET = [f"watercolor, {s}, soft watercolor painting" for s in SOURCE]

@@ -16,7 +16,8 @@ from ..core.hooks import attach as _attach_module
 from ..core.hooks import steer as _steer_module
 from .generation import disable_steering_lm, enable_steering_lm
 from .lm import fit_lm
-from .pipelines import PipelineSteeringHandle, attach_pipeline, fit_pipeline, strength_grid
+from .pipeline_fit import fit_pipeline, strength_grid
+from .pipelines import PipelineSteeringHandle, attach_pipeline
 from .presets import LM_PRESETS, lm_sites
 
 __all__ = [

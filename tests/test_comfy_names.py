@@ -11,7 +11,8 @@ from diffusers_support import SDXL_UNET_CONFIG, make_sdxl_pipeline, make_sdxl_un
 
 from actsteer.core import Transport, UnitMap
 from actsteer.hf_integration.comfy_names import from_comfy, to_comfy
-from actsteer.hf_integration.pipelines import fit_pipeline, steer_pipeline
+from actsteer.hf_integration.pipeline_fit import fit_pipeline
+from actsteer.hf_integration.pipelines import steer_pipeline
 
 # ComfyUI's unet_config for the SDXL base UNet and for the tiny test UNet (comfy.utils.unet_to_diffusers input)
 COMFY_SDXL = {"num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],

@@ -23,6 +23,11 @@ MODULES = [
     "actsteer.hf_integration.generation",
     "actsteer.hf_integration.lm",
     "actsteer.hf_integration.presets",
+    "actsteer.hf_integration.pipelines",
+    "actsteer.hf_integration.pipeline_fit",
+    "actsteer.hf_integration.comfy_names",
+    "actsteer.eval",
+    "actsteer.eval.clip",
 ]
 
 

@@ -16,15 +16,14 @@ from diffusers_support import (
 from actsteer.core import Steering, Transport
 from actsteer.core.sites import parse_site
 from actsteer.hf_integration.diffusion_presets import component_view, pipeline_sites, site_components
+from actsteer.hf_integration.pipeline_fit import fit_pipeline, strength_grid
 from actsteer.hf_integration.pipelines import (
     _STATE,
     attach_pipeline,
     disable_pipeline_steering,
     enable_pipeline_steering,
-    fit_pipeline,
     is_pipeline_steering_enabled,
     steer_pipeline,
-    strength_grid,
 )
 
 SOURCE = ["a cat", "a dog on grass", "a red car", "a small house", "a tall tree", "a bird in the sky"]

@@ -1,0 +1,248 @@
+"""Fitting transports on diffusers pipelines (`fit_pipeline`) and the labelled strength grid (`strength_grid`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..core.estimate import Support
+from ..core.fit import ForwardContext, fit
+from ..core.hooks import Steering, as_steerings
+from ..core.transport import Transport
+from .diffusion_presets import (
+    component_view,
+    denoiser_name,
+    pipeline_info,
+    pipeline_sites,
+    site_components,
+)
+from .pipelines import _LIVE, Steps, _in_window, _steps_window, steer_pipeline
+
+logger = logging.getLogger(__name__)
+
+
+# Fitting --------------------------------------------------------------------------------------------------
+def fit_pipeline(
+    pipe: Any,
+    source_prompts: Sequence[str],
+    target_prompts: Sequence[str],
+    *,
+    modules: str | Sequence[str] = "auto",
+    method: str = "linear-act",
+    steps: Steps = "first",
+    num_inference_steps: int = 4,
+    guidance_scale: float | None = None,
+    support: Support = "observed",
+    pooling: str = "mean",
+    sequential: bool = True,
+    batch_size: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    description: str = "",
+    estimate_options: dict[str, Any] | None = None,
+    **call_kwargs: Any,
+) -> Transport:
+    """Fit a transport from source to target prompts on a diffusers pipeline (ACT_SPEC.md sections 5-6).
+
+    Each prompt gives one response per site: the site's output in the chosen denoising steps, pooled per
+    prompt (spatial mean for ``(B, C, H, W)``, token mean for ``(B, T, D)``, no padding mask, like the reference)
+    and averaged over those steps. Under classifier-free guidance only the conditional half of the batch counts.
+
+    Args:
+        pipe: an SDXL- or FLUX-style pipeline (or an img2img variant: pass ``image=...`` in ``call_kwargs``).
+        source_prompts, target_prompts: at least 2 each (e.g. plain captions vs the same in a style).
+        modules: a preset (``"auto"``, ``"fast"``, ``"text_encoders"``, ``"norms"`` for SDXL, ``"blocks"`` for
+            FLUX) or site names/patterns with component prefixes; see `pipeline_sites`.
+        method, support, pooling, estimate_options: see `actsteer.estimate` and `actsteer.core.fit.fit`.
+        steps: ``"first"`` (the highest-noise step, like the paper: one UNet call per batch), ``"all"`` (average
+            over every step), or a window ``(start, end)`` in fractions of the schedule.
+        num_inference_steps: length of the schedule the steps are taken from (default 4, like the distilled
+            models of the paper); later steps are skipped once the window is done.
+        guidance_scale: None keeps the pipeline's default; 0 for guidance-distilled models.
+        sequential: causal estimation in execution order (default). With several steps per site it re-runs the
+            prompts once per site (``fit(one_pass=False)``: exact, but about (L+1)/2 pipeline runs for L sites).
+        batch_size: prompts per pipeline call; None = all at once (one pass for ``steps="first"``).
+        seed: source prompt ``j`` and target prompt ``j`` start from the noise of ``seed + j`` (paired noise).
+        **call_kwargs: passed to ``pipe(...)`` (``height``, ``width``, ``max_sequence_length``, ``image``, ...).
+
+    Returns:
+        A `Transport` whose sites carry component prefixes, in execution order. ``model`` holds the pipeline
+        and component classes, layout and ``diffusers_version``; ``extra["diffusion"]`` the steps, guidance and
+        sizes used; ``extra["fit"]`` the cost (pipeline calls, denoiser calls).
+
+    Raises:
+        ValueError: an unknown preset or ``steps``, a pattern that matches nothing, fewer than 2 prompts a side.
+        RuntimeError: the pipeline is being steered, or a site never ran (e.g. a VAE site: latents are returned).
+
+    Example:
+        >>> source = ["a cat", "a dog on grass", "a red car"]  # doctest: +SKIP
+        >>> target = [f"{p}, watercolor painting" for p in source]  # doctest: +SKIP
+        >>> transport = fit_pipeline(pipe, source, target, guidance_scale=0.0)  # doctest: +SKIP
+        >>> with steer_pipeline(pipe, transport, strength=1.0):  # doctest: +SKIP
+        ...     image = pipe("a horse", guidance_scale=0.0, num_inference_steps=4).images[0]
+    """
+    window = _steps_window(steps)
+    if "num_images_per_prompt" in call_kwargs or "output_type" in call_kwargs:
+        raise ValueError("`num_images_per_prompt` and `output_type` are set by fit_pipeline; remove them")
+    view = component_view(pipe)
+    sites = pipeline_sites(pipe, view, modules)
+    if len(_LIVE.get(pipe, ())):
+        raise RuntimeError("The pipeline is being steered; remove its steering before fitting a new transport")
+    n_active = sum(_in_window(window, i, num_inference_steps) for i in range(num_inference_steps))
+    # core.fit fits sequentially inside one pass only when every site runs once per pass
+    one_pass = not (sequential and n_active > 1)
+    if not one_pass:
+        logger.info("actsteer: %d denoising steps per prompt: sequential fit in one pass per site", n_active)
+    denoiser = denoiser_name(pipe)
+    encoders = [c for c in site_components(pipe) if c != denoiser]
+    cost = {"pipeline_calls": 0, "denoiser_calls": 0}
+    kwargs = dict(call_kwargs, num_inference_steps=num_inference_steps, output_type="latent")
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+
+    def run(items: Sequence[tuple[int, str]], ctx: ForwardContext) -> None:
+        n = len(items)
+        clock = {"step": 0, "encoder_calls": dict.fromkeys(encoders, 0)}
+
+        def on_step_end(p: Any, i: int, t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            clock["step"] = i + 1
+            total = p._num_timesteps
+            if not any(_in_window(window, j, total) for j in range(i + 1, total)):
+                p._interrupt = True  # nothing left to record: skip the remaining steps
+            return {}
+
+        def on_denoiser(module: torch.nn.Module, args: Any, kw: dict[str, Any]) -> None:
+            sample = args[0] if args else kw.get("sample", kw.get("hidden_states"))
+            rows = sample.shape[0]
+            if rows not in (n, 2 * n):
+                raise RuntimeError(
+                    f"The {denoiser} got a batch of {rows} rows for {n} prompts; expected {n} or {2 * n}"
+                )
+            ctx.rows = torch.arange(n, 2 * n) if rows == 2 * n else None  # CFG batches are [uncond, cond]
+            ctx.active = _in_window(window, clock["step"], pipe._num_timesteps)
+            cost["denoiser_calls"] += 1
+
+        def on_encoder(name: str):
+            def hook(module: torch.nn.Module, args: Any) -> None:
+                ctx.rows = None
+                ctx.active = clock["encoder_calls"][name] == 0  # later calls encode negative prompts
+                clock["encoder_calls"][name] += 1
+
+            return hook
+
+        components = site_components(pipe)
+        handles = [components[denoiser].register_forward_pre_hook(on_denoiser, with_kwargs=True)]
+        handles += [components[c].register_forward_pre_hook(on_encoder(c)) for c in encoders]
+        generators = [torch.Generator("cpu").manual_seed(seed + j) for j, _ in items]
+        cost["pipeline_calls"] += 1
+        try:
+            pipe([p for _, p in items], generator=generators, callback_on_step_end=on_step_end, **kwargs)
+        finally:
+            for h in reversed(handles):
+                h.remove()
+            pipe._interrupt = False
+
+    training = {m: m.training for m in view.modules()}
+    try:
+        transport = fit(
+            view, sites, list(enumerate(source_prompts)), list(enumerate(target_prompts)), run=run, method=method,
+            pooling=pooling, support=support, sequential=sequential, batch_size=batch_size, one_pass=one_pass,
+            progress=progress,
+            model_info=pipeline_info(pipe), description=description, estimate_options=estimate_options,
+        )
+    finally:
+        for module, was_training in training.items():
+            module.training = was_training
+    extra = dict(transport.extra)
+    extra["fit"] = {**extra.get("fit", {}), **cost}
+    extra["diffusion"] = {
+        "steps": steps if isinstance(steps, str) else list(window),
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "cfg_rows": "conditional",
+        "seed": seed,
+        "call_kwargs": {k: v for k, v in call_kwargs.items() if isinstance(v, (int, float, str, bool))},
+    }
+    return transport.replace(extra=extra)
+
+
+# Strength grid --------------------------------------------------------------------------------------------
+def _label_font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # scalable since Pillow 10.1
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def strength_grid(
+    pipe: Any,
+    prompt: str | Sequence[str],
+    transport: Transport | Steering | Sequence[Transport | Steering],
+    *,
+    strengths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    seed: int = 0,
+    timesteps: Sequence[float] | None = None,
+    label: bool = True,
+    **call_kwargs: Any,
+) -> Any:
+    """One image per strength from the same seed, side by side under ``strength=...`` labels; a row per prompt.
+
+    Artists judge steering by eye: strength 0 (the unsteered image, generated without hooks) next to
+    increasing strengths shows what the transport does and where it starts to break the image.
+
+    Args:
+        pipe: the pipeline (``output_type`` and ``generator`` are set here).
+        prompt: one prompt, or several (one row each).
+        transport: a `Transport`, a `Steering` or a list of them; every composed transport gets the column's
+            strength (negative = the reverse direction).
+        strengths: one column each, left to right.
+        seed: the generator seed of every image.
+        timesteps: the step window (see `attach_pipeline`).
+        label: draw the labels (a white strip above each row).
+        **call_kwargs: passed to ``pipe(...)`` (``num_inference_steps``, ``guidance_scale``, ``height``, ...).
+
+    Returns:
+        A ``PIL.Image.Image``; ``image.info["strengths"]`` lists the strengths, left to right.
+
+    Example:
+        >>> grid = strength_grid(pipe, "a cat", transport, strengths=[0, 0.5, 1], seed=0)  # doctest: +SKIP
+        >>> grid.save("watercolor.png")  # doctest: +SKIP
+    """
+    from PIL import Image, ImageDraw
+
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not len(strengths):
+        raise ValueError("`prompt` and `strengths` must not be empty")
+    rows = []
+    for text in prompts:
+        row = []
+        for s in strengths:
+            kwargs = dict(call_kwargs, output_type="pil", generator=torch.Generator("cpu").manual_seed(seed))
+            if float(s) == 0.0:
+                row.append(pipe(text, **kwargs).images[0])
+                continue
+            steerings = [dataclasses.replace(st, strength=float(s)) for st in as_steerings(transport)]
+            with steer_pipeline(pipe, steerings, timesteps=timesteps):
+                row.append(pipe(text, **kwargs).images[0])
+        rows.append(row)
+    w, h = rows[0][0].size
+    font = _label_font(max(10, h // 24))
+    pad = font.size + 4 if label and hasattr(font, "size") else (14 if label else 0)
+    grid = Image.new("RGB", (w * len(strengths), (h + pad) * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(image, (c * w, r * (h + pad) + pad))
+            if label:
+                text = f"strength={float(strengths[c]):g}"
+                if draw.textlength(text, font=font) > w - 4:  # narrow tiles: the number alone
+                    text = f"{float(strengths[c]):g}"
+                draw.text((c * w + 2, r * (h + pad) + 1), text, fill="black", font=font)
+    grid.info["strengths"] = [float(s) for s in strengths]
+    return grid
