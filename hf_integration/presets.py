@@ -23,27 +23,21 @@ _GEMMA_POST = [rf"{_L}\.post_attention_layernorm", rf"{_L}\.post_feedforward_lay
 _GEMMA_ALL = _LLAMA_NORMS + [rf"{_L}\.pre_feedforward_layernorm", rf"{_L}\.post_feedforward_layernorm"]
 _GPT2_ALL = [r"transformer\.h\.\d+\.ln_1", r"transformer\.h\.\d+\.ln_2", r"transformer\.ln_f"]
 
+_LLAMA_FAMILY = {  # Llama, SmolLM2, Mistral, Qwen2/3 share module names
+    "all-norms": _LLAMA_NORMS + [r"model\.norm"],
+    "post-norms": [rf"{_L}\.post_attention_layernorm"],
+    "mlp": [rf"{_L}\.mlp\.(gate|up|down)_proj"],
+}
+
 LM_PRESETS: dict[str, dict[str, list[str]]] = {
     "gpt2": {
         "all-norms": _GPT2_ALL,
         "post-norms": [r"transformer\.h\.\d+\.ln_2"],
         "mlp": [r"transformer\.h\.\d+\.mlp\.c_proj"],
     },
-    "llama": {
-        "all-norms": _LLAMA_NORMS + [r"model\.norm"],
-        "post-norms": [rf"{_L}\.post_attention_layernorm"],
-        "mlp": [rf"{_L}\.mlp\.(gate|up|down)_proj"],
-    },
-    "mistral": {
-        "all-norms": _LLAMA_NORMS + [r"model\.norm"],
-        "post-norms": [rf"{_L}\.post_attention_layernorm"],
-        "mlp": [rf"{_L}\.mlp\.(gate|up|down)_proj"],
-    },
-    "qwen2": {
-        "all-norms": _LLAMA_NORMS + [r"model\.norm"],
-        "post-norms": [rf"{_L}\.post_attention_layernorm"],
-        "mlp": [rf"{_L}\.mlp\.(gate|up|down)_proj"],
-    },
+    "llama": _LLAMA_FAMILY,
+    "mistral": _LLAMA_FAMILY,
+    "qwen2": _LLAMA_FAMILY,
     "phi3": {
         "all-norms": _LLAMA_NORMS + [r"model\.norm"],
         "post-norms": [rf"{_L}\.post_attention_layernorm"],
