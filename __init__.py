@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .core._version import __version__
 
 from .core import Steering, SteeringHandle, Transport, UnitMap, estimate, list_sites
 from .hf_integration import (

@@ -26,7 +26,7 @@ _METADATA_KEYS = ("method", "pooling", "support", "mode", "n_source", "n_target"
 
 
 def _version() -> str:
-    from .. import __version__
+    from ._version import __version__
 
     return __version__
 
