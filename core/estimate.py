@@ -34,6 +34,20 @@ _ALIASES = {
 }
 
 
+# Per-method defaults when the caller does not choose (one owner for fit_lm, fit_pipeline and the ComfyUI
+# Learn node): the paper's pooling, and the support that keeps strength 1 safe for the transport maps versus
+# the additive baselines' usual all-reals application (their strength is an unbounded multiplier).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "linear-act": {"pooling": "mean", "support": "observed"},
+    "mean-act": {"pooling": "mean", "support": "observed"},
+    "gaussian-ot": {"pooling": "mean", "support": "observed"},
+    "actadd": {"pooling": "last", "support": "all"},
+    "caa": {"pooling": "last", "support": "all"},
+    "itic": {"pooling": "last", "support": "all"},
+    "aura": {"pooling": "max", "support": "all"},
+}
+
+
 def _register(name: str) -> Callable[[_Estimator], _Estimator]:
     def deco(fn: _Estimator) -> _Estimator:
         ESTIMATORS[name] = fn
@@ -44,11 +58,36 @@ def _register(name: str) -> Callable[[_Estimator], _Estimator]:
 
 def canonical_method(method: str) -> str:
     """Normalise a method name (``"Linear-AcT"`` -> ``"linear-act"``); raise with the list when unknown."""
+    if not isinstance(method, str):
+        raise TypeError(f"`method` must be a method name such as 'linear-act', got {type(method).__name__}")
     key = method.strip().lower()
     key = _ALIASES.get(key, key)
     if key not in ESTIMATORS:
         raise ValueError(f"Unknown method {method!r}; choose one of: {', '.join(ESTIMATORS)}")
     return key
+
+
+def method_defaults(method: str, *, spatial: bool = False) -> dict[str, Any]:
+    """The default ``pooling`` and ``support`` of an estimation method (a new dict; aliases accepted).
+
+    Args:
+        method: a method name or alias (see `estimate`).
+        spatial: True where inputs are images or prompt tokens of a diffusion model (`fit_pipeline`, the
+            ComfyUI Learn node): "last token" has no meaning there, so those methods pool the mean instead.
+
+    Raises:
+        ValueError: an unknown method (the message lists the known ones).
+
+    Example:
+        >>> method_defaults("Linear-AcT")
+        {'pooling': 'mean', 'support': 'observed'}
+        >>> method_defaults("caa"), method_defaults("caa", spatial=True)
+        ({'pooling': 'last', 'support': 'all'}, {'pooling': 'mean', 'support': 'all'})
+    """
+    defaults = dict(METHOD_DEFAULTS[canonical_method(method)])
+    if spatial and defaults["pooling"] == "last":
+        defaults["pooling"] = "mean"
+    return defaults
 
 
 def quantiles(sorted_x: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:

@@ -16,10 +16,25 @@ import os
 import re
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from ..core.io import resolve_path, shorten
+from .cli_checks import (
+    CliError,
+    Parser,
+    check_output,
+    finite_float,
+    one_line,
+    parse_floats,
+    parse_support,
+    positive_int,
+    read_examples,
+)
+from .texts import check_balance, read_texts
 
 DEMO_PROMPTS = ["Once upon a time,", "My favorite thing to do on weekends is", "Yesterday I went"]
 # Words whose presence marks the demo concept (the ocean) in a generation.
@@ -27,44 +42,6 @@ DEMO_KEYWORDS = (
     "ocean sea seas beach wave waves tide shore coast coral reef whale whales dolphin dolphins fish ship ships "
     "sail sailor sailors boat boats harbor island surf sand shell shells marine underwater water waters"
 ).split()
-
-
-def read_texts(path: str | Path) -> list[str]:
-    """Texts from a file: ``.txt`` one example per line (blank lines skipped), ``.jsonl`` strings or ``{"text": ...}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"error: no such file: {path}")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix != ".jsonl":
-        return lines
-    texts = []
-    for i, line in enumerate(lines, 1):
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SystemExit(f"error: {path}:{i} is not valid JSON ({err})") from None
-        text = item.get("text") if isinstance(item, dict) else item
-        if not isinstance(text, str):
-            raise SystemExit(f"error: {path}:{i} must be a JSON string or an object with a 'text' string")
-        texts.append(text)
-    return texts
-
-
-def parse_support(value: str) -> Any:
-    if value in ("observed", "all"):
-        return value
-    try:
-        lo, hi = (float(v) for v in value.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"support must be 'observed', 'all' or 'q_lo,q_hi' (e.g. 0.01,0.99), got {value!r}")
-    return (lo, hi)
-
-
-def parse_floats(value: str) -> list[float]:
-    try:
-        return [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0,0.5,1, got {value!r}")
 
 
 def concept_score(text: str, keywords: Sequence[str] = DEMO_KEYWORDS) -> int:
@@ -79,7 +56,19 @@ def _load(args: argparse.Namespace):
     from .default_model import load_model
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    return load_model(args.model, dtype=dtype, device=args.device)
+    try:
+        return load_model(args.model, dtype=dtype, device=args.device)
+    except Exception as err:
+        raise CliError(f"cannot load the model {args.model!r}: {one_line(err)}") from err
+
+
+def _check_model(args: argparse.Namespace) -> None:
+    from .default_model import check_model
+
+    try:
+        check_model(args.model)
+    except (OSError, ImportError) as err:
+        raise CliError(f"--model {one_line(err)}") from None
 
 
 def generate_rows(model, tokenizer, transport, prompts: Sequence[str], strengths: Sequence[float], *,
@@ -122,17 +111,19 @@ def print_rows(prompts: Sequence[str], strengths: Sequence[float], rows: list[li
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    from ..core.estimate import canonical_method
     from .lm import fit_lm
 
-    out = Path(args.output)
-    if not out.suffix:
-        out = out.with_suffix(".safetensors")
-    if out.exists() and not args.overwrite:
-        raise SystemExit(f"error: {out} exists; pass --overwrite to replace it")
-    source, target = read_texts(args.source), read_texts(args.target)
+    # Everything that can be checked without the model is checked first: a fit can take minutes.
+    out = check_output(args.output, overwrite=args.overwrite)
+    source = read_examples(args.source, "--source")
+    target = read_examples(args.target, "--target")
+    check_balance(len(source), len(target))
+    method = canonical_method(args.method)
+    _check_model(args)
     model, tokenizer = _load(args)
     modules = args.modules if args.modules in ("auto", "all-norms", "post-norms", "mlp") else args.modules.split(",")
-    transport = fit_lm(model, tokenizer, source, target, modules=modules, method=args.method, pooling=args.pooling,
+    transport = fit_lm(model, tokenizer, source, target, modules=modules, method=method, pooling=args.pooling,
                        support=args.support, sequential=not args.at_once, batch_size=args.batch_size,
                        max_length=args.max_length, description=args.description)
     path = transport.save(out, overwrite=args.overwrite)
@@ -146,6 +137,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     transport = Transport.load(args.steer)
     strengths = args.sweep if args.sweep is not None else [args.strength]
+    if not any(p.strip() for p in args.prompt):
+        raise CliError("--prompt: give at least one non-empty prompt")
+    _check_model(args)
     model, tokenizer = _load(args)
     rows = generate_rows(model, tokenizer, transport, args.prompt, strengths, max_new_tokens=args.max_new_tokens,
                          sample=args.sample, seed=args.seed, apply_to=args.apply_to)
@@ -167,22 +161,23 @@ def summarize(transport) -> list[dict[str, Any]]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from ..core.io import read_header
     from ..core.transport import Transport
 
-    from ..core.io import read_header
-
-    transport = Transport.load(args.path)
-    header = read_header(args.path)
+    path = resolve_path(args.path)  # like `generate --steer`, the .safetensors suffix may be left out
+    transport = Transport.load(path)
+    header = read_header(path)
     meta = transport.metadata()
     meta.pop("sites")
-    print(f"{args.path} (format v{header.get('format_version')}, written by actsteer {header.get('actsteer_version')})")
+    print(f"{path} (format v{header.get('format_version')}, written by actsteer {shorten(header.get('actsteer_version', '?'), 40)})")
     for key, value in meta.items():
         if value not in ({}, "", None):
-            print(f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+            text = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else str(value)
+            print(f"  {key}: {shorten(' '.join(text.split()), 200)}")
     print(f"  sites: {len(transport)}, units: {sum(m.dim for m in transport.values())}")
     print(f"\n  {'site':<48} {'units':>6} {'mean|beta|':>11} {'omega range':>17} {'ranged':>7} {'dead':>5}")
     for row in summarize(transport):
-        print(f"  {row['site']:<48} {row['units']:>6} {row['mean_abs_beta']:>11.4f} "
+        print(f"  {shorten(row['site']):<48} {row['units']:>6} {row['mean_abs_beta']:>11.4f} "
               f"{row['omega_min']:>8.3f}..{row['omega_max']:<7.3f} {row['support_coverage']:>6.0%} {row['dead']:>5}")
     return 0
 
@@ -193,19 +188,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .lm import fit_lm
 
     t0 = time.perf_counter()
+    out = check_output(args.output, overwrite=args.overwrite) if args.output else None
     data = resources.files(__package__) / "data"
     source = read_texts(Path(str(data / "neutral.txt")))
     target = read_texts(Path(str(data / "ocean.txt")))
+    _check_model(args)
     print(f"actsteer demo: induce the concept 'the ocean' into neutral text ({len(source)} neutral vs {len(target)} "
           f"ocean sentences), Linear-AcT, sites: {args.modules}")
     model, tokenizer = _load(args)
     print(f"Model: {model.config._name_or_path} ({type(model).__name__}) loaded in {time.perf_counter() - t0:.0f}s")
     transport = fit_lm(model, tokenizer, source, target, modules=args.modules, progress=not args.quiet,
                        description="actsteer demo: neutral sentences -> sentences about the ocean")
-    out = Path(args.output) if args.output else cache_dir() / "demo" / "ocean.safetensors"
-    if args.output and out.exists() and not args.overwrite:
-        raise SystemExit(f"error: {out} exists; pass --overwrite to replace it")
-    path = transport.save(out, overwrite=True)  # the default path is the demo's own cache file
+    # the default path is the demo's own cache file, replaced on every run
+    path = transport.save(out or cache_dir() / "demo" / "ocean.safetensors", overwrite=True)
     print(f"Fitted {len(transport)} sites in {time.perf_counter() - t0:.0f}s total; wrote {path}")
     reloaded = Transport.load(path)
     rows = generate_rows(model, tokenizer, reloaded, DEMO_PROMPTS, args.strengths, max_new_tokens=args.max_new_tokens)
@@ -223,64 +218,74 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="actsteer", description="Activation Transport (AcT) steering for language models")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser = Parser(prog="actsteer", description="Activation Transport (AcT) steering for language models")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (and tracebacks of errors)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fit", help="fit a transport from two text files")
     _add_model_args(p)
-    p.add_argument("--source", required=True, help="source examples: .txt (one per line) or .jsonl")
-    p.add_argument("--target", required=True, help="target examples: .txt (one per line) or .jsonl")
+    p.add_argument("--source", required=True, help="source examples: .txt (one per line), .jsonl or a .json array")
+    p.add_argument("--target", required=True, help="target examples: .txt (one per line), .jsonl or a .json array")
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
     p.add_argument("--method", default="linear-act", help="linear-act (default), mean-act, gaussian-ot, actadd, caa, itic, aura")
     p.add_argument("--modules", default="auto", help="auto, all-norms, post-norms, mlp, or comma-separated regexes")
     p.add_argument("--support", default=None, type=parse_support,
                    help="observed, all, or q_lo,q_hi (default: observed for the AcT maps, all for the baselines)")
     p.add_argument("--pooling", default=None, choices=["mean", "last", "max", "min"], help="default: the method's own")
-    p.add_argument("--batch-size", type=int, default=None, help="texts per forward pass (default: all at once)")
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=None, help="texts per forward pass (default: all at once)")
+    p.add_argument("--max-length", type=positive_int, default=128, help="tokens per text (capped at the model's context)")
     p.add_argument("--at-once", action="store_true", help="fit all sites at once instead of sequentially")
     p.add_argument("--description", default="")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("generate", help="generate with a transport at one or several strengths")
     _add_model_args(p)
-    p.add_argument("--steer", required=True, help="a transport .safetensors file")
+    p.add_argument("--steer", required=True, help="a transport .safetensors file (the suffix may be left out)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--strength", type=float, default=1.0)
+    g.add_argument("--strength", type=finite_float, default=1.0)
     g.add_argument("--sweep", type=parse_floats, default=None, help="comma-separated strengths, e.g. 0,0.5,1")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--max-new-tokens", type=positive_int, default=40)
     p.add_argument("--sample", action="store_true", help="sample (top_p 0.9) instead of greedy decoding")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--apply-to", default="all", choices=["all", "prompt", "generated"])
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="show a transport file's metadata and a per-site summary")
-    p.add_argument("path")
+    p.add_argument("path", help="a transport .safetensors file (the suffix may be left out)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="fit and try a concept transport on the embedded SmolLM2 (or --model)")
     _add_model_args(p)
     p.add_argument("--modules", default="all-norms", help="sites (default all-norms: clearest effect on SmolLM2)")
     p.add_argument("--strengths", type=parse_floats, default=[0.0, 0.5, 1.0])
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("-o", "--output", default=None, help="where to write the fitted transport (default: the cache dir)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit code: 0, or 2 after printing ONE ``error:`` line (no traceback unless
+    ``--verbose``) for any failure: bad arguments, unreadable or missing files, a model that cannot load, a
+    failed fit. Inputs and the output path are checked before any model is loaded."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as err:
-        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("actsteer: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # every failure is one line; -v shows where it came from
+        if args.verbose:
+            traceback.print_exc()
+        hint = "" if args.verbose or isinstance(err, (CliError, OSError, ValueError, KeyError, TypeError, ImportError)) \
+            else " (run with -v for the traceback)"
+        print(f"error: {one_line(err)}{hint}", file=sys.stderr)
         return 2
 
 

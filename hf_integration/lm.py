@@ -10,41 +10,13 @@ from typing import Any
 
 import torch
 
-from ..core.estimate import Support
+from ..core.estimate import Support, canonical_method, method_defaults
 from ..core.fit import ForwardContext, fit
 from ..core.transport import Transport
-from ..core.estimate import canonical_method
-from .presets import METHOD_DEFAULTS, lm_sites
+from .presets import lm_sites
+from .texts import check_balance, check_texts
 
 logger = logging.getLogger(__name__)
-
-# More than this ratio between the two list sizes is almost always a mistake (a wrong file, a truncated list).
-MAX_IMBALANCE = 10.0
-
-
-def check_texts(name: str, texts: Sequence[str]) -> list[str]:
-    """Validate one list of texts: a list of non-empty strings, at least 2 of them."""
-    if isinstance(texts, str):
-        raise TypeError(f"`{name}` must be a list of texts, got a single string; split it into lines")
-    texts = list(texts)
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-    if bad:
-        raise TypeError(f"`{name}` must contain strings; item {bad[0]} is a {type(texts[bad[0]]).__name__}")
-    empty = [i for i, t in enumerate(texts) if not t.strip()]
-    if empty:
-        raise ValueError(f"`{name}` has {len(empty)} empty text(s) (first at index {empty[0]}); remove them")
-    if len(texts) < 2:
-        raise ValueError(f"`{name}` needs at least 2 texts to estimate a distribution, got {len(texts)}; a few dozen work well")
-    return texts
-
-
-def check_balance(n_source: int, n_target: int) -> None:
-    ratio = max(n_source, n_target) / min(n_source, n_target)
-    if ratio > MAX_IMBALANCE:
-        raise ValueError(
-            f"The text lists are very unbalanced ({n_source} source vs {n_target} target, {ratio:.0f}x); "
-            f"give each side a similar number of examples (within {MAX_IMBALANCE:.0f}x)"
-        )
 
 
 @contextlib.contextmanager
@@ -74,6 +46,21 @@ def model_info(model: torch.nn.Module) -> dict[str, Any]:
     return info
 
 
+# Config fields that bound how many positions a model can embed (GPT-2: n_positions/n_ctx; most others:
+# max_position_embeddings). Past them learned position tables raise an IndexError and rotary models degrade.
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The most tokens ``model`` can take in one sequence, from its config; None when the config does not say."""
+    config = getattr(model, "config", None)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    sizes = [getattr(config, field, None) for field in _CONTEXT_FIELDS]
+    sizes = [int(v) for v in sizes if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return min(sizes) if sizes else None
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, as ``generate`` does, so left padding does not shift them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -96,6 +83,20 @@ def make_runner(model: torch.nn.Module, tokenizer: Any, max_length: int):
         model(**enc, use_cache=False, **extra)
 
     return run
+
+
+def _fit_in_context(model: torch.nn.Module, max_length: int, lengths: Sequence[int]) -> int:
+    """``max_length`` capped at the model's context; warns once when texts are longer than the context."""
+    context = context_length(model)
+    if context is None or max_length <= context:
+        return max_length
+    longer = sum(n > context for n in lengths)
+    if longer:
+        logger.warning(
+            "actsteer: %d of %d texts are longer than the model's context of %d tokens (max_length=%d); they are "
+            "truncated to %d tokens", longer, len(lengths), context, max_length, context,
+        )
+    return context
 
 
 def fit_lm(
@@ -129,7 +130,8 @@ def fit_lm(
             1 stays fluent), ``"all"`` for the additive baselines and aura.
         sequential: causal estimation, each site fitted with the earlier sites already steered (default).
         batch_size: texts per forward pass; None runs all texts in ONE pass (cheapest for sequential fitting).
-        max_length: texts are truncated to this many tokens.
+        max_length: texts are truncated to this many tokens, and never to more than the model's context
+            (``max_position_embeddings`` / ``n_positions``); a warning says when texts were cut to the context.
         progress: tqdm progress bars.
         description: free text stored in the file.
 
@@ -143,19 +145,20 @@ def fit_lm(
         >>> t = actsteer.fit_lm(model, tok, ["A walk in town."] * 8, ["The ocean waves."] * 8)  # doctest: +SKIP
     """
     method = canonical_method(method)
-    defaults = METHOD_DEFAULTS[method]
+    defaults = method_defaults(method)
     pooling = defaults["pooling"] if pooling is None else pooling
     support = defaults["support"] if support is None else support
     source_texts = check_texts("source_texts", source_texts)
     target_texts = check_texts("target_texts", target_texts)
     check_balance(len(source_texts), len(target_texts))
-    if max_length < 1:
-        raise ValueError(f"`max_length` must be >= 1, got {max_length}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"`max_length` must be a positive number of tokens, got {max_length!r}")
     sites = lm_sites(model, modules)
     with padding_ready(tokenizer):
         lengths = [len(ids) for ids in tokenizer(source_texts + target_texts)["input_ids"]]
         if min(lengths) == 0:
             raise ValueError("Some texts tokenize to zero tokens; remove them")
+        max_length = _fit_in_context(model, max_length, lengths)
         return fit(
             model,
             sites,

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..core.estimate import Support
+from ..core.estimate import Support, canonical_method, method_defaults
 from ..core.fit import ForwardContext, fit
 from ..core.hooks import Steering, as_steerings
 from ..core.transport import Transport
@@ -20,7 +20,8 @@ from .diffusion_presets import (
     pipeline_sites,
     site_components,
 )
-from .pipelines import _LIVE, Steps, _in_window, _steps_window, steer_pipeline
+from .pipelines import Steps, _in_window, _steps_window, is_pipeline_steered, steer_pipeline
+from .texts import check_balance, check_texts
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,8 @@ def fit_pipeline(
     steps: Steps = "first",
     num_inference_steps: int = 4,
     guidance_scale: float | None = None,
-    support: Support = "observed",
-    pooling: str = "mean",
+    support: Support | None = None,
+    pooling: str | None = None,
     sequential: bool = True,
     batch_size: int | None = None,
     seed: int = 0,
@@ -54,10 +55,13 @@ def fit_pipeline(
 
     Args:
         pipe: an SDXL- or FLUX-style pipeline (or an img2img variant: pass ``image=...`` in ``call_kwargs``).
-        source_prompts, target_prompts: at least 2 each (e.g. plain captions vs the same in a style).
+        source_prompts, target_prompts: lists of at least 2 non-empty prompts each (e.g. plain captions vs the
+            same in a style), of similar sizes (within 10x); a single string is refused, not split into characters.
         modules: a preset (``"auto"``, ``"fast"``, ``"text_encoders"``, ``"norms"`` for SDXL, ``"blocks"`` for
             FLUX) or site names/patterns with component prefixes; see `pipeline_sites`.
-        method, support, pooling, estimate_options: see `actsteer.estimate` and `actsteer.core.fit.fit`.
+        method, support, pooling, estimate_options: see `actsteer.estimate` and `actsteer.core.fit.fit`. ``None``
+            takes the method's defaults (`actsteer.core.estimate.method_defaults` with ``spatial=True``: mean
+            pooling; observed support for the AcT maps, all reals for the additive baselines).
         steps: ``"first"`` (the highest-noise step, like the paper: one UNet call per batch), ``"all"`` (average
             over every step), or a window ``(start, end)`` in fractions of the schedule.
         num_inference_steps: length of the schedule the steps are taken from (default 4, like the distilled
@@ -75,7 +79,9 @@ def fit_pipeline(
         sizes used; ``extra["fit"]`` the cost (pipeline calls, denoiser calls).
 
     Raises:
-        ValueError: an unknown preset or ``steps``, a pattern that matches nothing, fewer than 2 prompts a side.
+        TypeError: a prompt list that is a single string or holds non-strings.
+        ValueError: an unknown preset or ``steps``, a pattern that matches nothing, empty prompts, fewer than 2
+            prompts a side, or sides more than 10x apart in size.
         RuntimeError: the pipeline is being steered, or a site never ran (e.g. a VAE site: latents are returned).
 
     Example:
@@ -85,12 +91,19 @@ def fit_pipeline(
         >>> with steer_pipeline(pipe, transport, strength=1.0):  # doctest: +SKIP
         ...     image = pipe("a horse", guidance_scale=0.0, num_inference_steps=4).images[0]
     """
+    source_prompts = check_texts("source_prompts", source_prompts)
+    target_prompts = check_texts("target_prompts", target_prompts)
+    check_balance(len(source_prompts), len(target_prompts))
+    method = canonical_method(method)
+    defaults = method_defaults(method, spatial=True)
+    pooling = defaults["pooling"] if pooling is None else pooling
+    support = defaults["support"] if support is None else support
     window = _steps_window(steps)
     if "num_images_per_prompt" in call_kwargs or "output_type" in call_kwargs:
         raise ValueError("`num_images_per_prompt` and `output_type` are set by fit_pipeline; remove them")
     view = component_view(pipe)
     sites = pipeline_sites(pipe, view, modules)
-    if len(_LIVE.get(pipe, ())):
+    if is_pipeline_steered(pipe):
         raise RuntimeError("The pipeline is being steered; remove its steering before fitting a new transport")
     n_active = sum(_in_window(window, i, num_inference_steps) for i in range(num_inference_steps))
     # core.fit fits sequentially inside one pass only when every site runs once per pass

@@ -69,19 +69,6 @@ AUTO_PRESET = {
 }
 
 
-# Per-method defaults when fit_lm is not told: the paper's pooling, and the support that keeps strength 1 safe
-# for the transport maps vs the additive baselines' usual all-reals application.
-METHOD_DEFAULTS: dict[str, dict[str, object]] = {
-    "linear-act": {"pooling": "mean", "support": "observed"},
-    "mean-act": {"pooling": "mean", "support": "observed"},
-    "gaussian-ot": {"pooling": "mean", "support": "observed"},
-    "actadd": {"pooling": "last", "support": "all"},
-    "caa": {"pooling": "last", "support": "all"},
-    "itic": {"pooling": "last", "support": "all"},
-    "aura": {"pooling": "max", "support": "all"},
-}
-
-
 def candidate_sites(model: torch.nn.Module, limit: int = 12) -> list[str]:
     """Likely steering sites (norms and MLP outputs) of an unknown model, to suggest in errors."""
     names = list_sites(model)

@@ -42,7 +42,7 @@ def test_read_texts_txt_and_jsonl(text_files, tmp_path):
     assert read_texts(plain) == ["one", "two"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": 3}\n')
-    with pytest.raises(SystemExit, match="bad.jsonl:1"):
+    with pytest.raises(ValueError, match="bad.jsonl:1 must be a JSON string"):
         read_texts(bad)
 
 
@@ -56,9 +56,9 @@ def test_cli_fit_inspect_generate(saved_model, text_files, tmp_path, capsys):
     t = actsteer.Transport.load(out)
     assert len(t) == 5 and t.n_source == 10 and t.support == "all"
 
-    # refuses to overwrite without --overwrite
-    with pytest.raises(SystemExit, match="exists"):
-        main(args)
+    # refuses to overwrite without --overwrite (and says so in the command's terms)
+    assert main(args) == 2
+    assert "exists; pass --overwrite to replace it" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
     capsys.readouterr()
 
