@@ -23,8 +23,10 @@ from .hf_integration import (
     enable_steering,
     fit_lm,
     fit_pipeline,
+    from_comfy,
     steer,
     strength_grid,
+    to_comfy,
 )
 
 __all__ = [
@@ -39,9 +41,11 @@ __all__ = [
     "estimate",
     "fit_lm",
     "fit_pipeline",
+    "from_comfy",
     "list_sites",
     "steer",
     "strength_grid",
+    "to_comfy",
 ]
 
 

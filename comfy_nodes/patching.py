@@ -5,12 +5,14 @@ How it works (COMFYUI_NOTES.md section 3):
 - `apply_steering` clones the MODEL and registers, under the key ``"actsteer"``, an OUTER_SAMPLE and an
   APPLY_MODEL wrapper, both bound to one `SteeringPatch` that holds every `SteeringEntry` of the clone
   (transport, strength, sigma window). A second Apply node on that clone replaces the pair with one holding
-  both entries: `actsteer.core.hooks.attach` steers a module through ONE handle, so composition is a list.
-- OUTER_SAMPLE (once per sampling run): `attach` the entries to the diffusion model with ``active=False``;
-  the per-strength folding happens here, once. The handle is removed in ``finally`` (also on Cancel).
+  both entries: the engine steers a module through ONE handle per binding, so composition is a list.
+- OUTER_SAMPLE (once per sampling run): bind the entries to the diffusion model as request-scoped steering
+  (`actsteer.core.engine.bind`: only calls made in this sampling run's thread are steered) with
+  ``active=False``; the per-strength folding happens here, once. The handle is removed in ``finally`` (also on
+  Cancel).
 - APPLY_MODEL (every model call): read the call's sigma, switch each entry on or off for its window
-  (re-folding only when that set changes), set ``handle.active`` for the call, and reset it in ``finally``.
-  Outside our model calls the hooks are inert, so other users of the shared module see it unchanged.
+  (`SteeringHandle.set_enabled`, no re-folding), set ``handle.active`` for the call, and reset it in ``finally``.
+  Other users of the shared module (other threads, other clones) see it unchanged.
 - The steering applies to every batch row (positive and negative CFG branches), as in the paper's reference.
 """
 
@@ -22,7 +24,8 @@ from typing import Any
 
 import torch
 
-from ..core.hooks import Steering, SteeringHandle, attach
+from ..core.engine import SteeringHandle, bind, steer
+from ..core.steering import Steering
 from ..core.transport import Transport
 from .checks import check_transport, to_comfy_names
 from .presets import filter_sites
@@ -74,7 +77,7 @@ class _Run:
     def __init__(self, model: torch.nn.Module, entries: list[SteeringEntry]) -> None:
         self.model = model
         self.entries = entries
-        self.handle: SteeringHandle = attach(model, [Steering(e.transport, e.strength) for e in entries])
+        self.handle: SteeringHandle = bind(model, [Steering(e.transport, e.strength) for e in entries])
         self.handle.active = False
         self.on = [True] * len(entries)
         self.log = RunLog()
@@ -84,7 +87,7 @@ class _Run:
         for i, entry in enumerate(self.entries):
             on = entry.is_active(sigma)
             if on != self.on[i]:
-                self.handle.set_strength(entry.strength if on else 0.0, index=i)  # re-folds; only at window edges
+                self.handle.set_enabled(i, on)
                 self.on[i] = on
         steered = any(self.on)
         self.handle.active = steered
@@ -155,15 +158,12 @@ class SteeringPatch:
             run.handle.active = False
 
     def _apply_model_alone(self, executor, model, sigma: float, *args: Any, **kwargs: Any) -> Any:
-        """A model call outside a sampler run (no OUTER_SAMPLE): attach for this one call."""
+        """A model call outside a sampler run (no OUTER_SAMPLE): steer this one call."""
         entries = [e for e in self.entries if e.strength != 0.0 and e.is_active(sigma)]
         if not entries:
             return executor(*args, **kwargs)
-        handle = attach(model, [Steering(e.transport, e.strength) for e in entries])
-        try:
+        with steer(model, [Steering(e.transport, e.strength) for e in entries]):
             return executor(*args, **kwargs)
-        finally:
-            handle.remove()
 
 
 def steering_patch(model) -> SteeringPatch | None:

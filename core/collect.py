@@ -7,9 +7,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .fit import ForwardContext, _tensor_of
+from .fit import ForwardContext
 from .pooling import check_pooling, pool
-from .sites import iter_site_modules
+from .sites import element, iter_site_modules
 
 
 class Collector:
@@ -56,7 +56,7 @@ def collect(model: torch.nn.Module, sites: Sequence[str], *, pooling: str = "mea
     try:
         for site, _, k, module in iter_site_modules(model, sites):
             def hook(mod, args, output, site=site, k=k):
-                collector._add(site, _tensor_of(output, k, site))
+                collector._add(site, element(output, k, site))
 
             handles.append(module.register_forward_hook(hook))
         yield collector

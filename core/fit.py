@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .estimate import Support, canonical_method, estimate
 from .pooling import check_pooling, pool
-from .sites import iter_site_modules
+from .sites import element, iter_site_modules, replace_element
 from .transport import FoldedMap, Transport, UnitMap
 
 logger = logging.getLogger(__name__)
@@ -114,23 +114,6 @@ def _select_source_rows(x: torch.Tensor, ctx: ForwardContext, is_source: torch.T
     new = x.clone()
     new[idx] = fm.apply_spatial(part) if x.dim() == 4 else fm.apply_last(part)
     return new
-
-
-def _tensor_of(output: Any, k: int | None, site: str) -> torch.Tensor:
-    x = output if k is None else (output[k] if isinstance(output, (tuple, list)) and k < len(output) else None)
-    if not isinstance(x, torch.Tensor):
-        what = type(output).__name__
-        hint = f"; name the element with '{site}:k'" if k is None else ""
-        raise TypeError(f"Site {site!r} returned a {what}, not a tensor{hint}")
-    return x
-
-
-def _with_tensor(output: Any, k: int | None, new: torch.Tensor) -> Any:
-    if k is None:
-        return new
-    items = list(output)
-    items[k] = new
-    return type(output)(items) if isinstance(output, list) else tuple(items)
 
 
 def fit(
@@ -261,7 +244,7 @@ def _fit_one_pass(model, resolved, batch, run, pooling, fit_site, progress):
                 return None
             out = output
             for site, k in plan:
-                x = _tensor_of(out, k, site)
+                x = element(out, k, site)
                 if site not in maps:
                     pooled = recorder.add(site, x, ctx)
                     maps[site] = fit_site(site, pooled, is_source)
@@ -269,7 +252,7 @@ def _fit_one_pass(model, resolved, batch, run, pooling, fit_site, progress):
                     bar.update(1)
                 else:
                     recorder._count[site] = recorder._count.get(site, 1) + 1
-                out = _with_tensor(out, k, _select_source_rows(x, ctx, is_source, folded[site]))
+                out = replace_element(out, k, _select_source_rows(x, ctx, is_source, folded[site]))
             return out
 
         return hook
@@ -313,13 +296,13 @@ def _fit_passes(model, resolved, batches, run, pooling, fit_site, sequential, pr
                 return None
             out = output
             for site, k in plan:
-                x = _tensor_of(out, k, site)
+                x = element(out, k, site)
                 if site in state["record"]:
                     recorder.add(site, x, ctx)
                     if site == state["stop_after"]:
                         raise _EarlyStop
                 elif site in folded:
-                    out = _with_tensor(out, k, _select_source_rows(x, ctx, state["is_source"], folded[site]))
+                    out = replace_element(out, k, _select_source_rows(x, ctx, state["is_source"], folded[site]))
             return None if out is output else out
 
         return hook

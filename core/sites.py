@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -135,3 +136,31 @@ def iter_site_modules(model: torch.nn.Module, sites: Iterable[str]) -> list[tupl
         name, k = parse_site(site)
         out.append((site, name, k, get_module(model, name)))
     return out
+
+
+def element(output: Any, k: int | None, site: str) -> torch.Tensor:
+    """The tensor a site names in a module's output: the output itself (``k`` None) or element ``k`` of a tuple.
+
+    The one place that reads ``name:k`` sites (the hook engine, fitting and recording all use it).
+
+    Raises:
+        TypeError: the output (or its element ``k``) is not a tensor; the message says how to name an element.
+    """
+    x = output if k is None else (output[k] if isinstance(output, (tuple, list)) and k < len(output) else None)
+    if isinstance(x, torch.Tensor):
+        return x
+    if k is None:
+        raise TypeError(
+            f"Site {site!r} returned a {type(output).__name__}, not a tensor; name the element to steer as '{site}:k'"
+        )
+    got = type(output).__name__ + (f" of length {len(output)}" if isinstance(output, (tuple, list)) else "")
+    raise TypeError(f"Site {site!r} selects element {k} but the module returned a {got}")
+
+
+def replace_element(output: Any, k: int | None, new: torch.Tensor) -> Any:
+    """``output`` with the tensor a site names replaced by ``new`` (a new tuple/list; the original is untouched)."""
+    if k is None:
+        return new
+    items = list(output)
+    items[k] = new
+    return items if isinstance(output, list) else tuple(items)

@@ -17,6 +17,21 @@ import torch
 
 Strength = Union[float, torch.Tensor]
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _round_inwards(bound: torch.Tensor, dtype: torch.dtype, *, up: bool) -> torch.Tensor:
+    """``bound`` in ``dtype``, rounded up (lower bounds) or down (upper bounds) where it is not exact, so that
+    comparing a ``dtype`` value with it agrees with comparing against the exact bound. Infinities stay."""
+    out = bound.to(dtype)
+    back = out.to(bound.dtype)
+    wrong = (back < bound) if up else (back > bound)
+    wrong &= torch.isfinite(bound)
+    if bool(wrong.any()):
+        toward = torch.full_like(out, float("inf") if up else float("-inf"))
+        out = torch.where(wrong, torch.nextafter(out, toward), out)
+    return out
+
 # Units whose omega is this small cannot be inverted for the reverse (target -> source) transport.
 _MIN_INVERTIBLE_OMEGA = 1e-6
 
@@ -36,13 +51,36 @@ class FoldedMap:
     masked: bool
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FoldedMap:
-        return FoldedMap(
-            self.weight.to(device=device, dtype=dtype),
-            self.bias.to(device=device, dtype=dtype),
-            self.lo.to(device=device, dtype=dtype),
-            self.hi.to(device=device, dtype=dtype),
-            self.masked,
-        )
+        """The map ready for activations of ``dtype`` on ``device``.
+
+        float32/float64 activations get weights and bounds in their own dtype. Half-precision ones (float16,
+        bfloat16) keep weight and bias in float32, so the multiply-add runs in float32 (a large slope and its
+        offset nearly cancel: rounding them to 8-11 mantissa bits first loses the result), and get bounds rounded
+        inwards to the half dtype, so that ``lo <= x <= hi`` gives the same answer as in float32 for every
+        half-precision ``x``.
+
+        Raises:
+            ValueError: in half precision, when the map sends a finite end of its support beyond the dtype's range.
+        """
+        if dtype not in _HALF:
+            return FoldedMap(*(t.to(device=device, dtype=dtype) for t in self.tensors()), self.masked)
+        weight, bias = self.weight.to(device=device, dtype=torch.float32), self.bias.to(device=device, dtype=torch.float32)
+        lo, hi = self.lo.to(device=device, dtype=torch.float32), self.hi.to(device=device, dtype=torch.float32)
+        if self.masked:
+            limit = torch.finfo(dtype).max
+            for end in (lo, hi):
+                finite = torch.isfinite(end)
+                mapped = torch.where(finite, torch.addcmul(bias, end, weight), torch.zeros_like(end))
+                if bool((mapped.abs() > limit).any()):
+                    worst = float(mapped.abs().max())
+                    raise ValueError(
+                        f"at this strength the map sends values up to {worst:.3g}, beyond the range of {dtype} "
+                        f"({limit:.3g}); run the model in float32 or use a smaller strength"
+                    )
+        return FoldedMap(weight, bias, _round_inwards(lo, dtype, up=True), _round_inwards(hi, dtype, up=False), self.masked)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.weight, self.bias, self.lo, self.hi
 
     def apply_last(self, x: torch.Tensor) -> torch.Tensor:
         """Apply on the last dim of ``x`` (..., D); a per-row map (R, D) broadcasts over dims 1..-2."""
@@ -51,10 +89,10 @@ class FoldedMap:
             shape = (w.shape[0],) + (1,) * (x.dim() - 2) + (w.shape[1],)
             w, b, lo, hi = w.view(shape), b.view(shape), lo.view(shape), hi.view(shape)
         moved = torch.addcmul(b, x, w)
-        if not self.masked:
-            return moved
-        # lo <= x <= hi as one clamp + compare (cheaper than two compares and an and; NaN stays outside)
-        return torch.where(torch.clamp(x, lo, hi) == x, moved, x)
+        if self.masked:
+            # lo <= x <= hi as one clamp + compare (cheaper than two compares and an and; NaN stays outside)
+            moved = torch.where(torch.clamp(x, lo, hi) == x, moved, x)
+        return moved if moved.dtype == x.dtype else moved.to(x.dtype)  # half precision computes in float32
 
     def apply_spatial(self, x: torch.Tensor) -> torch.Tensor:
         """The 4D rule (ACT_SPEC.md section 6): transport the spatial mean per channel of ``x`` (B, C, H, W),
@@ -129,29 +167,35 @@ class UnitMap:
 
         A negative strength folds the inverse map ``a = (z - beta) / omega`` at ``|s|`` on the target
         support; units with ``omega`` ~ 0 cannot be inverted and stay the identity. ``strength`` may be
-        a tensor of shape ``(R,)`` (one per batch row), giving ``(R, D)`` folded tensors.
+        a tensor of shape ``(R,)`` (one per batch row), giving ``(R, D)`` folded tensors; each row is exactly
+        the fold of its own scalar strength (rows with the same strength are folded once).
         """
         s = torch.as_tensor(strength, dtype=torch.float64)
         if s.dim() > 1:
             raise ValueError(f"`strength` must be a float or a 1-D tensor (one per batch row), got shape {tuple(s.shape)}")
         if not torch.isfinite(s).all():
             raise ValueError(f"`strength` must be finite, got {strength!r}")
+        if s.dim() == 1:
+            values, index = torch.unique(s, return_inverse=True)
+            table = [self._fold_scalar(v) for v in values]
+            stacked = [torch.stack([row[i] for row in table]) for i in range(4)]
+            masked = any(row[4] for row in table)
+            return FoldedMap(*(t[index].contiguous() for t in stacked), masked)
+        return FoldedMap(*self._fold_scalar(s))
+
+    def _fold_scalar(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         omega, beta = self.omega.double(), self.beta.double()
-        invertible = omega > _MIN_INVERTIBLE_OMEGA
-        safe = torch.where(invertible, omega, torch.ones_like(omega))
-        inv_omega = torch.where(invertible, 1.0 / safe, torch.ones_like(omega))
-        inv_beta = torch.where(invertible, -beta / safe, torch.zeros_like(beta))
-        s_col = s.unsqueeze(-1) if s.dim() == 1 else s  # (R, 1) or ()
-        forward = s_col >= 0
-        a = s_col.abs()
-        weight = torch.where(forward, 1 + a * (omega - 1), 1 + a * (inv_omega - 1))
-        bias = torch.where(forward, a * beta, a * inv_beta)
-        lo = torch.where(forward, self.lo.double(), self.target_lo.double())
-        hi = torch.where(forward, self.hi.double(), self.target_hi.double())
-        shape = weight.shape
-        lo, hi = lo.expand(shape), hi.expand(shape)
+        if s >= 0:
+            weight, bias, lo, hi = 1 + s * (omega - 1), s * beta, self.lo, self.hi
+        else:
+            a = -s
+            invertible = omega > _MIN_INVERTIBLE_OMEGA
+            safe = torch.where(invertible, omega, torch.ones_like(omega))
+            inv_omega = torch.where(invertible, 1.0 / safe, torch.ones_like(omega))
+            inv_beta = torch.where(invertible, -beta / safe, torch.zeros_like(beta))
+            weight, bias, lo, hi = 1 + a * (inv_omega - 1), a * inv_beta, self.target_lo, self.target_hi
         masked = bool(torch.isfinite(lo).any() or torch.isfinite(hi).any())
-        return FoldedMap(weight.float(), bias.float(), lo.float().contiguous(), hi.float().contiguous(), masked)
+        return weight.float(), bias.float(), lo.float().clone(), hi.float().clone(), masked
 
     def __call__(self, x: torch.Tensor, strength: Strength = 1.0) -> torch.Tensor:
         """Transport the last dim of ``x`` (..., D) at ``strength``; returns a new tensor in ``x``'s dtype.
@@ -305,26 +349,6 @@ class Transport(Mapping[str, UnitMap]):
         from .io import load_transport
 
         return load_transport(path)
-
-    def to_comfy(self, arch: str | None = None) -> Transport:
-        """The same maps under ComfyUI's module names (SDXL / FLUX), for the ComfyUI nodes.
-
-        Warns where ComfyUI's activations differ from diffusers' (e.g. FLUX single blocks, text padding).
-        See `actsteer.hf_integration.comfy_names.to_comfy`.
-        """
-        from ..hf_integration.comfy_names import to_comfy
-
-        return to_comfy(self, arch=arch)
-
-    @classmethod
-    def from_comfy(cls, transport: Transport, arch: str, **options: Any) -> Transport:
-        """A transport fitted in ComfyUI, renamed for diffusers pipelines (``arch`` = ``"sdxl"`` or ``"flux"``).
-
-        See `actsteer.hf_integration.comfy_names.from_comfy` for ``options`` (``layout``, ``diffusers_version``).
-        """
-        from ..hf_integration.comfy_names import from_comfy
-
-        return from_comfy(transport, arch, **options)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Transport):

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from ..core.collect import collect
-from ..core.fit import ForwardContext, _tensor_of
+from ..core.fit import ForwardContext
+from ..core.sites import element
 from ..core.hooks import steer
 from ..core.sites import iter_site_modules
 from ..core.transport import Transport
@@ -231,7 +232,7 @@ def support_coverage(
         unit_map = transport[site]
 
         def hook(module, args, output):
-            x = _tensor_of(output, k, site)
+            x = element(output, k, site)
             if x.dim() == 4:  # (B, C, H, W): the spatial mean per channel is what gets transported
                 x = x.mean(dim=(2, 3))
             lo, hi = unit_map.lo.to(x.device, x.dtype), unit_map.hi.to(x.device, x.dtype)

@@ -14,10 +14,11 @@ import torch
 from ..core.hooks import SiteStrength, SteeringHandle, SteeringLike
 from ..core.hooks import attach as _attach_module
 from ..core.hooks import steer as _steer_module
+from .comfy_names import from_comfy, to_comfy
 from .generation import disable_steering_lm, enable_steering_lm
 from .lm import fit_lm
 from .pipeline_fit import fit_pipeline, strength_grid
-from .pipelines import PipelineSteeringHandle, attach_pipeline
+from .pipelines import attach_pipeline
 from .presets import LM_PRESETS, lm_sites
 
 __all__ = [
@@ -27,10 +28,12 @@ __all__ = [
     "enable_steering",
     "fit_lm",
     "fit_pipeline",
+    "from_comfy",
     "is_pipeline",
     "lm_sites",
     "steer",
     "strength_grid",
+    "to_comfy",
 ]
 
 
@@ -61,12 +64,12 @@ def disable_steering(model_or_pipe: Any) -> Any:
     return disable_steering_lm(model_or_pipe)
 
 
-def attach(
-    model: Any, transport: SteeringLike, strength: SiteStrength = 1.0, **options: Any
-) -> SteeringHandle | PipelineSteeringHandle:
-    """Steer a torch module (see `actsteer.core.hooks.attach`) or a diffusers pipeline until ``handle.remove()``.
+def attach(model: Any, transport: SteeringLike, strength: SiteStrength = 1.0, **options: Any) -> SteeringHandle:
+    """Steer EVERY call of a torch module or diffusers pipeline, in every thread, until ``handle.remove()``.
 
-    Pipelines accept ``timesteps=(start, end)``, a window in fractions of the schedule (0 = first step).
+    Model-wide and long-lived (notebooks, a process that owns the model); to steer one request of a shared model
+    use `steer`. See `actsteer.core.engine.attach`. Pipelines accept ``timesteps=(start, end)``, a window in
+    fractions of the schedule (0 = first step).
     """
     if is_pipeline(model):
         return attach_pipeline(model, transport, strength, **options)
@@ -79,7 +82,8 @@ def attach(
 def steer(
     model: Any, transport: SteeringLike, strength: SiteStrength = 1.0, **options: Any
 ) -> Iterator[Any]:
-    """Steer a torch module or a diffusers pipeline inside a ``with`` block; hooks are removed on exit.
+    """Steer the calls of a torch module or diffusers pipeline made inside the ``with`` block, in this thread or
+    asyncio task only (request-scoped: concurrent calls elsewhere on the same object are not affected).
 
     Pipelines accept ``timesteps=(start, end)``, a window in fractions of the schedule (0 = first step).
 

@@ -1,25 +1,62 @@
 """``model.generate(**inputs, steering=...)`` for Hugging Face causal LMs (`enable_steering`).
 
-`enable_steering` replaces ``generate`` on the model INSTANCE with a thin wrapper (the class is untouched;
+`enable_steering` sets ``generate`` on the model INSTANCE to a thin wrapper (the class is untouched;
 `disable_steering` deletes the instance attribute). Without ``steering=`` the wrapper calls the original
-``generate`` with exactly the same arguments.
+``generate`` with exactly the same arguments. With it, the call runs inside `actsteer.steer`: only this
+call is steered, so concurrent ``generate`` calls on the same model in other threads or asyncio tasks each get
+their own steering, or none. Copies and pickles of the model never carry the wrapper: a deep copy or an
+unpickled model is plain (call `enable_steering` on it again).
 """
 
 from __future__ import annotations
 
 import functools
+import types
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ..core.hooks import Steering, SteeringHandle, SteeringLike, as_steerings, attach
+from ..core.hooks import Steering, SteeringHandle, SteeringLike, as_steerings, steer
 
-_MARK = "_actsteer_original_generate"
+_GENERATE_HINT = (
+    "pass `steering=` to model.generate only after actsteer.enable_steering(model), or steer the whole call "
+    "with `with actsteer.steer(model, transport): model.generate(...)`"
+)
+
+
+class _SteerableGenerate:
+    """The ``generate`` that `enable_steering` puts on a model instance: it also takes ``steering=``."""
+
+    def __init__(self, model: torch.nn.Module, original: Callable | None) -> None:
+        self._model = weakref.ref(model)
+        self._original = original  # an instance-level generate that was there before, else None
+        functools.update_wrapper(self, type(model).generate)
+
+    def _plain(self, model: torch.nn.Module) -> Callable:
+        return self._original if self._original is not None else types.MethodType(type(model).generate, model)
+
+    def __call__(self, *args: Any, steering: SteeringLike | None = None, **kwargs: Any) -> Any:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("The model this generate() belonged to no longer exists")
+        if steering is None:
+            return self._plain(model)(*args, **kwargs)
+        return _generate(model, self._plain(model), args, kwargs, steering)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        # a copy of the model is plain: its `generate` is its class's own method, bound to the copy
+        copy = memo.get(id(self._model()))
+        return types.MethodType(type(copy).generate, copy) if copy is not None else self
+
+    def __reduce__(self) -> tuple:
+        # pickled as the class's own bound method: no actsteer reference in the file
+        return (getattr, (self._model(), "generate"))
 
 
 def is_steering_enabled(model: Any) -> bool:
-    return _MARK in getattr(model, "__dict__", {})
+    return isinstance(getattr(model, "__dict__", {}).get("generate"), _SteerableGenerate)
 
 
 def enable_steering_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -32,19 +69,17 @@ def enable_steering_lm(model: torch.nn.Module) -> torch.nn.Module:
     """
     if not hasattr(model, "generate"):
         raise TypeError(f"{type(model).__name__} has no generate(); enable_steering works on causal LMs and pipelines")
-    if is_steering_enabled(model):
-        return model
-    original = model.generate
-    setattr(model, _MARK, original)
-    model.generate = functools.wraps(original)(functools.partial(_generate, model, original))
+    if not is_steering_enabled(model):
+        model.generate = _SteerableGenerate(model, model.__dict__.get("generate"))
     return model
 
 
 def disable_steering_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo `enable_steering`: ``model.generate`` is the class's method again."""
+    """Undo `enable_steering`: ``model.generate`` is what it was before."""
     if is_steering_enabled(model):
-        del model.__dict__["generate"]
-        del model.__dict__[_MARK]
+        wrapper = model.__dict__.pop("generate")
+        if wrapper._original is not None:
+            model.generate = wrapper._original
     return model
 
 
@@ -89,10 +124,10 @@ def _past_length(ids: torch.Tensor | None, kwargs: dict) -> int:
     return 0
 
 
-def _position_hook(handle: SteeringHandle, prompt_length: int, steerings: list[Steering]) -> Callable:
+def _position_callback(handle: SteeringHandle, prompt_length: int, steerings: list[Steering]) -> Callable:
     state = {"expanded": False}
 
-    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    def before_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
@@ -105,20 +140,12 @@ def _position_hook(handle: SteeringHandle, prompt_length: int, steerings: list[S
                     handle.set_strength(s.strength, index=i)
             state["expanded"] = True
 
-    return pre_hook
+    return before_forward
 
 
-def _generate(model: torch.nn.Module, original: Callable, *args: Any, steering: SteeringLike | None = None, **kwargs: Any):
-    if steering is None:
-        return original(*args, **kwargs)
+def _generate(model: torch.nn.Module, original: Callable, args: tuple, kwargs: dict, steering: SteeringLike) -> Any:
     steerings = as_steerings(steering)
     prompt_length = _prompt_length(args, kwargs)
-    handle = attach(model, steerings)  # validates every site and width before touching the model
-    try:
-        pre = model.register_forward_pre_hook(_position_hook(handle, prompt_length, steerings), with_kwargs=True)
-        try:
-            return original(*args, **kwargs)
-        finally:
-            pre.remove()
-    finally:
-        handle.remove()
+    with steer(model, steerings) as handle:  # validates every site and width before touching the model
+        handle.on_call(model, _position_callback(handle, prompt_length, steerings))
+        return original(*args, **kwargs)

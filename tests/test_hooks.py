@@ -546,9 +546,33 @@ def test_attach_refuses_nesting_through_a_submodule():
     outer = torch.nn.Sequential(inner, torch.nn.Linear(3, 2))
     t_outer = Transport({"0.1": unit_map(3, seed=5)})
     t_inner = Transport({"1": unit_map(3, seed=6)})
-    with actsteer.steer(outer, t_outer):
-        with pytest.raises(RuntimeError, match="already steered by another handle"):
-            actsteer.attach(inner, t_inner)
+    handle = actsteer.attach(outer, t_outer)
+    try:
+        with pytest.raises(RuntimeError, match="already steered model-wide by another handle"):
+            actsteer.attach(inner, t_inner)  # the same LayerNorm, reached through the inner module
+        with actsteer.steer(outer, t_outer):  # nesting request-scoped steering through a submodule: refused too
+            with pytest.raises(RuntimeError, match="pass a list"):
+                with actsteer.steer(inner, t_inner):
+                    pass
+    finally:
+        handle.remove()
     with actsteer.steer(inner, t_inner):  # fine once the first handle is gone
         pass
     assert hook_count(outer) == 0
+
+
+def test_model_wide_and_request_steering_compose_model_wide_first(mlp, tokens):
+    a, b = unit_map(8, seed=37, support="all"), unit_map(8, seed=38)
+    with torch.no_grad(), tap(mlp, ["1"]) as raw:
+        mlp(tokens)
+    handle = actsteer.attach(mlp, Transport({"1": a}))
+    try:
+        with torch.no_grad(), actsteer.steer(mlp, Transport({"1": b}), strength=0.5), tap(mlp, ["1"]) as both:
+            mlp(tokens)
+        with torch.no_grad(), tap(mlp, ["1"]) as only_model_wide:
+            mlp(tokens)
+    finally:
+        handle.remove()
+    assert_close(both["1"].double(), closed_form(closed_form(raw["1"], a, 1.0), b, 0.5), **F32)
+    assert_close(only_model_wide["1"].double(), closed_form(raw["1"], a, 1.0), **F32)
+    assert hook_count(mlp) == 0

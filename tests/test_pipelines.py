@@ -18,7 +18,6 @@ from actsteer.core.sites import parse_site
 from actsteer.hf_integration.diffusion_presets import component_view, pipeline_sites, site_components
 from actsteer.hf_integration.pipeline_fit import fit_pipeline, strength_grid
 from actsteer.hf_integration.pipelines import (
-    _STATE,
     attach_pipeline,
     disable_pipeline_steering,
     enable_pipeline_steering,
@@ -264,26 +263,27 @@ def test_steer_pipeline_leaves_pipeline_unmodified_even_on_error(sdxl, sdxl_tran
     hooks = _hooks(sdxl)
     with pytest.raises(ZeroDivisionError):
         with steer_pipeline(sdxl, sdxl_transport, timesteps=(0.0, 0.5)):
-            assert type(sdxl) is not cls and len(_hooks(sdxl)) > len(hooks)
+            assert type(sdxl) is cls and len(_hooks(sdxl)) > len(hooks)  # hooks only: the class is never swapped
             sdxl("a cat", **sdxl_call_kwargs())
             1 / 0
-    assert type(sdxl) is cls and sdxl not in _STATE
+    assert type(sdxl) is cls
     assert _hooks(sdxl) == hooks
     assert torch.equal(sdxl("a cat", **sdxl_call_kwargs()).images, base)
 
 
-def test_steer_pipeline_window_refuses_a_pipeline_sharing_the_unet(sdxl, sdxl_transport):
+def test_steer_pipeline_window_counts_the_full_schedule_with_a_shared_unet(sdxl, sdxl_transport):
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
     img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(sdxl)
     image = sdxl("a cat", **sdxl_call_kwargs(output_type="pil")).images[0]
     hooks = _hooks(sdxl)
     kw = dict(image=image, strength=0.5, num_inference_steps=4, guidance_scale=0.0, output_type="pt")
-    with steer_pipeline(img2img, sdxl_transport, timesteps=(0.5, 1.0)) as handle:
+    with steer_pipeline(img2img, sdxl_transport, timesteps=(0.5, 0.75)) as handle:
         img2img("a cat", generator=torch.Generator().manual_seed(0), **kw)
-        assert handle.calls["unet.conv_norm_out"] == 1  # 2 of 4 steps run at strength 0.5; the 2nd is steered
-        with pytest.raises(RuntimeError, match="outside a call of the steered pipeline"):
-            sdxl("a cat", **sdxl_call_kwargs())  # same UNet, other pipeline: its steps are not counted
+        # strength 0.5 runs steps 2 and 3 of the 4-step schedule; the window (0.5, 0.75) holds step 2 only
+        assert handle.calls["unet.conv_norm_out"] == 1
+        sdxl("a cat", **sdxl_call_kwargs())  # same UNet through the other pipeline, in this block: steered too
+        assert handle.calls["unet.conv_norm_out"] == 2  # step 2 of its 4 steps
     assert _hooks(sdxl) == hooks and type(img2img) is StableDiffusionXLImg2ImgPipeline
 
 
@@ -328,7 +328,14 @@ def test_steer_pipeline_nested_on_same_pipeline_raises(flux, flux_transport):
     hooks = _hooks(flux)
     with steer_pipeline(flux, flux_transport):
         with pytest.raises(RuntimeError, match="list of transports"):
+            with steer_pipeline(flux, flux_transport):
+                pass
+    handle = attach_pipeline(flux, flux_transport)
+    try:
+        with pytest.raises(RuntimeError, match="list of transports"):
             attach_pipeline(flux, flux_transport)
+    finally:
+        handle.remove()
     assert _hooks(flux) == hooks
 
 
@@ -393,7 +400,7 @@ def test_steer_pipeline_rejects_bad_windows_and_foreign_names(flux, flux_transpo
                                  model=dict(flux_transport.model, diffusers_version="0.34.0"))
     with pytest.raises(ValueError, match="0.34.0"):
         attach_pipeline(flux, old)
-    assert _hooks(flux) == hooks and flux not in _STATE
+    assert _hooks(flux) == hooks and type(flux).__name__ == "FluxPipeline"
 
 
 def test_top_level_api_dispatches_pipelines(flux, flux_transport):
@@ -409,7 +416,7 @@ def test_top_level_api_dispatches_pipelines(flux, flux_transport):
     assert not handle.calls or all(v > 0 for v in handle.calls.values())
     with pytest.raises(TypeError, match="unexpected options"):
         actsteer.attach(torch.nn.Linear(2, 2), flux_transport, timesteps=(0, 1))
-    comfy = flux_transport.to_comfy()
+    comfy = actsteer.to_comfy(flux_transport)
     assert all(s.startswith(("double_blocks.", "single_blocks.")) for s in comfy.sites)
-    back = actsteer.Transport.from_comfy(comfy, "flux")
+    back = actsteer.from_comfy(comfy, "flux")
     assert set(back.sites) <= set(flux_transport.sites)

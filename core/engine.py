@@ -1,0 +1,589 @@
+"""The steering engine: request-scoped (`steer`) and model-wide (`attach`) steering through one dispatcher per module.
+
+- `steer(model, t)`: only the forward calls made inside the ``with`` block, in this thread or asyncio task, are
+  steered. The binding lives in a `contextvars.ContextVar`, so concurrent calls on the same model object in other
+  threads or tasks see their own steering, or none.
+- `attach(model, t)`: model-wide and long-lived: every call, in every thread, until ``handle.remove()``. Where both
+  apply to one module, the model-wide transports run first, then the request's own.
+
+The first binding that needs a module installs ONE dispatcher on it (a forward hook, plus a forward pre-hook where
+a binding asked for a per-call callback); the last binding to leave removes it. Calls without steering pay a
+context-variable read and a dict lookup while it is installed, nothing once it is gone. A deep copy of a model made
+meanwhile is never steered (dispatch is by module identity) and loses the dispatcher at its first call or when the
+original's steering ends; pickling writes a standard-library no-op in its place, so no actsteer state is saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal
+
+import torch
+
+from .sites import element, infer_width, iter_site_modules, missing_site_message, replace_element
+from .steering import (
+    SiteStrength,
+    Steering,
+    SteeringLike,
+    as_steerings,
+    check_site_strength,
+    is_zero,
+    site_strength,
+)
+from .transport import FoldedMap, Transport
+
+logger = logging.getLogger(__name__)
+
+Scope = Literal["request", "model"]
+CallHook = Callable[[torch.nn.Module, tuple, dict], None]
+
+
+class _Frame:
+    """The request-scoped steering of one context: module -> handle (sites), module -> handles (callbacks)."""
+
+    __slots__ = ("sites", "calls")
+
+    def __init__(self, sites: dict | None = None, calls: dict | None = None) -> None:
+        self.sites: dict[torch.nn.Module, SteeringHandle] = sites or {}
+        self.calls: dict[torch.nn.Module, tuple[SteeringHandle, ...]] = calls or {}
+
+
+_EMPTY = _Frame()
+_CURRENT: contextvars.ContextVar[_Frame] = contextvars.ContextVar("actsteer_steering", default=_EMPTY)
+_LOCK = threading.RLock()  # guards dispatcher installation and model-wide bindings
+
+
+def _inert() -> Callable[..., None]:
+    # What a pickled dispatcher becomes: a no-op hook from the standard library (loading needs no actsteer).
+    return contextlib.nullcontext().__exit__
+
+
+class _Hook:
+    """The object registered in a module's hook dict; calls back into its `_Dispatcher` for that module only."""
+
+    __slots__ = ("dispatcher", "pre", "__weakref__")
+
+    def __init__(self, dispatcher: _Dispatcher, pre: bool) -> None:
+        self.dispatcher = dispatcher
+        self.pre = pre
+
+    def __call__(self, module: torch.nn.Module, args: Any, third: Any) -> Any:
+        d = self.dispatcher
+        if module is not d.module_ref():  # a deep copy of the module: never steered, clean it up
+            d.forget_copy(module)
+            return None
+        return d.before(module, args, third) if self.pre else d.after(module, third)
+
+    def __deepcopy__(self, memo: dict) -> _Hook:
+        copy = memo.get(id(self.dispatcher.module_ref()))
+        if isinstance(copy, torch.nn.Module):
+            self.dispatcher.copies.add(copy)
+        return self
+
+    def __reduce__(self) -> tuple:
+        return (_inert, ())
+
+
+class _Dispatcher:
+    """The one dispatcher of one module: its model-wide handle, and the hooks while any binding needs them."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module_ref = weakref.ref(module)
+        self.model_handle: SteeringHandle | None = None  # model-wide handle steering this module's output
+        self.model_calls: tuple[SteeringHandle, ...] = ()  # model-wide handles with a per-call callback here
+        self.users = {"site": 0, "call": 0}
+        self.handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self.copies: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+    def after(self, module: torch.nn.Module, output: Any) -> Any:
+        out = output
+        handle = self.model_handle
+        if handle is not None:
+            out = handle._run(module, out)
+        handle = _CURRENT.get().sites.get(module)
+        if handle is not None:
+            out = handle._run(module, out)
+        return None if out is output else out
+
+    def before(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        for handle in self.model_calls + _CURRENT.get().calls.get(module, ()):
+            handle._before(module, args, kwargs)
+
+    def acquire(self, kind: str) -> None:
+        module = self.module_ref()
+        if self.users[kind] == 0:
+            if kind == "site":
+                self.handles[kind] = module.register_forward_hook(_Hook(self, pre=False))
+            else:
+                self.handles[kind] = module.register_forward_pre_hook(_Hook(self, pre=True), with_kwargs=True)
+        self.users[kind] += 1
+
+    def release(self, kind: str) -> None:
+        self.users[kind] -= 1
+        if self.users[kind] == 0:
+            hook_id = self.handles.pop(kind).id
+            module = self.module_ref()
+            if module is not None:
+                _drop(module, hook_id)
+            for copy in list(self.copies):
+                _drop(copy, hook_id)
+            if not self.handles:
+                self.copies.clear()
+
+    def forget_copy(self, copy: torch.nn.Module) -> None:
+        for hook_id in [i for i, h in (*copy._forward_hooks.items(), *copy._forward_pre_hooks.items()) if isinstance(h, _Hook)]:
+            _drop(copy, hook_id)
+        self.copies.discard(copy)
+
+
+def _drop(module: torch.nn.Module, hook_id: int) -> None:
+    for d in (module._forward_hooks, module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs):
+        d.pop(hook_id, None)
+
+
+_DISPATCHERS: weakref.WeakKeyDictionary[torch.nn.Module, _Dispatcher] = weakref.WeakKeyDictionary()
+
+
+def _dispatcher(module: torch.nn.Module) -> _Dispatcher:
+    d = _DISPATCHERS.get(module)
+    if d is None:
+        d = _DISPATCHERS[module] = _Dispatcher(module)
+    return d
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class SteeringHandle:
+    """Live steering of one model by a list of `Steering` entries; returned by `attach` and `steer`.
+
+    Attributes:
+        scope: ``"request"`` (from `steer`: calls in the ``with`` block, this thread/task) or ``"model"`` (from
+            `attach`: every call until ``remove()``).
+        strength: read/write; setting it validates, then re-folds every site (cheap, no forward pass).
+        active: set False to pause all steering of this handle without removing anything.
+        calls: how many times each site was transported (``{site: int}``); calls at strength 0, of switched-off
+            entries and while paused are not counted (nothing is computed then).
+
+    ``remove()`` is idempotent; afterwards the model is exactly as before.
+    """
+
+    def __init__(self, model: torch.nn.Module, steerings: list[Steering], scope: Scope) -> None:
+        self._model_ref = weakref.ref(model)
+        self.scope = scope
+        self._steerings = list(steerings)
+        self._enabled = [True] * len(self._steerings)
+        self._folded: dict[tuple[int, str], FoldedMap | None] = {}
+        # per (entry index, site, dtype, device): the bound per-call function
+        self._cast: dict[tuple[int, str, torch.dtype, torch.device], Callable[[torch.Tensor], torch.Tensor]] = {}
+        self._plans: dict[torch.nn.Module, tuple[tuple[int, str, int | None], ...]] = {}
+        self._site_modules: dict[str, torch.nn.Module] = {}
+        self._paused: frozenset[torch.nn.Module] = frozenset()
+        self._callbacks: dict[torch.nn.Module, list[CallHook]] = {}
+        self._positions: tuple[int, int] | None = None
+        self._attached = False
+        self.active = True
+        self.calls: dict[str, int] = {}
+        plans: dict[torch.nn.Module, list[tuple[int, str, int | None]]] = {}
+        for i, st in enumerate(self._steerings):
+            for site, _, k, module in iter_site_modules(model, st.transport):
+                plans.setdefault(module, []).append((i, site, k))
+                self._site_modules[site] = module
+        self._plans = {m: tuple(p) for m, p in plans.items()}
+        self._refold()
+
+    # strength ----------------------------------------------------------------------------------------
+    @property
+    def strength(self) -> SiteStrength | list[SiteStrength]:
+        """The strength (one value, or a list with one per composed transport)."""
+        values = [s.strength for s in self._steerings]
+        return values[0] if len(values) == 1 else values
+
+    @strength.setter
+    def strength(self, value: SiteStrength | list[SiteStrength]) -> None:
+        if isinstance(value, list) and len(self._steerings) > 1:
+            if len(value) != len(self._steerings):
+                raise ValueError(f"Got {len(value)} strengths for {len(self._steerings)} composed transports")
+            checked = [check_site_strength(v, s.transport) for v, s in zip(value, self._steerings)]
+            for i, v in enumerate(checked):
+                self._replace(i, v)
+            self._refold()
+            return
+        self.set_strength(value)
+
+    def set_strength(self, value: SiteStrength, *, index: int | None = None) -> None:
+        """Set the strength of every composed transport, or only of ``self.transports[index]``.
+
+        The value is validated first (finite numbers, a 1-D tensor for per-row strengths, or a per-site
+        mapping); a refused value leaves the handle exactly as it was.
+        """
+        targets = list(range(len(self._steerings))) if index is None else [self._check_index(index)]
+        checked = [check_site_strength(value, self._steerings[i].transport) for i in targets]
+        for i, v in zip(targets, checked):
+            self._replace(i, v)
+        self._refold(targets)
+
+    def _replace(self, i: int, strength: SiteStrength) -> None:
+        st = self._steerings[i]
+        self._steerings[i] = Steering(st.transport, strength, st.apply_to)
+
+    def _check_index(self, index: int) -> int:
+        if not isinstance(index, int) or not -len(self._steerings) <= index < len(self._steerings):
+            raise IndexError(f"`index` {index!r} out of range: this handle composes {len(self._steerings)} transport(s)")
+        return index % len(self._steerings)
+
+    def _refold(self, indices: list[int] | None = None) -> None:
+        indices = list(range(len(self._steerings))) if indices is None else indices
+        folded = dict(self._folded)
+        for i in indices:
+            st = self._steerings[i]
+            for site, unit_map in st.transport.items():
+                s = site_strength(st.strength, site)
+                folded[(i, site)] = None if is_zero(s) else unit_map.fold(s)
+        self._folded = folded
+        self._cast = {k: v for k, v in self._cast.items() if k[0] not in indices}
+
+    # switches -----------------------------------------------------------------------------------------
+    def set_enabled(self, index: int, enabled: bool) -> None:
+        """Switch one composed transport on or off for the next calls, without re-folding (e.g. step windows)."""
+        self._enabled[self._check_index(index)] = bool(enabled)
+
+    def set_active(self, active: bool, *, under: str | None = None) -> None:
+        """Pause (False) or resume steering; with ``under``, only of the sites whose name starts with it
+        (e.g. ``"unet."``: the denoiser of a pipeline, outside a timestep window)."""
+        if under is None:
+            self.active = bool(active)
+            return
+        modules = {m for site, m in self._site_modules.items() if site.startswith(under)}
+        self._paused = frozenset(self._paused - modules if active else self._paused | modules)
+
+    def set_positions(self, offset: int, prompt_length: int) -> None:
+        """Tell the hooks where the next forward's tokens sit: token ``j`` of the call is at position
+        ``offset + j``; positions below ``prompt_length`` are prompt tokens (for ``apply_to``)."""
+        self._positions = (int(offset), int(prompt_length))
+
+    def on_call(self, module: torch.nn.Module, callback: CallHook) -> None:
+        """Run ``callback(module, args, kwargs)`` before each forward of ``module`` that this handle steers
+        (its thread/task for a request-scoped handle); hosts use it to set positions, windows or row strengths."""
+        if not self._attached:
+            raise RuntimeError("on_call() needs an attached handle")
+        with _LOCK:
+            first = module not in self._callbacks
+            self._callbacks.setdefault(module, []).append(callback)
+            if first:
+                d = _dispatcher(module)
+                d.acquire("call")
+                if self.scope == "model":
+                    d.model_calls = d.model_calls + (self,)
+        if first and self.scope == "request":
+            frame = _CURRENT.get()
+            calls = dict(frame.calls)
+            calls[module] = calls.get(module, ()) + (self,)
+            _CURRENT.set(_Frame(frame.sites, calls))
+
+    def _before(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._attached:
+            for callback in self._callbacks.get(module, ()):
+                callback(module, args, kwargs)
+
+    # introspection -------------------------------------------------------------------------------------
+    @property
+    def transports(self) -> list[Transport]:
+        return [s.transport for s in self._steerings]
+
+    @property
+    def sites(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for st in self._steerings:
+            seen.update(dict.fromkeys(st.transport))
+        return list(seen)
+
+    @property
+    def is_attached(self) -> bool:
+        return self._attached
+
+    # the per-call path -----------------------------------------------------------------------------------
+    def _run(self, module: torch.nn.Module, output: Any) -> Any:
+        if not (self.active and self._attached) or module in self._paused:
+            return output
+        out = output
+        enabled = self._enabled
+        for i, site, k in self._plans[module]:
+            if not enabled[i]:
+                continue
+            x = element(out, k, site)
+            new = self._transport(i, site, x)
+            if new is not x:
+                out = replace_element(out, k, new)
+        return out
+
+    def _transport(self, i: int, site: str, x: torch.Tensor) -> torch.Tensor:
+        key = (i, site, x.dtype, x.device)
+        apply = self._cast.get(key)
+        if apply is None:
+            apply = self._cast[key] = self._build_applier(i, site, x)
+        return apply(x)
+
+    def _build_applier(self, i: int, site: str, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The per-call function for one site, dtype and device, with everything it needs bound ahead
+        (the hot path is a shape check, a counter and one addcmul, inside a where when a range applies)."""
+        base = self._folded[(i, site)]
+        if base is None:  # strength 0: nothing to compute, the output is passed through untouched
+            return _identity
+        if not x.is_floating_point():
+            raise TypeError(f"Site {site!r} returned a {x.dtype} tensor; only floating point outputs can be steered")
+        try:
+            fm = base.to(x.device, x.dtype)
+        except ValueError as err:
+            raise ValueError(f"Site {site!r}: {err}") from None
+        w, b, lo, hi, masked = fm.weight, fm.bias, fm.lo, fm.hi, fm.masked
+        d = self._steerings[i].transport[site].dim
+        apply_to = self._steerings[i].apply_to
+        simple = w.dim() == 1 and apply_to == "all" and w.dtype == x.dtype
+        calls = self.calls
+
+        def general(x: torch.Tensor) -> torch.Tensor:
+            nd = x.dim()
+            axis = 1 if nd == 4 else -1
+            if nd < 2 or x.shape[axis] != d:
+                raise ValueError(
+                    f"Site {site!r}: the transport has {d} units but the model's output has shape {tuple(x.shape)} "
+                    f"(units on dim {axis}); the transport was fitted on a different model"
+                )
+            if w.dim() == 2 and w.shape[0] != x.shape[0]:
+                raise ValueError(f"Site {site!r}: {w.shape[0]} per-row strengths given but the batch has {x.shape[0]} rows")
+            calls[site] = calls.get(site, 0) + 1
+            moved = fm.apply_spatial(x) if nd == 4 else fm.apply_last(x)
+            if apply_to == "all":
+                return moved
+            if self._positions is None or nd != 3:
+                raise ValueError(
+                    f"Steering with apply_to={apply_to!r} needs token positions: use it through "
+                    "model.generate(..., steering=...) after actsteer.enable_steering(model), on (B, T, D) outputs"
+                )
+            offset, prompt_length = self._positions
+            pos = torch.arange(offset, offset + x.shape[1], device=x.device)
+            keep = pos < prompt_length if apply_to == "prompt" else pos >= prompt_length
+            return torch.where(keep[None, :, None], moved, x)
+
+        def fast(x: torch.Tensor) -> torch.Tensor:
+            if x.dim() == 4 or x.dim() < 2 or x.shape[-1] != d:
+                return general(x)
+            calls[site] = calls.get(site, 0) + 1
+            moved = torch.addcmul(b, x, w)
+            return torch.where(torch.clamp(x, lo, hi) == x, moved, x) if masked else moved
+
+        return fast if simple else general
+
+    # binding ---------------------------------------------------------------------------------------------
+    def _bind(self) -> None:
+        """Install dispatchers and register this handle (model-wide, or in the current context)."""
+        with _LOCK:
+            if self.scope == "model":
+                for module in self._plans:
+                    owner = _DISPATCHERS.get(module)
+                    owner = owner.model_handle if owner is not None else None
+                    if owner is not None and owner._attached:
+                        raise RuntimeError(
+                            f"Site {self._site_of(module)!r} is already steered model-wide by another handle "
+                            f"({owner!r}); remove it first, or pass a list of transports to one attach() call"
+                        )
+            else:
+                frame = _CURRENT.get()
+                for module in self._plans:
+                    owner = frame.sites.get(module)
+                    if owner is not None and owner._attached:
+                        raise RuntimeError(
+                            f"Site {self._site_of(module)!r} is already steered in this thread/task by {owner!r}; "
+                            "pass a list of transports to one steer() call to compose them instead of nesting"
+                        )
+            for module in self._plans:
+                d = _dispatcher(module)
+                d.acquire("site")
+                if self.scope == "model":
+                    d.model_handle = self
+            self._attached = True
+        if self.scope == "request":
+            frame = _CURRENT.get()
+            sites = dict(frame.sites)
+            sites.update(dict.fromkeys(self._plans, self))
+            _CURRENT.set(_Frame(sites, frame.calls))
+        logger.debug("actsteer: %s steering of %d sites", self.scope, len(self.sites))
+
+    def _site_of(self, module: torch.nn.Module) -> str:
+        return self._plans[module][0][1]
+
+    def remove(self) -> None:
+        """Stop steering and remove every hook this handle needed; safe to call twice.
+
+        A request-scoped handle is normally removed by its ``with`` block; removed from another thread or task,
+        it stops steering at once and its context forgets it when that context ends.
+        """
+        with _LOCK:
+            if not self._attached:
+                return
+            self._attached = False
+            for module in self._plans:
+                d = _DISPATCHERS.get(module)
+                if d is None:
+                    continue
+                if d.model_handle is self:
+                    d.model_handle = None
+                d.release("site")
+            for module in self._callbacks:
+                d = _DISPATCHERS.get(module)
+                if d is None:
+                    continue
+                d.model_calls = tuple(h for h in d.model_calls if h is not self)
+                d.release("call")
+        if self.scope == "request":
+            frame = _CURRENT.get()
+            if any(h is self for h in frame.sites.values()) or any(self in hs for hs in frame.calls.values()):
+                sites = {m: h for m, h in frame.sites.items() if h is not self}
+                calls = {m: tuple(h for h in hs if h is not self) for m, hs in frame.calls.items()}
+                _CURRENT.set(_Frame(sites, {m: hs for m, hs in calls.items() if hs}))
+
+    def __enter__(self) -> SteeringHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (
+            f"SteeringHandle(scope={self.scope!r}, sites={len(self.sites)}, strength={self.strength!r}, "
+            f"attached={self.is_attached})"
+        )
+
+
+def validate(model: torch.nn.Module, transport: Transport) -> None:
+    """Check that every site of ``transport`` exists in ``model`` with the right width, before touching it.
+
+    Raises:
+        KeyError: a site's module is missing (the message names near misses).
+        ValueError: a module's width differs from the transport's (names expected vs actual).
+    """
+    problems = []
+    for site, unit_map in transport.items():
+        try:
+            (_, name, k, module), = iter_site_modules(model, [site])
+        except KeyError:
+            raise KeyError(missing_site_message(model, site.split(":")[0]) + _fitted_on(transport)) from None
+        width = infer_width(module) if k is None else None
+        if width is not None and width != unit_map.dim:
+            problems.append(f"{site!r}: transport has {unit_map.dim} units, {type(module).__name__} outputs {width}")
+    if problems:
+        raise ValueError(
+            f"Transport does not match {type(model).__name__}: " + "; ".join(problems[:5])
+            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "") + _fitted_on(transport)
+        )
+
+
+def _fitted_on(transport: Transport) -> str:
+    hint = transport.model.get("name_or_path") or transport.model.get("class")
+    return f" (the transport was fitted on {str(hint)[:200]!r})" if hint else ""
+
+
+def bind(
+    model: torch.nn.Module, transport: SteeringLike, strength: SiteStrength = 1.0, *, scope: Scope = "request"
+) -> SteeringHandle:
+    """Validate, fold and bind a `SteeringHandle` (what `attach` and `steer` are made of, for host layers).
+
+    ``scope="request"`` binds to the current thread/task: the caller must ``remove()`` it there (use `steer`
+    unless a host needs the handle across a callback API); ``scope="model"`` is `attach`.
+    """
+    if scope not in ("request", "model"):
+        raise ValueError(f"`scope` must be 'request' or 'model', got {scope!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"Expected a torch.nn.Module (or a diffusers pipeline via actsteer.steer/attach), got {type(model).__name__}"
+        )
+    steerings = as_steerings(transport, strength)
+    for st in steerings:
+        validate(model, st.transport)
+    handle = SteeringHandle(model, steerings, scope)
+    handle._bind()
+    return handle
+
+
+def attach(model: torch.nn.Module, transport: SteeringLike, strength: SiteStrength = 1.0) -> SteeringHandle:
+    """Steer EVERY call of ``model``, in every thread, until ``handle.remove()`` (model-wide, long-lived).
+
+    Use it in notebooks and where one process owns the model (e.g. a vLLM worker). To steer one request of a
+    shared model, use `steer`: it steers only the calls made inside its ``with`` block, in that thread or task.
+    Model-wide and request-scoped steering compose on the same sites: the model-wide transports run first.
+
+    Args:
+        model: any module whose submodule names match the transport's sites.
+        transport: a `Transport`, a `Steering`, or a list of them (applied in order, so concepts compose).
+        strength: strength for bare transports (see `Steering`).
+
+    Returns:
+        A `SteeringHandle` (``.strength`` is settable live; ``.remove()``).
+
+    Raises:
+        KeyError / ValueError / TypeError: before anything is attached, for a missing site, a wrong width or a
+            bad strength.
+        RuntimeError: a site is already steered model-wide by another handle (pass a list instead).
+
+    Example:
+        >>> import torch, actsteer
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+        >>> t = actsteer.Transport({"0": actsteer.UnitMap(torch.ones(3), torch.full((3,), 5.0))})
+        >>> x = torch.zeros(1, 3)
+        >>> plain = model(x)
+        >>> handle = actsteer.attach(model, t, strength=0.5)
+        >>> torch.allclose(model(x), plain + 2.5)
+        True
+        >>> handle.strength = 1.0
+        >>> torch.allclose(model(x), plain + 5.0)
+        True
+        >>> handle.remove()
+        >>> torch.equal(model(x), plain)
+        True
+    """
+    return bind(model, transport, strength, scope="model")
+
+
+@contextlib.contextmanager
+def steer(model: torch.nn.Module, transport: SteeringLike, strength: SiteStrength = 1.0) -> Iterator[SteeringHandle]:
+    """Steer the calls of ``model`` made inside the ``with`` block, in this thread or asyncio task only.
+
+    Other threads and tasks using the same model object at the same time are not affected; hooks are removed
+    on exit, also when the body raises. Work handed to another thread inside the block is not steered unless
+    it runs in a copy of this context (``contextvars.copy_context().run``, ``asyncio.to_thread``).
+
+    Example:
+        >>> import torch, actsteer
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+        >>> t = actsteer.Transport({"1": actsteer.UnitMap(torch.ones(3), torch.ones(3))})
+        >>> x = torch.randn(2, 3)
+        >>> with actsteer.steer(model, t, strength=1.0):
+        ...     steered = model(x)
+        >>> torch.allclose(steered, model(x) + 1)
+        True
+    """
+    handle = bind(model, transport, strength, scope="request")
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def steering_of(module: torch.nn.Module) -> list[SteeringHandle]:
+    """The live handles that would steer a call of ``module`` or any submodule made here (model-wide, then
+    this thread/task's own); fitting refuses to run on a model that is being steered."""
+    frame = _CURRENT.get()
+    found: dict[int, SteeringHandle] = {}
+    for m in module.modules():
+        d = _DISPATCHERS.get(m)
+        for h in (d.model_handle if d is not None else None, frame.sites.get(m)):
+            if h is not None and h._attached:
+                found[id(h)] = h
+    return list(found.values())
