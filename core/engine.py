@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 
+from .apply import make_applier
 from .sites import element, infer_width, iter_site_modules, missing_site_message, replace_element
 from .steering import (
     SiteStrength,
@@ -331,55 +332,12 @@ class SteeringHandle:
         return apply(x)
 
     def _build_applier(self, i: int, site: str, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The per-call function for one site, dtype and device, with everything it needs bound ahead
-        (the hot path is a shape check, a counter and one addcmul, inside a where when a range applies)."""
         base = self._folded[(i, site)]
         if base is None:  # strength 0: nothing to compute, the output is passed through untouched
             return _identity
-        if not x.is_floating_point():
-            raise TypeError(f"Site {site!r} returned a {x.dtype} tensor; only floating point outputs can be steered")
-        try:
-            fm = base.to(x.device, x.dtype)
-        except ValueError as err:
-            raise ValueError(f"Site {site!r}: {err}") from None
-        w, b, lo, hi, masked = fm.weight, fm.bias, fm.lo, fm.hi, fm.masked
-        d = self._steerings[i].transport[site].dim
-        apply_to = self._steerings[i].apply_to
-        simple = w.dim() == 1 and apply_to == "all" and w.dtype == x.dtype
-        calls = self.calls
-
-        def general(x: torch.Tensor) -> torch.Tensor:
-            nd = x.dim()
-            axis = 1 if nd == 4 else -1
-            if nd < 2 or x.shape[axis] != d:
-                raise ValueError(
-                    f"Site {site!r}: the transport has {d} units but the model's output has shape {tuple(x.shape)} "
-                    f"(units on dim {axis}); the transport was fitted on a different model"
-                )
-            if w.dim() == 2 and w.shape[0] != x.shape[0]:
-                raise ValueError(f"Site {site!r}: {w.shape[0]} per-row strengths given but the batch has {x.shape[0]} rows")
-            calls[site] = calls.get(site, 0) + 1
-            moved = fm.apply_spatial(x) if nd == 4 else fm.apply_last(x)
-            if apply_to == "all":
-                return moved
-            if self._positions is None or nd != 3:
-                raise ValueError(
-                    f"Steering with apply_to={apply_to!r} needs token positions: use it through "
-                    "model.generate(..., steering=...) after actsteer.enable_steering(model), on (B, T, D) outputs"
-                )
-            offset, prompt_length = self._positions
-            pos = torch.arange(offset, offset + x.shape[1], device=x.device)
-            keep = pos < prompt_length if apply_to == "prompt" else pos >= prompt_length
-            return torch.where(keep[None, :, None], moved, x)
-
-        def fast(x: torch.Tensor) -> torch.Tensor:
-            if x.dim() == 4 or x.dim() < 2 or x.shape[-1] != d:
-                return general(x)
-            calls[site] = calls.get(site, 0) + 1
-            moved = torch.addcmul(b, x, w)
-            return torch.where(torch.clamp(x, lo, hi) == x, moved, x) if masked else moved
-
-        return fast if simple else general
+        st = self._steerings[i]
+        return make_applier(base, x, site=site, dim=st.transport[site].dim, apply_to=st.apply_to,
+                            positions=lambda: self._positions, calls=self.calls)
 
     # binding ---------------------------------------------------------------------------------------------
     def _bind(self) -> None:
