@@ -89,7 +89,7 @@ def check_transport(transport: Transport, where: str = "transport") -> Transport
 
     Raises:
         ValueError: naming ``where``, the site and the problem (non-finite ``omega``/``beta``, NaN support bounds,
-            an unusable site name).
+            an unusable site name), or an oversized description.
 
     Example:
         >>> import torch, actsteer
@@ -103,6 +103,11 @@ def check_transport(transport: Transport, where: str = "transport") -> Transport
         problem = check_site_name(site) or check_unit_map(unit_map)
         if problem:
             raise ValueError(f"{where}: site {shorten(site)!r} is unusable: {problem}; fit the transport again")
+    if len(str(transport.description)) > MAX_DESCRIPTION:
+        raise ValueError(
+            f"{where}: the description is {len(str(transport.description))} characters long (at most "
+            f"{MAX_DESCRIPTION}); shorten it"
+        )
     return transport
 
 
@@ -118,12 +123,15 @@ def save_transport(transport: Transport, path: str | Path, *, overwrite: bool = 
     Raises:
         FileExistsError: if ``path`` exists and ``overwrite`` is False.
         IsADirectoryError: if ``path`` is a directory (also with ``overwrite``).
+        ValueError: a map with NaN/Inf values, an unusable site name or an oversized description (see
+            `check_transport`): such a file could not be loaded again.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_name(path.name + ".safetensors")
+    check_transport(transport, str(path))  # never write a file that load_transport would refuse
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; choose a file name for the transport")
     if path.exists() and not overwrite:

@@ -126,7 +126,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     transport = fit_lm(model, tokenizer, source, target, modules=modules, method=method, pooling=args.pooling,
                        support=args.support, sequential=not args.at_once, batch_size=args.batch_size,
                        max_length=args.max_length, description=args.description)
-    path = transport.save(out, overwrite=args.overwrite)
+    try:
+        path = transport.save(out, overwrite=args.overwrite)
+    except FileExistsError:  # created by someone else while fitting
+        raise CliError(f"{out} exists; pass --overwrite to replace it, or choose another name") from None
     print(f"Fitted {transport.method} on {len(transport)} sites from {len(source)} source / {len(target)} target texts.")
     print(f"Wrote {path}")
     return 0

@@ -29,7 +29,16 @@ class Parser(argparse.ArgumentParser):
 
 
 def finite_float(value: str) -> float:
-    """A strength from the command line: a finite number (``nan``/``inf`` would corrupt every activation)."""
+    """A strength from the command line: a finite number (``nan``/``inf`` would corrupt every activation).
+
+    Example:
+        >>> finite_float("0.5")
+        0.5
+        >>> finite_float("nan")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: a strength must be a finite number, got 'nan'
+    """
     try:
         number = float(value)
     except ValueError:
