@@ -49,6 +49,11 @@ __all__ = [
 ]
 
 
+# ComfyUI serves this folder to the browser: web/js/actsteer.js shows the Learn/Save result lines on the nodes and
+# keeps AcT Load dropdowns in step with new files.
+WEB_DIRECTORY = "./web"
+
+
 
 async def comfy_entrypoint():
     """ComfyUI V3 entry point: ComfyUI calls it when this folder is in ``custom_nodes/``.
