@@ -170,3 +170,19 @@ def test_fit_lm_method_defaults(tiny_gpt2):
     lin = actsteer.fit_lm(model, tok, SOURCE, TARGET, progress=False)
     assert lin.pooling == "mean" and lin.support == "observed"
     assert torch.isfinite(lin[lin.sites[0]].lo).all()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
+def test_context_length_reads_the_models_position_limit(tiny_lm_factory, arch):
+    from actsteer.hf_integration.lm import context_length
+
+    model, _ = tiny_lm_factory(arch)
+    assert context_length(model) == 128  # n_positions (GPT-2) / max_position_embeddings of the tiny configs
+    assert context_length(torch.nn.Linear(2, 2)) is None  # no config: nothing to cap
+
+
+@pytest.mark.parametrize("max_length", [0, -5, 2.5, True])
+def test_fit_lm_rejects_a_bad_max_length(tiny_gpt2, max_length):
+    model, tok = tiny_gpt2
+    with pytest.raises(ValueError, match="`max_length` must be a positive number of tokens"):
+        actsteer.fit_lm(model, tok, SOURCE, TARGET, max_length=max_length, progress=False)
