@@ -16,18 +16,31 @@ from __future__ import annotations
 
 from .core._version import __version__
 
+from typing import Any
+
 from .core import Steering, SteeringHandle, Transport, UnitMap, estimate, list_sites
-from .hf_integration import (
-    attach,
-    disable_steering,
-    enable_steering,
-    fit_lm,
-    fit_pipeline,
-    from_comfy,
-    steer,
-    strength_grid,
-    to_comfy,
-)
+
+# Host-layer entry points, imported on first use so that `import actsteer.core` (and `import actsteer`) load no
+# transformers/diffusers glue: `actsteer.attach` also dispatches pipelines, so it lives in hf_integration.
+_LAZY = {
+    name: ".hf_integration"
+    for name in ("attach", "disable_steering", "enable_steering", "fit_lm", "fit_pipeline", "from_comfy", "steer",
+                 "strength_grid", "to_comfy")
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'actsteer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "Steering",

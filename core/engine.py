@@ -59,11 +59,6 @@ _CURRENT: contextvars.ContextVar[_Frame] = contextvars.ContextVar("actsteer_stee
 _LOCK = threading.RLock()  # guards dispatcher installation and model-wide bindings
 
 
-def _inert() -> Callable[..., None]:
-    # What a pickled dispatcher becomes: a no-op hook from the standard library (loading needs no actsteer).
-    return contextlib.nullcontext().__exit__
-
-
 class _Hook:
     """The object registered in a module's hook dict; calls back into its `_Dispatcher` for that module only."""
 
@@ -87,7 +82,9 @@ class _Hook:
         return self
 
     def __reduce__(self) -> tuple:
-        return (_inert, ())
+        # pickled as a no-op hook from the standard library (``nullcontext().__exit__`` returns None for any
+        # arguments): the file holds no actsteer state and loads without actsteer
+        return (getattr, (contextlib.nullcontext(), "__exit__"))
 
 
 class _Dispatcher:

@@ -24,6 +24,26 @@ def test_import_actsteer_needs_torch_only(tmp_path):
     assert res.stdout.strip() == "", f"import actsteer pulled in: {res.stdout.strip()}"
 
 
+def test_import_actsteer_core_loads_no_host_layer(tmp_path):
+    code = (
+        "import sys, actsteer.core\n"
+        "hosts = sorted(m for m in sys.modules if m.startswith(('actsteer.hf_integration', 'actsteer.comfy_nodes', "
+        "'actsteer.eval', 'actsteer.vllm_integration')))\n"
+        "print(','.join(hosts))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "", f"import actsteer.core pulled in: {res.stdout.strip()}"
+
+
+def test_core_sources_import_nothing_above_core():
+    for path in (ROOT / "core").glob("*.py"):
+        text = path.read_text()
+        for layer in ("hf_integration", "comfy_nodes", "eval", "vllm_integration"):
+            assert f"..{layer}" not in text and f"actsteer.{layer}" not in text, f"{path.name} imports {layer}"
+        assert "from .. import" not in text and "from ..core" not in text, f"{path.name} imports the top level"
+
+
 def test_public_api_surface():
     import actsteer
 
