@@ -259,3 +259,47 @@ def test_pickled_enabled_lm_is_plain(tiny_lm_factory):
     ids = tok(PROMPTS, return_tensors="pt", padding=True)
     assert torch.equal(loaded.generate(**ids, max_new_tokens=4, do_sample=False),
                        model.generate(**ids, max_new_tokens=4, do_sample=False))
+
+
+# SmolLM2 (slow tier) ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_concurrent_requests_match_their_solo_runs():
+    from pathlib import Path
+
+    from actsteer.hf_integration.cli import read_texts
+    from actsteer.hf_integration.default_model import load_default_model
+
+    data = Path(actsteer.__file__).parent / "hf_integration" / "data"
+    model, tok = load_default_model()
+    neutral, ocean_texts = read_texts(data / "neutral.txt")[:24], read_texts(data / "ocean.txt")[:24]
+    food_texts = read_texts(Path(__file__).parents[1] / "benchmarks" / "data" / "food.txt")[:24]
+    ocean = actsteer.fit_lm(model, tok, neutral, ocean_texts, modules="all-norms", progress=False)
+    food = actsteer.fit_lm(model, tok, neutral, food_texts, modules="all-norms", progress=False)
+    actsteer.enable_steering(model)
+    tok.padding_side = "left"
+    prompt = tok(["My favorite thing to do on weekends is"], return_tensors="pt")
+    requests = {
+        "plain": None,
+        "ocean": Steering(ocean, 1.0),
+        "ocean-half": Steering(ocean, 0.5),
+        "food": Steering(food, 1.0),
+        "ocean+food": [Steering(ocean, 0.7), Steering(food, 0.7)],
+    }
+
+    def gen(name):
+        with torch.no_grad():
+            return model.generate(**prompt, max_new_tokens=16, do_sample=False, steering=requests[name])
+
+    solo = {name: gen(name) for name in requests}
+    assert len({tuple(o.flatten().tolist()) for o in solo.values()}) == len(requests)
+    for _ in range(2):
+        barrier = threading.Barrier(len(requests))
+
+        def run(name):
+            barrier.wait()
+            return name, gen(name)
+
+        with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+            for name, out in pool.map(run, requests):
+                assert torch.equal(out, solo[name]), (name, tok.decode(out[0]), tok.decode(solo[name][0]))
+    assert _hooks(model) == 0
