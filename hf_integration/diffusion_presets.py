@@ -7,12 +7,13 @@ Site names in a pipeline transport are prefixed by the component: ``"unet.down_b
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 
 from ..core.sites import resolve_sites
+from . import site_groups
 
 Arch = Literal["sdxl", "flux"]
 
@@ -96,35 +97,13 @@ def component_view(pipe: Any) -> torch.nn.ModuleDict:
 
 
 # Presets --------------------------------------------------------------------------------------------------
-def _modules_of(view: torch.nn.Module, prefix: str, keep: Callable[[str, torch.nn.Module], bool]) -> list[str]:
-    return [n for n, m in view.named_modules() if n.startswith(prefix + ".") and keep(n, m)]
+# The named groups ("all-norms", "fast", "input-blocks", "image-stream", ...) live in `site_groups`, shared with
+# the ComfyUI layer picker; only "text_encoders" is diffusers-specific (ComfyUI's MODEL has no text encoder).
+TEXT_ENCODERS_PRESET = "text_encoders"
 
 
-def _is_norm(_: str, module: torch.nn.Module) -> bool:
+def _is_norm(module: torch.nn.Module) -> bool:
     return isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm))
-
-
-def _sdxl_norms(view: torch.nn.Module) -> list[str]:
-    # Every GroupNorm (resnets, Transformer2DModel.norm, conv_norm_out) and LayerNorm (transformer blocks)
-    # of the UNet: ACT_SPEC.md section 6, 256 sites on SDXL.
-    return _modules_of(view, "unet", _is_norm)
-
-
-def _sdxl_fast(view: torch.nn.Module) -> list[str]:
-    # The GroupNorms of the first two down levels' resnets: cheap 4-D sites early in the UNet.
-    rx = re.compile(r"unet\.down_blocks\.[01]\.resnets\.\d+\.norm[12]")
-    return _modules_of(view, "unet", lambda n, m: bool(rx.fullmatch(n)) and _is_norm(n, m))
-
-
-def _flux_blocks(view: torch.nn.Module) -> list[str]:
-    single = ":[0-1]" if flux_single_block_output() == FLUX_SINGLE_TUPLE else ""
-    return resolve_sites(
-        view, [r"transformer\.transformer_blocks\.\d+:[0-1]", rf"transformer\.single_transformer_blocks\.\d+{single}"]
-    )
-
-
-def _flux_fast(view: torch.nn.Module) -> list[str]:
-    return resolve_sites(view, [r"transformer\.transformer_blocks\.[01]:[0-1]"])
 
 
 def _text_encoder_norms(view: torch.nn.Module) -> list[str]:
@@ -139,31 +118,53 @@ def _text_encoder_norms(view: torch.nn.Module) -> list[str]:
     return names
 
 
-PRESETS: dict[str, dict[str, Callable[[torch.nn.Module], list[str]]]] = {
-    "sdxl": {"auto": _sdxl_norms, "norms": _sdxl_norms, "fast": _sdxl_fast, "text_encoders": _text_encoder_norms},
-    "flux": {"auto": _flux_blocks, "blocks": _flux_blocks, "fast": _flux_fast, "text_encoders": _text_encoder_norms},
-}
+def preset_names(arch: Arch) -> list[str]:
+    """The preset names ``fit_pipeline(modules=...)`` takes for ``arch``: ``"auto"``, the `site_groups` groups
+    (and the older alias ``"norms"`` on SDXL), and ``"text_encoders"``."""
+    return ["auto", *(["norms"] if arch == "sdxl" else []), *site_groups.group_names(arch), TEXT_ENCODERS_PRESET]
+
+
+def _is_preset_name(modules: str | Sequence[str]) -> bool:
+    return isinstance(modules, str) and (
+        modules == TEXT_ENCODERS_PRESET or site_groups.is_group_name(modules) or bool(re.fullmatch(r"[a-z][a-z_-]*", modules))
+    )
 
 
 def pipeline_sites(pipe: Any, view: torch.nn.Module, modules: str | Sequence[str]) -> list[str]:
     """Resolve ``modules`` (a preset name, or site names/patterns with component prefixes) to site names.
 
     Presets: ``"auto"`` (SDXL: every UNet normalization layer; FLUX: both streams of every double block and of
-    every single block), ``"norms"``/``"blocks"`` (the same, by name), ``"fast"`` (a few early blocks), and
-    ``"text_encoders"`` (the layer norms of the text encoders).
+    every single block), the named groups of `actsteer.hf_integration.site_groups` (SDXL: ``"all-norms"``
+    (also ``"norms"``), ``"fast"``, ``"input-blocks"``, ``"middle-block"``, ``"output-blocks"``,
+    ``"attention-norms"``, ``"resnet-norms"``; FLUX: ``"blocks"``, ``"fast"``, ``"double-blocks"``,
+    ``"single-blocks"``, ``"image-stream"``, ``"text-stream"``), and ``"text_encoders"`` (the layer norms
+    of the text encoders).
 
     Raises:
-        ValueError: unknown preset, or a pattern that matches nothing (with near misses).
+        ValueError: unknown preset, a group the pipeline has no module of, or a pattern that matches
+            nothing (with near misses).
     """
-    if isinstance(modules, str) and re.fullmatch(r"[a-z_]+", modules) and "." not in modules:
-        presets = PRESETS[pipeline_arch(pipe)]
-        if modules not in presets:
-            raise ValueError(
-                f"Unknown preset `modules={modules!r}` for {type(pipe).__name__}; choose one of: "
-                f"{', '.join(presets)}, or pass site names such as 'unet.mid_block.resnets.0.norm1'"
-            )
-        return presets[modules](view)
-    return resolve_sites(view, modules)
+    if not _is_preset_name(modules):
+        return resolve_sites(view, modules)
+    arch = pipeline_arch(pipe)
+    if modules == TEXT_ENCODERS_PRESET:
+        return _text_encoder_norms(view)
+    try:
+        sites = site_groups.select(
+            modules, arch, "diffusers", ((n, _is_norm(m)) for n, m in view.named_modules()),
+            flux_single_tuple=flux_single_block_output() == FLUX_SINGLE_TUPLE,
+        )
+    except ValueError:
+        raise ValueError(
+            f"Unknown preset `modules={modules!r}` for {type(pipe).__name__}; choose one of: "
+            f"{', '.join(preset_names(arch))}, or pass site names such as 'unet.mid_block.resnets.0.norm1'"
+        ) from None
+    if not sites:
+        raise ValueError(
+            f"The preset `modules={modules!r}` ({site_groups.get_group(modules, arch).summary}) matches no module of "
+            f"{type(pipe).__name__}; choose another of: {', '.join(preset_names(arch))}"
+        )
+    return sites
 
 
 # Metadata -------------------------------------------------------------------------------------------------
