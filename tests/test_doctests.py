@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import doctest
 import importlib
+from pathlib import Path
 
 import pytest
 
 MODULES = [
     "actsteer",
+    "actsteer.core.apply",
     "actsteer.core.collect",
+    "actsteer.core.engine",
     "actsteer.core.estimate",
     "actsteer.core.fit",
     "actsteer.core.hooks",
     "actsteer.core.io",
     "actsteer.core.pooling",
     "actsteer.core.sites",
+    "actsteer.core.steering",
     "actsteer.core.transport",
     "actsteer.hf_integration",
     "actsteer.hf_integration.cli",
@@ -36,3 +40,16 @@ def test_doctests_run(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0, f"{result.failed} doctest(s) failed in {name}"
+
+
+def _readme_block(heading: str) -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split(f"## {heading}\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.slow
+def test_readme_serving_example_runs(capsys):
+    exec(compile(_readme_block("Serving and threads"), "README.md", "exec"), {})
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 3 and printed[0] != printed[1]  # the plain and the steered request differ
