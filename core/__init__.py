@@ -2,7 +2,8 @@
 
 from .collect import collect
 from .estimate import ESTIMATORS, estimate
-from .fit import ForwardContext, fit
+from .fit import fit
+from .record import ForwardContext, Recorder
 from .hooks import Steering, SteeringHandle, attach, steer, validate
 from .pooling import pool
 from .sites import list_sites, resolve_sites
@@ -11,6 +12,7 @@ from .transport import Transport, UnitMap
 __all__ = [
     "ESTIMATORS",
     "ForwardContext",
+    "Recorder",
     "Steering",
     "SteeringHandle",
     "Transport",

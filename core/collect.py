@@ -1,4 +1,4 @@
-"""Recording pooled activations with streaming hooks (`collect`): one pooled row per input, no token storage."""
+"""`collect`: record pooled activations of chosen sites with streaming hooks (one pooled row per input and call)."""
 
 from __future__ import annotations
 
@@ -7,33 +7,21 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .fit import ForwardContext
-from .pooling import check_pooling, pool
+from .record import ForwardContext, Recorder
 from .sites import element, iter_site_modules
 
 
-class Collector:
-    """Pooled rows per site, appended at every (active) call; ``ctx.mask`` sets the padding mask for the next call."""
+class Collector(Recorder):
+    """A `Recorder` of every (active) call's pooled rows; ``ctx.mask``/``ctx.rows`` set the padding mask and rows
+    for the next call, ``ctx.active = False`` skips calls."""
 
     def __init__(self, sites: Sequence[str], pooling: str) -> None:
+        super().__init__(sites, pooling, per_call=True)
         self.ctx = ForwardContext()
-        self.pooling = check_pooling(pooling)
-        self._rows: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
 
     def _add(self, site: str, x: torch.Tensor) -> None:
-        if not self.ctx.active:
-            return
-        if self.ctx.rows is not None:
-            x = x[self.ctx.rows.to(x.device)]
-        self._rows[site].append(pool(x, mask=self.ctx.mask, how=self.pooling).detach().cpu())
-
-    def pooled(self) -> dict[str, torch.Tensor]:
-        """``{site: (N, D) float32}`` for every site that ran (sites that did not run are left out)."""
-        return {s: torch.cat(rows) for s, rows in self._rows.items() if rows}
-
-    def clear(self) -> None:
-        for rows in self._rows.values():
-            rows.clear()
+        if self.ctx.active:
+            self.add(site, x, self.ctx)
 
 
 @contextlib.contextmanager

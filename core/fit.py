@@ -16,7 +16,6 @@ distribution the model really produces (the reference steers the target rows too
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -26,27 +25,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .estimate import Support, canonical_method, estimate
-from .pooling import check_pooling, pool
+from .pooling import check_pooling
+from .record import ForwardContext, Recorder
 from .sites import element, iter_site_modules, replace_element
 from .transport import FoldedMap, Transport, UnitMap
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class ForwardContext:
-    """What the runner tells the recording hooks about the batch it is about to run.
-
-    Attributes:
-        mask: ``(B, T)`` padding mask (1 = real token) for token outputs whose first dims match it.
-        rows: indices of the output rows that belong to the batch's items, in item order (e.g. only the
-            conditional half of a classifier-free-guidance batch); None = all rows, in order.
-        active: while False, site calls are ignored (e.g. denoising steps outside the chosen window).
-    """
-
-    mask: torch.Tensor | None = None
-    rows: torch.Tensor | None = None
-    active: bool = True
 
 
 Runner = Callable[[Sequence[Any], ForwardContext], Any]
@@ -54,56 +38,6 @@ Runner = Callable[[Sequence[Any], ForwardContext], Any]
 
 class _EarlyStop(Exception):
     """Raised inside a hook to end a forward pass once the site being fitted was recorded."""
-
-
-class _Recorder:
-    """Streaming per-site pooled sums for the current batch; finished batches are kept as ``(B, D)`` rows."""
-
-    def __init__(self, sites: list[str], pooling: str) -> None:
-        self.pooling = pooling
-        self.batch_rows: int | None = None  # items in the current batch, to check the runner's output rows
-        self.rows: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
-        self.order: list[str] = []
-        self._sum: dict[str, torch.Tensor] = {}
-        self._count: dict[str, int] = {}
-
-    def add(self, site: str, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        if ctx.rows is not None:
-            x = x[ctx.rows.to(x.device)]
-        mask = ctx.mask
-        if mask is not None and ctx.rows is not None and mask.shape[0] != x.shape[0]:
-            mask = mask[ctx.rows.to(mask.device)]
-        if self.batch_rows is not None and x.shape[0] != self.batch_rows:
-            raise ValueError(
-                f"Site {site!r} produced {x.shape[0]} rows for a batch of {self.batch_rows} items; if the runner "
-                "duplicates rows (e.g. classifier-free guidance), set ctx.rows to the indices of the items' rows"
-            )
-        pooled = pool(x, mask=mask, how=self.pooling).detach().cpu()
-        if site not in self._sum:
-            self._sum[site], self._count[site] = pooled, 1
-        else:
-            self._sum[site] = self._sum[site] + pooled
-            self._count[site] += 1
-        if site not in self.order:
-            self.order.append(site)
-        return pooled
-
-    def end_batch(self, expected: list[str]) -> dict[str, int]:
-        missing = [s for s in expected if s not in self._sum]
-        if missing:
-            raise RuntimeError(
-                f"Site(s) {', '.join(map(repr, missing[:5]))} did not run during the forward pass; "
-                "check that they are on the model's forward path for these inputs"
-            )
-        counts = dict(self._count)
-        for site in expected:
-            self.rows[site].append(self._sum[site] / self._count[site])
-        self._sum.clear()
-        self._count.clear()
-        return counts
-
-    def stacked(self, site: str) -> torch.Tensor:
-        return torch.cat(self.rows[site])
 
 
 def _select_source_rows(x: torch.Tensor, ctx: ForwardContext, is_source: torch.Tensor, fm: FoldedMap) -> torch.Tensor:
@@ -227,7 +161,7 @@ def _fit_one_pass(model, resolved, batch, run, pooling, fit_site, progress):
     """Sequential fit inside ONE forward pass: each hook estimates its map, then transports the source rows."""
     items, is_source = batch
     ctx = ForwardContext()
-    recorder = _Recorder([s for s, *_ in resolved], pooling)
+    recorder = Recorder([s for s, *_ in resolved], pooling)
     recorder.batch_rows = len(items)
     maps: dict[str, UnitMap] = {}
     folded: dict[str, FoldedMap] = {}
@@ -251,7 +185,7 @@ def _fit_one_pass(model, resolved, batch, run, pooling, fit_site, progress):
                     folded[site] = maps[site].fold(1.0)
                     bar.update(1)
                 else:
-                    recorder._count[site] = recorder._count.get(site, 1) + 1
+                    recorder.count_call(site)
                 out = replace_element(out, k, _select_source_rows(x, ctx, is_source, folded[site]))
             return out
 
@@ -284,7 +218,7 @@ def _fit_passes(model, resolved, batches, run, pooling, fit_site, sequential, pr
     state: dict[str, Any] = {"is_source": None, "record": set(all_sites), "stop_after": None, "calls": {}}
     maps: dict[str, UnitMap] = {}
     folded: dict[str, FoldedMap] = {}
-    recorder = _Recorder(all_sites, pooling)
+    recorder = Recorder(all_sites, pooling)
 
     by_module: dict[str, list[tuple[str, int | None]]] = {}
     for s in all_sites:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..core.collect import collect
-from ..core.fit import ForwardContext
+from ..core.record import ForwardContext
 from ..core.sites import element
 from ..core.hooks import steer
 from ..core.sites import iter_site_modules

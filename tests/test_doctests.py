@@ -18,6 +18,7 @@ MODULES = [
     "actsteer.core.hooks",
     "actsteer.core.io",
     "actsteer.core.pooling",
+    "actsteer.core.record",
     "actsteer.core.sites",
     "actsteer.core.steering",
     "actsteer.core.transport",

@@ -1,0 +1,107 @@
+"""Recording pooled activations: `ForwardContext` (what a runner tells the hooks) and `Recorder` (the one recorder
+used by fitting, `collect` and the evaluation metrics). Only pooled rows are kept, never per-token activations."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from .pooling import check_pooling, pool
+
+
+@dataclasses.dataclass
+class ForwardContext:
+    """What the runner tells the recording hooks about the batch it is about to run.
+
+    Attributes:
+        mask: ``(B, T)`` padding mask (1 = real token) for token outputs whose first dims match it.
+        rows: indices of the output rows that belong to the batch's items, in item order (e.g. only the
+            conditional half of a classifier-free-guidance batch); None = all rows, in order.
+        active: while False, site calls are ignored (e.g. denoising steps outside the chosen window).
+    """
+
+    mask: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    active: bool = True
+
+
+class Recorder:
+    """Pooled activations per site, one ``(B, D)`` block of rows per batch (or per call).
+
+    With ``per_call=False`` (fitting) the calls of a site within one batch are summed as they come and averaged by
+    `end_batch` (e.g. several denoising steps give one row per item); with ``per_call=True`` (`collect`) every call
+    appends its rows at once.
+
+    Args:
+        sites: the site names to expect.
+        pooling: ``"mean"``, ``"last"``, ``"max"`` or ``"min"``; see `actsteer.core.pooling.pool`.
+        per_call: keep each call's rows instead of averaging a batch's calls.
+    """
+
+    def __init__(self, sites: Sequence[str], pooling: str, *, per_call: bool = False) -> None:
+        self.pooling = check_pooling(pooling)
+        self.per_call = per_call
+        self.batch_rows: int | None = None  # items in the current batch, to check the runner's output rows
+        self.rows: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
+        self.order: list[str] = []  # sites in the order they first ran (execution order)
+        self._sum: dict[str, torch.Tensor] = {}
+        self._count: dict[str, int] = {}
+
+    def add(self, site: str, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Pool one call's output ``x`` of ``site`` (rows picked by ``ctx.rows``, padding by ``ctx.mask``)."""
+        if ctx.rows is not None:
+            x = x[ctx.rows.to(x.device)]
+        mask = ctx.mask
+        if mask is not None and ctx.rows is not None and mask.shape[0] != x.shape[0]:
+            mask = mask[ctx.rows.to(mask.device)]
+        if self.batch_rows is not None and x.shape[0] != self.batch_rows:
+            raise ValueError(
+                f"Site {site!r} produced {x.shape[0]} rows for a batch of {self.batch_rows} items; if the runner "
+                "duplicates rows (e.g. classifier-free guidance), set ctx.rows to the indices of the items' rows"
+            )
+        pooled = pool(x, mask=mask, how=self.pooling).detach().cpu()
+        if site not in self.order:
+            self.order.append(site)
+        if self.per_call:
+            self.rows.setdefault(site, []).append(pooled)
+        elif site not in self._sum:
+            self._sum[site], self._count[site] = pooled, 1
+        else:
+            self._sum[site] = self._sum[site] + pooled
+            self._count[site] += 1
+        return pooled
+
+    def count_call(self, site: str) -> None:
+        """Count a call of ``site`` that was not recorded (to detect sites that run twice per pass)."""
+        self._count[site] = self._count.get(site, 1) + 1
+
+    def end_batch(self, expected: Sequence[str]) -> dict[str, int]:
+        """Close the batch: one averaged row block per expected site; returns how often each site ran."""
+        missing = [s for s in expected if s not in self._sum]
+        if missing:
+            raise RuntimeError(
+                f"Site(s) {', '.join(map(repr, missing[:5]))} did not run during the forward pass; "
+                "check that they are on the model's forward path for these inputs"
+            )
+        counts = dict(self._count)
+        for site in expected:
+            self.rows[site].append(self._sum[site] / self._count[site])
+        self._sum.clear()
+        self._count.clear()
+        return counts
+
+    def stacked(self, site: str) -> torch.Tensor:
+        """``(N, D)``: every row recorded for ``site``."""
+        return torch.cat(self.rows[site])
+
+    def pooled(self) -> dict[str, torch.Tensor]:
+        """``{site: (N, D) float32}`` for every site that ran (sites that did not run are left out)."""
+        return {s: torch.cat(rows) for s, rows in self.rows.items() if rows}
+
+    def clear(self) -> None:
+        for rows in self.rows.values():
+            rows.clear()
+        self._sum.clear()
+        self._count.clear()
