@@ -68,7 +68,7 @@ def _check_model(args: argparse.Namespace) -> None:
     try:
         check_model(args.model)
     except (OSError, ImportError) as err:
-        raise CliError(f"--model {one_line(err)}") from None
+        raise CliError(f"--model: {one_line(err)}") from None
 
 
 def generate_rows(model, tokenizer, transport, prompts: Sequence[str], strengths: Sequence[float], *,

@@ -114,7 +114,7 @@ def read_examples(path: str, what: str) -> list[str]:
     try:
         return check_texts(path, texts)
     except (TypeError, ValueError) as err:
-        raise CliError(f"{what} {err}") from None
+        raise CliError(f"{what}: {err}") from None
 
 
 def one_line(err: BaseException) -> str:
