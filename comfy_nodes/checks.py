@@ -1,15 +1,44 @@
 """Checks and translation before steering a ComfyUI MODEL: the diffusion model, matching sites and widths, and
 diffusers-named transports translated to ComfyUI names (`actsteer.hf_integration.comfy_names`).
+
+Errors here speak to an artist in the graph: what to change on which node, never a Python call. Messages of the
+core (written for Python users, e.g. "see actsteer.list_sites(model)") are rephrased by `for_artist`.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
 from ..core.hooks import validate
 from ..core.sites import infer_width, iter_site_modules
 from ..core.transport import Transport
-from .presets import model_family
+from .presets import group_sites, model_family
+
+
+# Hints the core gives Python users; an artist in ComfyUI cannot act on them.
+_PYTHON_HINTS = re.compile(r"\s*[;,]?\s*\(?see actsteer\.list_sites\(model\)\)?")
+MATCH_ADVICE = ("connect the MODEL this transport was learned on (same family and size), or learn a new transport "
+                "on this MODEL with AcT Learn Transport")
+
+
+def for_artist(err: BaseException | str, advice: str, *, always: bool = True) -> str:
+    """One line for the node: the core's message without its Python hints, then what to change in the graph.
+
+    With ``always=False`` the advice replaces a removed Python hint only (messages written for the graph
+    already say what to change).
+
+    Example:
+        >>> for_artist(KeyError("Site 'x' not found in Flux (9 submodules); see actsteer.list_sites(model)"),
+        ...            "pick another layer group")
+        "Site 'x' not found in Flux (9 submodules); pick another layer group"
+    """
+    text = err if isinstance(err, str) else str(err.args[0] if err.args else err)
+    cleaned = " ".join(_PYTHON_HINTS.sub("", text).split())
+    if not always and cleaned == " ".join(text.split()):
+        return cleaned
+    return f"{cleaned.rstrip(' ;.')}; {advice}"
 
 
 def diffusion_model(model) -> torch.nn.Module:
@@ -49,11 +78,10 @@ def check_transport(model, transport: Transport) -> None:
         validate(dm, transport)
         resolved = iter_site_modules(dm, transport.sites)
     except (KeyError, ValueError) as err:
-        detail = err.args[0] if err.args else str(err)
-        raise ValueError(
+        raise ValueError(for_artist(
             f"This transport does not match the MODEL: it was fitted on {_fitted_on(transport)}, the MODEL is {kind}. "
-            f"{detail}"
-        ) from None
+            + str(err.args[0] if err.args else err), MATCH_ADVICE,
+        )) from None
     wrong = [
         f"{site!r} has {transport[site].dim} units, the model {width}"
         for site, _, _, module in resolved
@@ -62,7 +90,7 @@ def check_transport(model, transport: Transport) -> None:
     if wrong:
         raise ValueError(
             f"This transport does not match the MODEL: it was fitted on {_fitted_on(transport)}, the MODEL is {kind}; "
-            + "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+            + "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "") + f"; {MATCH_ADVICE}"
         )
 
 
@@ -90,7 +118,7 @@ def to_comfy_names(model, transport: Transport) -> Transport:
     if arch is None:
         raise ValueError(
             f"This transport was fitted with diffusers; translating its names supports SDXL and FLUX models, "
-            f"not {type(model.model).__name__}"
+            f"not {type(model.model).__name__}; {MATCH_ADVICE}"
         )
     try:
         from ..hf_integration import comfy_names
@@ -102,5 +130,33 @@ def to_comfy_names(model, transport: Transport) -> Transport:
     try:
         return comfy_names.to_comfy(transport, arch=arch)
     except (KeyError, ValueError) as err:
-        detail = err.args[0] if err.args else str(err)
-        raise ValueError(f"Cannot translate this diffusers transport to ComfyUI names: {detail}") from None
+        raise ValueError(for_artist(f"Cannot translate this diffusers transport to ComfyUI names: {err.args[0] if err.args else err}",
+                                    MATCH_ADVICE)) from None
+
+
+def check_numbers(transport: Transport, where: str) -> Transport:
+    """Refuse a transport with NaN/Inf maps before it reaches a sampler (`actsteer.core.io.check_transport`).
+
+    Raises:
+        ValueError: one line naming ``where`` and the site, and saying to learn it again.
+    """
+    from ..core.io import check_transport as check_maps
+
+    try:
+        return check_maps(transport, where)
+    except ValueError as err:
+        raise ValueError(str(err).replace("fit the transport again", "learn it again with AcT Learn Transport")) from None
+
+
+def select_group(model, transport: Transport, group: str) -> Transport:
+    """The part of ``transport`` (translated to ComfyUI names) that lies in a `site_groups` group of ``model``.
+
+    ``"all"`` returns the transport unchanged (translation is left to `apply_steering`).
+
+    Raises:
+        ValueError: a group of another model family, or no layer of the transport in the group.
+    """
+    if group == "all":
+        return transport
+    translated = to_comfy_names(model, transport)
+    return translated.select(group_sites(diffusion_model(model), translated.sites, group))

@@ -23,11 +23,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from typing import Any, Literal
 
 import torch
 
 from ..core.fit import ForwardContext, fit
+from ..core.fit import logger as fit_logger
 from .checks import diffusion_model
 from .patching import KEY, transformer_options_of
 from .presets import model_family
@@ -61,8 +63,39 @@ class CollectSettings:
     negative_prompt: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Where a Learn run spent its time, in seconds (wall clock).
+
+    Attributes:
+        encode: encoding the prompts with the CLIP.
+        sample: inside ComfyUI's sampler (model loading and the model calls; in the one-call sequential fit the
+            maps are also fitted inside that call, by the recording hooks).
+        fit: the rest: fitting outside the sampler and bookkeeping.
+        model_calls: sampler runs (each on a batch of prompts).
+    """
+
+    encode: float
+    sample: float
+    fit: float
+    model_calls: int
+
+    def line(self) -> str:
+        """``"encode 1.2 s · sample 30.4 s (1 model call) · fit 0.3 s"``."""
+        calls = f"{self.model_calls} model call{'s' if self.model_calls != 1 else ''}"
+        return f"encode {self.encode:.1f} s · sample {self.sample:.1f} s ({calls}) · fit {self.fit:.1f} s"
+
+
 class _StopSampling(Exception):
     """Raised from the collection wrapper after the last pooled step: the rest of the schedule is not needed."""
+
+
+class _NoFitLine(logging.Filter):
+    """Drops the core's "fitted ... in N s" line while a Learn node runs: in ComfyUI that time includes prompt
+    encoding and sampling, so the node logs its own split line (`Timing`) instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("actsteer: fitted")
 
 
 def parse_prompts(text: str, what: str) -> list[str]:
@@ -166,7 +199,7 @@ def learn(
     fit_mode: str = "sequential",
     batch_size: int = 0,
     settings: CollectSettings = CollectSettings(),
-):
+) -> tuple[Any, Timing]:
     """Fit a transport from source prompts to target prompts by sampling ``model`` through ComfyUI.
 
     Args:
@@ -180,7 +213,8 @@ def learn(
         settings: sampling and pooling settings.
 
     Returns:
-        The fitted `Transport`; its metadata records the model class and the settings.
+        ``(transport, timing)``: the fitted `Transport` (its metadata records the model class and the settings,
+        not the timing, so that learning the same thing twice gives equal transports) and a `Timing`.
 
     Raises:
         ValueError: bad settings; RuntimeError from a failed forward; InterruptProcessingException on Cancel.
@@ -222,11 +256,15 @@ def learn(
 
     encoder = nodes.CLIPTextEncode()
     cache: dict[str, list] = {}
+    spent = {"encode": 0.0, "sample": 0.0, "calls": 0}
+    started = time.perf_counter()
 
     def encoded(prompt: str) -> list:
         if prompt not in cache:
             comfy.model_management.throw_exception_if_processing_interrupted()
+            t0 = time.perf_counter()
             (cache[prompt],) = encoder.encode(clip, prompt)
+            spent["encode"] += time.perf_counter() - t0
         return cache[prompt]
 
     negative = encoded(s.negative_prompt)
@@ -239,6 +277,8 @@ def learn(
         noise = torch.cat([comfy.sample.prepare_noise(latent[:1], (s.seed + item.sample) % 2**64) for item in batch])
         ctx.active, ctx.rows = False, None
         collector.ctx = ctx
+        t0 = time.perf_counter()
+        spent["calls"] += 1
         try:
             comfy.sample.sample(
                 work, noise, s.steps, s.cfg, SAMPLER, SCHEDULER, positive, negative, latent,
@@ -248,13 +288,25 @@ def learn(
             pass
         finally:
             collector.ctx = None
+            spent["sample"] += time.perf_counter() - t0
 
-    transport = fit(
-        dm, sites, items_source, items_target, run=run, method=method, support=support,
-        sequential=sequential, batch_size=None if bs >= n_items else bs, one_pass=one_pass, progress=False,
-        model_info=_model_info(model, dm),
-        description=f"{len(source)} source vs {len(target)} target prompts, learned in ComfyUI",
+    quiet = _NoFitLine()
+    fit_logger.addFilter(quiet)
+    try:
+        transport = fit(
+            dm, sites, items_source, items_target, run=run, method=method, support=support,
+            sequential=sequential, batch_size=None if bs >= n_items else bs, one_pass=one_pass, progress=False,
+            model_info=_model_info(model, dm),
+            description=f"{len(source)} source vs {len(target)} target prompts, learned in ComfyUI",
+        )
+    finally:
+        fit_logger.removeFilter(quiet)
+    total = time.perf_counter() - started
+    timing = Timing(spent["encode"], spent["sample"], max(0.0, total - spent["encode"] - spent["sample"]), spent["calls"])
+    logger.info(
+        "actsteer: learned %d layers from %d source + %d target samples in %.1f s: %s", len(transport),
+        len(items_source), len(items_target), total, timing.line(),
     )
     extra = {**transport.extra, "comfy": dataclasses.asdict(s) | {"sampler": SAMPLER, "scheduler": SCHEDULER}}
     extra["comfy"]["prompts"] = {"source": source, "target": target}
-    return transport.replace(extra=extra)
+    return transport.replace(extra=extra), timing

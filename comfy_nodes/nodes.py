@@ -1,57 +1,48 @@
-"""The AcT node pack (ComfyUI V3 API): Learn, Save, Load, Apply and Strength Sweep, plus the ACT_TRANSPORT type.
+"""The AcT node pack (ComfyUI V3 API): Learn and Apply here, Save/Load in `file_nodes`, the Sweep in `sweep`.
 
-Nodes are stateless classmethods. Each raises a one-line ValueError that ComfyUI shows on the node when its
-inputs cannot work (empty prompts, unsafe file name, a transport fitted on another model, ...).
+Nodes are stateless classmethods. Inputs an artist can get wrong are checked when the prompt is queued
+(``validate_inputs``: before any checkpoint loads); everything else raises a one-line ValueError that ComfyUI
+shows on the node and that says what to change in the graph.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 
-import torch
 from comfy_api.latest import io, ui
 
 from ..core.estimate import ESTIMATORS
-from . import files
+from .checks import check_numbers, diffusion_model, for_artist, select_group
+from .file_nodes import ActSteerLoad, ActSteerSave
+from .inputs import (
+    CATEGORY,
+    MODEL_IN_TIP,
+    STRENGTH_MAX,
+    STRENGTH_MIN,
+    TRANSPORT_IN_TIP,
+    TRANSPORT_OUT_TIP,
+    Transport,
+    layer_filter_inputs,
+    number_problem,
+    strength_input,
+    window_inputs,
+)
 from .learn import FIT_MODES, CollectSettings, learn, parse_prompts
-from .checks import diffusion_model
 from .patching import apply_steering
-from .presets import LAYER_PRESETS, preset_sites
+from .presets import LAYER_PRESETS, LAYERS_TOOLTIP, preset_sites
+from .sweep import ActSteerSweep
 
 logger = logging.getLogger(__name__)
 
-CATEGORY = "model_patches/steering (AcT)"
-Transport = io.Custom("ACT_TRANSPORT")
 
-_STRENGTH_TIP = (
-    "0 = no effect, 1 = full transport (the paper's setting, safe by design), values in between interpolate; "
-    "negative values apply the reverse transport (target -> source); above 1 extrapolates"
-)
-
-
-def _strength_input(default: float = 1.0) -> io.Float.Input:
-    return io.Float.Input(
-        "strength", default=default, min=-3.0, max=3.0, step=0.05, display_mode=io.NumberDisplay.slider,
-        tooltip=_STRENGTH_TIP,
-    )
-
-
-def _window_inputs() -> list[io.Float.Input]:
-    return [
-        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="Start steering at this fraction of the sampling schedule (0 = first step)"),
-        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="Stop steering after this fraction of the sampling schedule (1 = last step)"),
-    ]
-
-
-def _layers_input() -> io.String.Input:
-    return io.String.Input(
-        "layers", default="", optional=True,
-        tooltip="Optional regex: apply only the transport's sites whose name matches (e.g. 'input_blocks' or "
-                "'double_blocks'); empty = all sites",
-    )
+def _prompts_problem(text: str | None, what: str) -> str | None:
+    if text is None:  # fed by a link
+        return None
+    try:
+        parse_prompts(text, what)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 class ActSteerLearn(io.ComfyNode):
@@ -67,32 +58,39 @@ class ActSteerLearn(io.ComfyNode):
                 "Learns an Activation Transport (AcT): samples every prompt through this MODEL, records the "
                 "activations of the chosen layers (positive branch, pooled over the first steps), and fits a "
                 "per-unit map from the source prompts' activations to the target prompts'. Apply it with "
-                "'AcT Apply Transport'."
+                "'AcT Apply Transport'. Costs about one sampling step per prompt and sample."
             ),
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
+                io.Model.Input("model", tooltip="The MODEL to learn on (SDXL-family or FLUX); the transport works "
+                                                "on this model family and size only"),
+                io.Clip.Input("clip", tooltip="The CLIP that encodes the prompts (the checkpoint's CLIP output)"),
                 io.String.Input("source_prompts", multiline=True, default="",
-                                tooltip="Prompts WITHOUT the wanted style/concept (or WITH the one to remove), one per line"),
+                                tooltip="Prompts WITHOUT the wanted style/concept (or WITH the one to remove), one per "
+                                        "line; at least 2, 8-32 work well"),
                 io.String.Input("target_prompts", multiline=True, default="",
-                                tooltip="The same prompts WITH the wanted style/concept (or without the one to remove), one per line"),
+                                tooltip="The same prompts WITH the wanted style/concept (or without the one to "
+                                        "remove), one per line, in the same order"),
                 io.Combo.Input("method", options=list(ESTIMATORS), default="linear-act",
                                tooltip="linear-act is the paper's method; the others are baselines"),
-                io.Combo.Input("layers", options=list(LAYER_PRESETS), default="auto",
-                               tooltip="auto: every norm of an SDXL UNet, every block of FLUX; fast: a few early "
-                                       "layers; regex: the pattern below"),
+                io.Combo.Input("layers", options=list(LAYER_PRESETS), default="auto", tooltip=LAYERS_TOOLTIP),
                 io.String.Input("layer_regex", default="",
-                                tooltip="With layers = regex: a regex matched in full against module names of the "
+                                tooltip="With layers = regex: a regex matched in full against layer names of the "
                                         "diffusion model; end with ':0', ':1' or ':(0|1)' for FLUX double-block streams"),
-                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Length of the sampling schedule"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("steps", default=20, min=1, max=1000,
+                             tooltip="Length of the sampling schedule; only the first collect_steps steps are run"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="Noise seed of the learning samples (seed, seed+1, ... per prompt); fixed, so "
+                                     "that queuing again reuses the learned transport instead of learning anew"),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="CFG while collecting; the first step does not depend on it, and 1.0 skips the "
-                                       "negative pass"),
-                io.Int.Input("width", default=1024, min=64, max=8192, step=8),
-                io.Int.Input("height", default=1024, min=64, max=8192, step=8),
+                                       "negative pass (half the cost)"),
+                io.Int.Input("width", default=1024, min=64, max=8192, step=8,
+                             tooltip="Image width while learning: use the size you generate at (cost grows with area)"),
+                io.Int.Input("height", default=1024, min=64, max=8192, step=8,
+                             tooltip="Image height while learning: use the size you generate at"),
                 io.Int.Input("samples_per_prompt", default=1, min=1, max=64,
-                             tooltip="Seeds per prompt (seed, seed+1, ...); each sample is one data point"),
+                             tooltip="Seeds per prompt (seed, seed+1, ...); each sample is one data point and adds "
+                                     "one image's worth of work to the batch"),
                 io.Int.Input("collect_steps", default=1, min=1, max=1000,
                              tooltip="Pool the activations of this many first steps (1 = the highest-noise step, as "
                                      "in the paper; more than 1 costs one sampling run per layer in sequential mode)"),
@@ -103,10 +101,15 @@ class ActSteerLearn(io.ComfyNode):
                                tooltip="observed: leave activations outside the source range alone (safe at strength 1); "
                                        "all: transport every value (stronger, can break images at strength 1)"),
                 io.Int.Input("batch_size", default=0, min=0, max=4096,
-                             tooltip="Prompts x samples per model call; 0 = all at once (fastest; lower it if memory runs out)"),
+                             tooltip="Prompts x samples per model call; 0 = all at once (fastest). Lower it (e.g. 8) "
+                                     "if memory runs out: slower, same result in at-once mode"),
             ],
-            outputs=[Transport.Output(display_name="transport")],
+            outputs=[Transport.Output(display_name="transport", tooltip=TRANSPORT_OUT_TIP)],
         )
+
+    @classmethod
+    def validate_inputs(cls, source_prompts=None, target_prompts=None) -> bool | str:
+        return _prompts_problem(source_prompts, "source") or _prompts_problem(target_prompts, "target") or True
 
     @classmethod
     def execute(cls, model, clip, source_prompts, target_prompts, method, layers, layer_regex, steps, seed, cfg,
@@ -120,66 +123,13 @@ class ActSteerLearn(io.ComfyNode):
             steps=steps, seed=seed, cfg=cfg, width=width, height=height, samples_per_prompt=samples_per_prompt,
             collect_steps=collect_steps,
         )
-        transport = learn(
+        transport, timing = learn(
             model, clip, source, target, sites=sites, method=method, support=support, fit_mode=fit_mode,
             batch_size=batch_size, settings=settings,
         )
-        return io.NodeOutput(transport)
-
-
-class ActSteerSave(io.ComfyNode):
-    """Save a transport into models/act_transports."""
-
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="ActSteerSave",
-            display_name="AcT Save Transport",
-            category=CATEGORY,
-            description="Saves a transport as a .safetensors file in models/act_transports (never overwrites "
-                        "unless told to).",
-            inputs=[
-                Transport.Input("transport"),
-                io.String.Input("filename", default="my_transport",
-                                tooltip="Name inside models/act_transports; subfolders with '/' are allowed, '..' is not"),
-                io.Combo.Input("if_exists", options=list(files.IF_EXISTS), default="add number",
-                               tooltip="add number: save as name_00001, ...; error: stop; overwrite: replace the file"),
-            ],
-            outputs=[io.String.Output(display_name="saved_as")],
-            is_output_node=True,
-        )
-
-    @classmethod
-    def execute(cls, transport, filename, if_exists) -> io.NodeOutput:
-        saved = files.save(transport, filename, if_exists)
-        return io.NodeOutput(saved, ui=ui.PreviewText(f"saved {saved} ({len(transport)} sites)"))
-
-
-class ActSteerLoad(io.ComfyNode):
-    """Load a transport from models/act_transports."""
-
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="ActSteerLoad",
-            display_name="AcT Load Transport",
-            category=CATEGORY,
-            description="Loads a transport file from models/act_transports (actsteer's safetensors format; also "
-                        "transports fitted with actsteer's diffusers API, translated when applied).",
-            inputs=[io.Combo.Input("transport_name", options=files.list_files())],
-            outputs=[Transport.Output(display_name="transport")],
-        )
-
-    @classmethod
-    def fingerprint_inputs(cls, transport_name) -> str:
-        return files.fingerprint(transport_name)
-
-    @classmethod
-    def execute(cls, transport_name) -> io.NodeOutput:
-        transport = files.load(transport_name)
-        if transport.model.get("framework") == "diffusers":
-            logger.info("actsteer: %s was fitted with diffusers; its site names are translated when applied", transport_name)
-        return io.NodeOutput(transport)
+        summary = (f"learned {len(transport)} layers from {transport.n_source} + {transport.n_target} samples: "
+                   f"{timing.line()}")
+        return io.NodeOutput(transport, ui=ui.PreviewText(summary))
 
 
 class ActSteerApply(io.ComfyNode):
@@ -193,94 +143,34 @@ class ActSteerApply(io.ComfyNode):
             category=CATEGORY,
             description="Returns a copy of the MODEL steered by the transport; the input MODEL is unchanged. Chain "
                         "two Apply nodes to combine two concepts.",
-            inputs=[io.Model.Input("model"), Transport.Input("transport"), _strength_input(), *_window_inputs(),
-                    _layers_input()],
-            outputs=[io.Model.Output()],
+            inputs=[io.Model.Input("model", tooltip=MODEL_IN_TIP), Transport.Input("transport", tooltip=TRANSPORT_IN_TIP),
+                    strength_input(), *window_inputs(), *layer_filter_inputs()],
+            outputs=[io.Model.Output(tooltip="A steered copy of the MODEL: connect it to your KSampler (the input "
+                                             "MODEL and other branches stay unsteered)")],
         )
 
     @classmethod
-    def execute(cls, model, transport, strength, start_percent, end_percent, layers="") -> io.NodeOutput:
-        patched = apply_steering(
-            model, transport, strength=strength, start_percent=start_percent, end_percent=end_percent, layers=layers or ""
-        )
-        return io.NodeOutput(patched)
-
-
-def parse_strengths(text: str) -> list[float]:
-    """``"0, 0.5, 1"`` -> ``[0.0, 0.5, 1.0]`` (commas, spaces or semicolons); a bad entry is named in the error."""
-    tokens = [t for t in re.split(r"[,;\s]+", text.strip()) if t]
-    if not tokens:
-        raise ValueError("Give at least one strength, e.g. '0, 0.25, 0.5, 0.75, 1'")
-    values = []
-    for token in tokens:
-        try:
-            value = float(token)
-        except ValueError:
-            raise ValueError(f"Bad strength {token!r} in {text!r}; write numbers separated by commas") from None
-        if not torch.isfinite(torch.tensor(value)):
-            raise ValueError(f"Strength {token!r} is not finite")
-        values.append(value)
-    return values
-
-
-class ActSteerSweep(io.ComfyNode):
-    """Sample the same seed at several strengths; one image per strength."""
+    def validate_inputs(cls, strength=None) -> bool | str:
+        return number_problem("strength", strength, STRENGTH_MIN, STRENGTH_MAX) or True
 
     @classmethod
-    def define_schema(cls) -> io.Schema:
-        import comfy.samplers
+    def execute(cls, model, transport, strength, start_percent, end_percent, layers="", layer_group="all") -> io.NodeOutput:
+        return io.NodeOutput(steer_model(model, transport, strength, start_percent, end_percent, layers, layer_group))
 
-        return io.Schema(
-            node_id="ActSteerSweep",
-            display_name="AcT Strength Sweep",
-            category=CATEGORY,
-            description="Samples the same seed once per strength and decodes the results into one IMAGE batch, in "
-                        "the order given (times the latent batch size), to compare strengths side by side.",
-            inputs=[
-                io.Model.Input("model"),
-                Transport.Input("transport"),
-                io.Vae.Input("vae"),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
-                io.Latent.Input("latent_image"),
-                io.String.Input("strengths", default="0, 0.25, 0.5, 0.75, 1",
-                                tooltip="Strengths to sample, separated by commas (negative = reverse transport)"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-                io.Int.Input("steps", default=20, min=1, max=10000),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS)),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS)),
-                *_window_inputs(),
-                _layers_input(),
-            ],
-            outputs=[io.Image.Output(display_name="images")],
-        )
 
-    @classmethod
-    def execute(cls, model, transport, vae, positive, negative, latent_image, strengths, seed, steps, cfg,
-                sampler_name, scheduler, start_percent, end_percent, layers="") -> io.NodeOutput:
-        import comfy.model_management
-        import nodes
-
-        values = parse_strengths(strengths)
-        # build every patched clone first: a mismatching transport fails before any sampling
-        patched = [
-            apply_steering(model, transport, strength=s, start_percent=start_percent, end_percent=end_percent,
-                           layers=layers or "")
-            for s in values
-        ]
-        images = []
-        for value, steered in zip(values, patched):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            (latent,) = nodes.common_ksampler(steered, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                              latent_image)
-            samples = latent["samples"]
-            decoded = vae.decode(samples)
-            if decoded.dim() == 5:  # video VAEs: (B, T, H, W, C) -> frames
-                decoded = decoded.reshape(-1, *decoded.shape[-3:])
-            images.append(decoded)
-            logger.debug("actsteer: sweep strength %s done", value)
-        return io.NodeOutput(torch.cat(images))
+def steer_model(model, transport, strength: float, start_percent: float, end_percent: float, layers: str = "",
+                layer_group: str = "all"):
+    """`apply_steering` behind the node checks: finite strength, usable maps, the layer group; artist-facing errors."""
+    problem = number_problem("strength", strength, STRENGTH_MIN, STRENGTH_MAX)
+    if problem:
+        raise ValueError(problem)
+    check_numbers(transport, "The transport")
+    transport = select_group(model, transport, layer_group or "all")
+    try:
+        return apply_steering(model, transport, strength=float(strength), start_percent=start_percent,
+                              end_percent=end_percent, layers=layers or "")
+    except (KeyError, ValueError) as err:
+        raise ValueError(for_artist(err, "change the Apply node's inputs or the MODEL it gets", always=False)) from None
 
 
 NODES: list[type[io.ComfyNode]] = [ActSteerLearn, ActSteerSave, ActSteerLoad, ActSteerApply, ActSteerSweep]

@@ -1,9 +1,10 @@
-"""Layer presets for ComfyUI diffusion models: which sites of ``model.model.diffusion_model`` to fit.
+"""Layer choices for ComfyUI diffusion models: which sites of ``model.model.diffusion_model`` to fit or steer.
 
-Pure functions over module names and classes (no ComfyUI import), so they are testable on any module tree.
-Site names follow ComfyUI's module names: SDXL ``input_blocks.4.1.transformer_blocks.0.norm1``; FLUX
-``double_blocks.3:0`` (image stream), ``double_blocks.3:1`` (text stream), ``single_blocks.7`` (one
-``cat([txt, img])`` tensor).
+The named groups ("all-norms", "input-blocks", "image-stream", ...) are `actsteer.hf_integration.site_groups`,
+the vocabulary the diffusers presets share; here they are applied in ComfyUI's naming. Site names follow
+ComfyUI's module names: SDXL ``input_blocks.4.1.transformer_blocks.0.norm1``; FLUX ``double_blocks.3:0``
+(image stream), ``double_blocks.3:1`` (text stream), ``single_blocks.7`` (one ``cat([txt, img])`` tensor).
+No ComfyUI import: these are pure functions over module trees.
 """
 
 from __future__ import annotations
@@ -14,13 +15,34 @@ from typing import Literal
 import torch
 
 from ..core.sites import resolve_sites
+from ..hf_integration import site_groups
 
 Family = Literal["unet", "flux", "other"]
-LayerPreset = Literal["auto", "all-norms", "fast", "blocks", "regex"]
-LAYER_PRESETS: tuple[str, ...] = ("auto", "all-norms", "fast", "blocks", "regex")
+_ARCH = {"unet": "sdxl", "flux": "flux"}
 
-# FLUX "fast": the first few double blocks, both streams (of 19 in FLUX.1 dev/schnell).
-_FLUX_FAST_DOUBLE_BLOCKS = 5
+# The Learn node's `layers` choices: auto, then each family's groups, then a free regex.
+LAYER_PRESETS: tuple[str, ...] = (
+    "auto", "fast",
+    *[g for g in site_groups.group_names("sdxl") if g != "fast"],
+    *[g for g in site_groups.group_names("flux") if g != "fast"],
+    "regex",
+)
+# The Apply / Sweep nodes' `layer_group` choices: every layer of the transport, or one group.
+APPLY_GROUPS: tuple[str, ...] = ("all", *[p for p in LAYER_PRESETS if p not in ("auto", "regex")])
+
+LAYERS_TOOLTIP = (
+    "Which layers to learn. auto: every norm of an SDXL UNet (the paper's choice, 256 layers), every block of "
+    "FLUX. fast: a few early layers (quick to learn, weaker). "
+    "SDXL groups: all-norms (= auto), input-blocks (composition), middle-block, output-blocks (rendering, "
+    "texture), attention-norms (where the prompt acts), resnet-norms. "
+    "FLUX groups: blocks (= auto), double-blocks, single-blocks, image-stream, text-stream (of the double blocks). "
+    "regex: your own pattern in layer_regex."
+)
+GROUP_TOOLTIP = (
+    "Steer only the transport's layers in this group (all = every layer it was learned on). SDXL: "
+    "input-blocks change composition most, output-blocks rendering and texture, attention-norms where the prompt "
+    "acts. FLUX: image-stream / text-stream pick one stream of the double blocks."
+)
 
 
 def model_family(diffusion_model: torch.nn.Module) -> Family:
@@ -33,56 +55,76 @@ def model_family(diffusion_model: torch.nn.Module) -> Family:
     return "other"
 
 
-def _norm_sites(diffusion_model: torch.nn.Module, prefix: str = "") -> list[str]:
-    return [
-        name for name, module in diffusion_model.named_modules()
-        if name.startswith(prefix) and isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm))
-    ]
+def model_arch(diffusion_model: torch.nn.Module) -> str | None:
+    """``"sdxl"`` or ``"flux"``: the `site_groups` architecture of a diffusion model (None for others)."""
+    return _ARCH.get(model_family(diffusion_model))
+
+
+def _modules(diffusion_model: torch.nn.Module) -> list[tuple[str, bool]]:
+    return [(name, isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)))
+            for name, m in diffusion_model.named_modules() if name]
+
+
+def _regex_sites(diffusion_model: torch.nn.Module, regex: str) -> list[str]:
+    if not regex.strip():
+        raise ValueError("layers = regex needs a pattern in layer_regex (e.g. 'double_blocks\\.1:0'), or pick a named "
+                         "layer group in layers")
+    try:
+        return resolve_sites(diffusion_model, regex.strip())
+    except (KeyError, ValueError) as err:
+        detail = str(err.args[0] if err.args else err).split("; see actsteer.list_sites")[0]
+        raise ValueError(f"layer_regex: {detail}; change layer_regex (it must match whole layer names), or pick a "
+                         "named layer group in layers") from None
 
 
 def preset_sites(diffusion_model: torch.nn.Module, preset: str, regex: str = "") -> list[str]:
-    """Site names for a layer preset (registration order; fitting reorders them by execution).
+    """Site names for a `layers` choice (module order; fitting reorders them by execution).
 
     Args:
         diffusion_model: ``model.model.diffusion_model`` of a ComfyUI MODEL.
-        preset: ``"auto"`` (all-norms on UNets, blocks on FLUX), ``"all-norms"`` (every GroupNorm/LayerNorm of
-            a UNet: the paper's choice for SDXL, 256 sites), ``"fast"`` (UNet: the GroupNorms of the input
-            blocks, 16 sites on SDXL; FLUX: both streams of the first 5 double blocks), ``"blocks"`` (FLUX:
-            both streams of every double block and every single block, 76 sites on FLUX.1), or ``"regex"``.
+        preset: ``"auto"`` (all-norms on UNets, blocks on FLUX), a group of
+            `actsteer.hf_integration.site_groups` (``"fast"``, ``"input-blocks"``, ``"image-stream"``, ...),
+            or ``"regex"``.
         regex: with ``preset="regex"``, a regular expression matched in full against module names; end it
             with ``:0``, ``:1`` or ``:(0|1)`` to pick elements of tuple outputs (FLUX double blocks).
 
     Raises:
-        ValueError: unknown preset, a preset that does not fit this model, or a regex that matches nothing.
+        ValueError: unknown choice, a group of another model family, or nothing matched; the message says
+            what to change on the node.
     """
-    family = model_family(diffusion_model)
-    kind = type(diffusion_model).__name__
     if preset == "regex":
-        if not regex.strip():
-            raise ValueError("Layer preset 'regex' needs a regular expression in `layer_regex` (e.g. 'double_blocks\\.1:0')")
-        return resolve_sites(diffusion_model, regex.strip())
-    if preset not in LAYER_PRESETS:
-        raise ValueError(f"Unknown layer preset {preset!r}; choose one of: {', '.join(LAYER_PRESETS)}")
-    if preset == "auto":
-        preset = {"unet": "all-norms", "flux": "blocks"}.get(family, "auto")
-    if family == "unet":
-        if preset == "all-norms":
-            return _norm_sites(diffusion_model)
-        if preset == "fast":
-            return [
-                name for name, module in diffusion_model.named_modules()
-                if name.startswith("input_blocks.") and isinstance(module, torch.nn.GroupNorm)
-            ]
-    elif family == "flux":
-        n_double = len(diffusion_model.double_blocks)
-        if preset == "blocks":
-            sites = [f"double_blocks.{i}:{k}" for i in range(n_double) for k in (0, 1)]
-            return sites + [f"single_blocks.{i}" for i in range(len(diffusion_model.single_blocks))]
-        if preset == "fast":
-            return [f"double_blocks.{i}:{k}" for i in range(min(n_double, _FLUX_FAST_DOUBLE_BLOCKS)) for k in (0, 1)]
-    fits = {"unet": "'all-norms' or 'fast'", "flux": "'blocks' or 'fast'"}.get(family)
-    hint = f"use {fits}" if fits else "use 'regex' with a pattern over its module names"
-    raise ValueError(f"Layer preset {preset!r} does not apply to a {kind} diffusion model; {hint}")
+        return _regex_sites(diffusion_model, regex)
+    arch = model_arch(diffusion_model)
+    kind = type(diffusion_model).__name__
+    if arch is None:
+        raise ValueError(f"Named layer groups cover SDXL-style UNets and FLUX; for this {kind} set layers = regex and "
+                         "write a pattern over its layer names in layer_regex")
+    try:
+        sites = site_groups.select(preset, arch, "comfyui", _modules(diffusion_model))
+    except ValueError as err:
+        raise ValueError(f"layers: {err}") from None
+    if not sites:
+        raise ValueError(f"The layer group {preset!r} ({site_groups.get_group(preset, arch).summary}) has no layer in "
+                         f"this {kind}; pick another group in layers")
+    return sites
+
+
+def group_sites(diffusion_model: torch.nn.Module, sites: list[str], group: str) -> list[str]:
+    """The transport sites (ComfyUI names, in order) that lie in ``group``; ``"all"`` keeps them all.
+
+    Raises:
+        ValueError: a group of another family, or none of the sites in the group (naming the groups they are in).
+    """
+    if group == "all":
+        return list(sites)
+    arch = model_arch(diffusion_model)
+    if arch is None:
+        raise ValueError(f"layer_group {group!r}: named layer groups cover SDXL-style UNets and FLUX, not "
+                         f"{type(diffusion_model).__name__}; set layer_group to 'all' and use the layers regex")
+    try:
+        return site_groups.filter_sites(sites, group, arch, "comfyui")
+    except ValueError as err:
+        raise ValueError(f"layer_group: {err}; pick another layer_group, or 'all'") from None
 
 
 def filter_sites(sites: list[str], pattern: str) -> list[str]:
@@ -96,9 +138,10 @@ def filter_sites(sites: list[str], pattern: str) -> list[str]:
     try:
         rx = re.compile(pattern.strip())
     except re.error as err:
-        raise ValueError(f"Bad layer filter {pattern!r}: {err}") from None
+        raise ValueError(f"Bad layer filter {pattern!r}: {err}; fix the layers regex, or clear it to steer every layer") from None
     kept = [s for s in sites if rx.search(s)]
     if not kept:
         sample = ", ".join(sites[:3]) + (", ..." if len(sites) > 3 else "")
-        raise ValueError(f"Layer filter {pattern!r} matches none of the transport's {len(sites)} sites ({sample})")
+        raise ValueError(f"Layer filter {pattern!r} matches none of the transport's {len(sites)} sites ({sample}); "
+                         "change the layers regex, or clear it to steer every layer")
     return kept

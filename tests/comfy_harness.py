@@ -368,7 +368,9 @@ def _widget_inputs(class_type: str) -> list[tuple[str, bool]]:
             opts = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
             is_widget = isinstance(kind, list) or (kind in _WIDGET_TYPES and not opts.get("forceInput"))
             if is_widget:
-                control = bool(opts.get("control_after_generate")) or (kind == "INT" and name in ("seed", "noise_seed"))
+                # the frontend's rule: an explicit control_after_generate wins, else INT "seed"/"noise_seed" get one
+                explicit = opts.get("control_after_generate")
+                control = bool(explicit) if explicit is not None else (kind == "INT" and name in ("seed", "noise_seed"))
                 out.append((name, control))
     return out
 
@@ -451,6 +453,46 @@ def run_prompt(prompt: dict[str, dict], prompt_id: str = "test") -> dict[str, An
             detail = f"{detail.get('node_type')}: {detail.get('exception_type')}: {detail.get('exception_message')}"
         raise AssertionError(f"ComfyUI failed to execute the prompt: {detail}")
     return executor.history_result
+
+
+class Session:
+    """One ComfyUI executor kept across prompts, with its output cache, like the server's prompt worker.
+
+    ``events(kind)`` lists what the executor sent to the browser (``executed`` ui outputs, ``execution_cached``
+    node ids, ...) during the last `run`.
+    """
+
+    def __init__(self) -> None:
+        import execution
+
+        self.server = _Server()
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
+                                                 cache_args={"lru": 0, "ram": 0})
+
+    @staticmethod
+    def validate(prompt: dict[str, dict], prompt_id: str = "test") -> tuple[bool, Any, dict]:
+        """ComfyUI's queue-time check (what ``POST /prompt`` runs): ``(valid, error, node_errors)``."""
+        import execution
+
+        valid, error, _, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        return valid, error, node_errors
+
+    def run(self, prompt: dict[str, dict], prompt_id: str = "test") -> dict[str, Any]:
+        """Validate and execute; returns ``history_result``; AssertionError with ComfyUI's messages on failure."""
+        import execution
+
+        valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        if not valid:
+            raise AssertionError(f"ComfyUI rejected the prompt: {error} {json.dumps(node_errors, default=str)[:2000]}")
+        self.server.messages.clear()
+        # with a client id the executor sends per-node events (ui outputs, cached nodes), as to a browser tab
+        self.executor.execute(prompt, prompt_id, {"client_id": "test"}, outputs)
+        if not self.executor.success:
+            raise AssertionError(f"ComfyUI failed to execute the prompt: {self.executor.status_messages}")
+        return self.executor.history_result
+
+    def events(self, kind: str) -> list[Any]:
+        return [data for event, data in self.server.messages if event == kind]
 
 
 def load_workflow(name: str) -> dict:

@@ -143,9 +143,10 @@ def test_learn_errors_are_one_line_and_actionable(pack, clip, sdxl, flux):
         _learn(sdxl, clip, source_prompts="  \n\n")
     with pytest.raises(ValueError, match="Need at least 2 target prompts .* got 1"):
         _learn(sdxl, clip, target_prompts="only one\n")
-    with pytest.raises(ValueError, match="'blocks' does not apply to a UNetModel.*'all-norms' or 'fast'"):
+    with pytest.raises(ValueError, match="^layers: 'blocks' is a FLUX layer group; for this SDXL model choose one of: "
+                                         "auto, all-norms, fast, input-blocks"):
         _learn(sdxl, clip, layers="blocks")
-    with pytest.raises(ValueError, match="matches no module of Flux"):
+    with pytest.raises(ValueError, match="matches no module of Flux.*change layer_regex"):
         _learn(flux, clip, layers="regex", layer_regex=r"input_blocks\..*")
     with pytest.raises(ValueError, match="different token lengths"):
         _learn(sdxl, clip, source_prompts=SOURCE + "\n" + " ".join(["word"] * 90))

@@ -54,9 +54,13 @@ def test_node_inputs_and_outputs(pack):
     assert list(learn)[:4] == ["model", "clip", "source_prompts", "target_prompts"]
     assert learn["source_prompts"][1]["multiline"] and learn["target_prompts"][1]["multiline"]
     assert "linear-act" in learn["method"][1]["options"] and learn["method"][1]["default"] == "linear-act"
-    assert learn["layers"][1]["options"] == ["auto", "all-norms", "fast", "blocks", "regex"]
+    layers = learn["layers"][1]["options"]
+    assert layers[:2] == ["auto", "fast"] and layers[-1] == "regex"
+    assert {"all-norms", "input-blocks", "middle-block", "output-blocks", "attention-norms", "resnet-norms", "blocks",
+            "double-blocks", "single-blocks", "image-stream", "text-stream"} <= set(layers)
     for name in ("steps", "seed", "cfg", "width", "height", "samples_per_prompt", "layer_regex"):
         assert name in learn
+    assert learn["seed"][1]["control_after_generate"] is False  # a new Learn node must not relearn on every queue
     assert list(_node("ActSteerLearn").RETURN_TYPES) == ["ACT_TRANSPORT"]
 
     apply = spec["ActSteerApply"]
@@ -64,7 +68,8 @@ def test_node_inputs_and_outputs(pack):
     assert apply["required"]["transport"][0] == "ACT_TRANSPORT"
     strength = apply["required"]["strength"][1]
     assert strength["default"] == 1.0 and strength["min"] < 0 and strength["display"] == "slider"
-    assert list(apply["optional"]) == ["layers"]
+    assert list(apply["optional"]) == ["layers", "layer_group"]  # new inputs last: saved workflows keep their values
+    assert apply["optional"]["layer_group"][1]["options"][:2] == ["all", "fast"]
     assert list(_node("ActSteerApply").RETURN_TYPES) == ["MODEL"]
 
     assert list(spec["ActSteerSave"]["required"]) == ["transport", "filename", "if_exists"]
@@ -76,21 +81,67 @@ def test_node_inputs_and_outputs(pack):
     assert list(_node("ActSteerSweep").RETURN_TYPES) == ["IMAGE"]
 
 
+def test_every_input_and_output_has_a_tooltip(pack):
+    for node_id in NODE_IDS:
+        cls = _node(node_id)
+        spec = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, entry in spec.get(section, {}).items():
+                assert entry[1].get("tooltip"), f"{node_id}.{name}"
+        assert all(cls.OUTPUT_TOOLTIPS), node_id
+    assert "all-norms" in _node("ActSteerLearn").INPUT_TYPES()["required"]["layers"][1]["tooltip"]
+
+
 def test_save_refuses_unsafe_names_and_silent_overwrites(pack, comfy_dirs):
     transport = _transport(pack, {"a": 4})
     save = _node("ActSteerSave").execute
-    for bad in ("../escape", "/abs/path", "a/../../b", ".hidden", "", "x\\..\\y", "C:/x", "sub//x", "a\nb"):
-        with pytest.raises(ValueError, match="Unsafe transport file name"):
+    for bad in ("../escape", "/abs/path", "a/../../b", ".hidden", "", "x\\..\\y", "C:/x", "sub//x", "a\nb", "a\n/b",
+                "con", "NUL", "aux/x", "styles/com1.old", "lpt9", "trailing.", "folder./x", "a /b", "a/ b", "x" * 201,
+                "é" * 101):
+        with pytest.raises(ValueError, match="^Unsafe transport file name .*change filename on the AcT Save node$"):
             save(transport=transport, filename=bad, if_exists="error")
+        assert _node("ActSteerSave").validate_inputs(filename=bad) != True  # noqa: E712  (refused when queued)
     assert list(comfy_dirs.rglob("*")) == []
+    assert _node("ActSteerSave").validate_inputs(filename="styles/console") is True  # only the exact device names
     assert save(transport=transport, filename="style/water color", if_exists="error")[0] == "style/water color.safetensors"
-    with pytest.raises(ValueError, match="already exists; choose another name"):
-        save(transport=transport, filename="style/water color", if_exists="error")
-    assert save(transport=transport, filename="style/water color", if_exists="add number")[0] == "style/water color_00001.safetensors"
-    other = _transport(pack, {"b": 2}, seed=1)
-    assert save(transport=other, filename="style/water color.safetensors", if_exists="overwrite")[0] == "style/water color.safetensors"
-    assert _node("ActSteerLoad").execute(transport_name="style/water color.safetensors")[0] == other
-    assert _node("ActSteerLoad").execute(transport_name="style/water color_00001.safetensors")[0] == transport
+    other, third = _transport(pack, {"b": 2}, seed=1), _transport(pack, {"c": 3}, seed=2)
+    with pytest.raises(ValueError, match="already exists; change filename"):
+        save(transport=other, filename="style/water color", if_exists="error")
+    assert save(transport=other, filename="style/water color", if_exists="add number")[0] == "style/water color_00001.safetensors"
+    assert save(transport=third, filename="style/water color.safetensors", if_exists="overwrite")[0] == "style/water color.safetensors"
+    assert _node("ActSteerLoad").execute(transport_name="style/water color.safetensors")[0] == third
+    assert _node("ActSteerLoad").execute(transport_name="style/water color_00001.safetensors")[0] == other
+    assert save(transport=transport, filename="style/water color", if_exists="add number")[0] == "style/water color_00002.safetensors"
+
+
+def test_save_writes_no_duplicate_and_says_why(pack, comfy_dirs):
+    transport, other = _transport(pack, {"a": 4}), _transport(pack, {"a": 4}, seed=1)
+    save = _node("ActSteerSave").execute
+    first = save(transport=transport, filename="ocean", if_exists="add number")
+    assert first.result == ("ocean.safetensors",) and first.ui.as_dict() == {"text": ("saved ocean.safetensors (1 layers)",)}
+    again = save(transport=transport, filename="ocean", if_exists="add number")  # the same transport, queued again
+    assert again.result == ("ocean.safetensors",)
+    assert again.ui.as_dict()["text"][0].startswith("not saved again: ocean.safetensors already holds this transport")
+    for mode in ("error", "overwrite"):  # neither errors nor rewrites for the same transport
+        assert save(transport=transport, filename="ocean", if_exists=mode).ui.as_dict()["text"][0].startswith("not saved")
+    assert save(transport=other, filename="ocean", if_exists="add number")[0] == "ocean_00001.safetensors"
+    assert save(transport=other, filename="ocean", if_exists="add number")[0] == "ocean_00001.safetensors"  # the last copy
+    with pytest.raises(ValueError, match="A different transport named 'ocean.safetensors' already exists; change "
+                                         "filename, or set if_exists to 'add number' or 'overwrite'"):
+        save(transport=other, filename="ocean", if_exists="error")
+    assert sorted(p.name for p in comfy_dirs.iterdir()) == ["ocean.safetensors", "ocean_00001.safetensors"]
+
+
+def test_save_explains_folders_and_files_in_the_way(pack, comfy_dirs):
+    transport = _transport(pack, {"a": 4})
+    save = _node("ActSteerSave").execute
+    (comfy_dirs / "taken.safetensors").mkdir()
+    for mode in ("overwrite", "add number", "error"):
+        with pytest.raises(ValueError, match="^'taken.safetensors' is a folder in act_transports; change filename"):
+            save(transport=transport, filename="taken", if_exists=mode)
+    (comfy_dirs / "plain").write_text("a file where a folder is wanted")
+    with pytest.raises(ValueError, match="^Cannot write 'plain/x.safetensors' in act_transports: .*; change filename"):
+        save(transport=transport, filename="plain/x", if_exists="add number")
 
 
 def test_load_lists_files_and_reports_unreadable_ones(pack, comfy_dirs):
@@ -100,12 +151,16 @@ def test_load_lists_files_and_reports_unreadable_ones(pack, comfy_dirs):
     save_file({"w": torch.zeros(2)}, str(comfy_dirs / "foreign.safetensors"))
     load = _node("ActSteerLoad")
     assert load.INPUT_TYPES()["required"]["transport_name"][1]["options"] == ["foreign.safetensors", "garbage.safetensors"]
-    with pytest.raises(ValueError, match="Cannot read transport file 'garbage.safetensors'.*not a readable safetensors"):
-        load.execute(transport_name="garbage.safetensors")
-    with pytest.raises(ValueError, match="Cannot read transport file 'foreign.safetensors'.*not an actsteer transport"):
-        load.execute(transport_name="foreign.safetensors")
-    with pytest.raises(ValueError, match="No transport file 'missing.safetensors'"):
+    for name, problem in (("garbage.safetensors", "not a readable safetensors"),
+                          ("foreign.safetensors", "not an actsteer transport")):
+        with pytest.raises(ValueError, match=f"Cannot read transport file '{name}'.*{problem}") as err:
+            load.execute(transport_name=name)
+        assert str(comfy_dirs) not in str(err.value) and "\n" not in str(err.value)  # one line, no server path
+        assert load.validate_inputs(transport_name=name) == str(err.value)  # the same line when queued
+    with pytest.raises(ValueError, match="No transport file 'missing.safetensors' in models/act_transports; pick one"):
         load.execute(transport_name="missing.safetensors")
+    assert load.validate_inputs(transport_name="missing.safetensors").startswith("No transport file")
+    assert load.validate_inputs(transport_name=None) is True  # a linked input is checked when the graph runs
     before = load.fingerprint_inputs(transport_name="garbage.safetensors")
     (comfy_dirs / "garbage.safetensors").write_bytes(b"changed, and longer than before")
     assert load.fingerprint_inputs(transport_name="garbage.safetensors") != before
@@ -163,7 +218,7 @@ def test_sweep_returns_one_image_per_strength(pack, clip, sdxl):
     assert torch.equal(images[0:1], unsteered)  # strength 0 is the plain sample, same seed
     assert all(not torch.equal(images[i], images[0]) for i in (1, 2, 3))
     with pytest.raises(ValueError, match="Bad strength 'strong'"):
-        pack.comfy_nodes.nodes.parse_strengths("0, strong")
+        pack.comfy_nodes.inputs.parse_strengths("0, strong")
 
 
 def test_sweep_rejects_mismatched_transport_before_sampling(pack, clip, flux):
@@ -174,3 +229,81 @@ def test_sweep_rejects_mismatched_transport_before_sampling(pack, clip, flux):
             strengths="0, 1", seed=0, steps=2, cfg=1.0, sampler_name="euler", scheduler="simple",
             start_percent=0.0, end_percent=1.0, layers="",
         )
+
+
+def test_apply_layer_group_steers_only_that_part_of_the_model(pack, sdxl, flux):
+    patching = pack.comfy_nodes.patching
+    apply = _node("ActSteerApply").execute
+    widths = {"input_blocks.1.0.in_layers.0": 32, "input_blocks.3.1.transformer_blocks.0.norm1": 64,
+              "middle_block.1.norm": 64, "middle_block.2.out_layers.0": 64, "out.0": 32}
+    transport = _transport(pack, widths, model={"framework": "comfyui", "class": "SDXL"})
+
+    def steered(model, transport, group):
+        patched = apply(model=model, transport=transport, strength=1.0, start_percent=0.0, end_percent=1.0, layers="",
+                        layer_group=group)[0]
+        return patching.steering_patch(patched).entries[0].transport.sites
+
+    assert steered(sdxl, transport, "all") == list(widths)
+    assert steered(sdxl, transport, "middle-block") == ["middle_block.1.norm", "middle_block.2.out_layers.0"]
+    assert steered(sdxl, transport, "attention-norms") == ["input_blocks.3.1.transformer_blocks.0.norm1", "middle_block.1.norm"]
+    assert steered(sdxl, transport, "output-blocks") == ["out.0"]
+    with pytest.raises(ValueError, match="layer_group: None of the transport's 2 layers is in the group 'input-blocks'; "
+                                         "it has layers in: .*middle-block.*; pick another layer_group, or 'all'"):
+        steered(sdxl, transport.select(["middle_block.1.norm", "middle_block.2.out_layers.0"]), "input-blocks")
+    with pytest.raises(ValueError, match="'image-stream' is a FLUX layer group; for this SDXL model choose one of"):
+        steered(sdxl, transport, "image-stream")
+
+    streams = _transport(pack, {"double_blocks.0:0": 64, "double_blocks.0:1": 64, "single_blocks.1": 64},
+                         model={"framework": "comfyui", "class": "Flux"})
+    assert steered(flux, streams, "image-stream") == ["double_blocks.0:0"]
+    assert steered(flux, streams, "single-blocks") == ["single_blocks.1"]
+    # a transport fitted with diffusers is translated first: its text stream (:0 there) is ComfyUI's :1
+    fitted = _transport(pack, {"transformer.transformer_blocks.1:0": 64, "transformer.transformer_blocks.1:1": 64},
+                        model={"naming": "diffusers", "arch": "flux"})
+    assert steered(flux, fitted, "text-stream") == ["double_blocks.1:1"]
+
+
+def test_sweep_reports_one_progress_bar_for_all_strengths(pack, clip, sdxl):
+    import comfy.utils
+
+    transport = _transport(pack, {"middle_block.1.norm": 64}, model={"framework": "comfyui", "class": "SDXL"})
+    updates = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
+    try:
+        images = _node("ActSteerSweep").execute(
+            model=sdxl, transport=transport, vae=tiny_vae(4), positive=encode(clip, "a cat"), negative=encode(clip, ""),
+            latent_image=empty_latent(sdxl), strengths="0, 1, -1", seed=0, steps=3, cfg=4.0, sampler_name="euler",
+            scheduler="simple", start_percent=0.0, end_percent=1.0, layers="", layer_group="middle-block",
+        )[0]
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert images.shape[0] == 3
+    assert {total for _, total in updates} == {9}  # 3 strengths x 3 steps, one bar
+    values = [value for value, _ in updates]
+    assert values == sorted(values) and values[-1] == 9  # never restarts
+
+
+def test_errors_tell_an_artist_what_to_change_in_the_graph(pack, clip, sdxl, flux):
+    apply = _node("ActSteerApply").execute
+    sdxl_transport = _transport(pack, {"input_blocks.1.0.in_layers.0": 32}, model={"framework": "comfyui", "class": "SDXL"})
+    with pytest.raises(ValueError) as err:
+        apply(model=flux, transport=sdxl_transport, strength=1.0, start_percent=0.0, end_percent=1.0, layers="")
+    message = str(err.value)
+    assert "list_sites" not in message and "\n" not in message
+    assert message.startswith("This transport does not match the MODEL: it was fitted on SDXL (ComfyUI), the MODEL is Flux")
+    assert message.endswith("connect the MODEL this transport was learned on (same family and size), or learn a new "
+                            "transport on this MODEL with AcT Learn Transport")
+    learn = _node("ActSteerLearn").execute
+    kw = dict(source_prompts="a\nb", target_prompts="c\nd", method="linear-act", steps=2, seed=0, cfg=1.0, width=64,
+              height=64, samples_per_prompt=1, collect_steps=1, fit_mode="sequential", support="observed", batch_size=0)
+    with pytest.raises(ValueError, match=r"^layer_regex: Site pattern .* matches no module of Flux.*; "
+                                         "change layer_regex .*or pick a named layer group in layers$") as err:
+        learn(model=flux, clip=clip, layers="regex", layer_regex=r"input_blocks\..*", **kw)
+    assert "list_sites" not in str(err.value)
+    nan = pack.core.Transport({"middle_block.1.norm": pack.core.UnitMap(torch.full((64,), float("nan")), torch.zeros(64))})
+    with pytest.raises(ValueError, match="^The transport: site 'middle_block.1.norm' is unusable: `omega` has 64 NaN/Inf "
+                                         "value.*learn it again with AcT Learn Transport$"):
+        apply(model=sdxl, transport=nan, strength=1.0, start_percent=0.0, end_percent=1.0, layers="")
+    for_artist = pack.comfy_nodes.checks.for_artist
+    assert for_artist("Site 'x' not found in Flux (9 submodules); see actsteer.list_sites(model) (fitted on 'SDXL')",
+                      "do this") == "Site 'x' not found in Flux (9 submodules) (fitted on 'SDXL'); do this"

@@ -1,0 +1,98 @@
+"""Inputs the AcT nodes share (strength, schedule window, layer choices, outputs) and their queue-time checks.
+
+Every input and output carries a tooltip (an artist reads them on hover). The ``*_problem`` helpers back the
+nodes' V3 ``validate_inputs``: they return None when a value is fine, else one line saying what to change, and
+they accept None for an input fed by a link (its value is only known when the graph runs).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from comfy_api.latest import io
+
+from .presets import APPLY_GROUPS, GROUP_TOOLTIP
+
+CATEGORY = "model_patches/steering (AcT)"
+Transport = io.Custom("ACT_TRANSPORT")
+
+STRENGTH_MIN, STRENGTH_MAX = -3.0, 3.0
+STRENGTH_TIP = (
+    "0 = no effect, 1 = full transport (the paper's setting, safe by design), values in between interpolate; "
+    "negative values apply the reverse transport (target -> source); above 1 extrapolates and may break images"
+)
+TRANSPORT_IN_TIP = "The transport to apply: from AcT Learn Transport or AcT Load Transport"
+TRANSPORT_OUT_TIP = "The learned transport (per-layer maps); connect it to AcT Apply, Save or Strength Sweep"
+MODEL_IN_TIP = "The diffusion MODEL to steer (SDXL-family UNet or FLUX), e.g. from Load Checkpoint or a LoRA loader"
+
+
+def strength_input(default: float = 1.0) -> io.Float.Input:
+    return io.Float.Input(
+        "strength", default=default, min=STRENGTH_MIN, max=STRENGTH_MAX, step=0.05,
+        display_mode=io.NumberDisplay.slider, tooltip=STRENGTH_TIP,
+    )
+
+
+def window_inputs() -> list[io.Float.Input]:
+    return [
+        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Start steering at this fraction of the sampling schedule (0 = first step; 0.2 keeps "
+                               "the layout and changes the rendering)"),
+        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Stop steering after this fraction of the sampling schedule (1 = last step)"),
+    ]
+
+
+def layer_filter_inputs() -> list[io.Input]:
+    """The optional ``layers`` regex (kept first for saved workflows) and the ``layer_group`` picker."""
+    return [
+        io.String.Input(
+            "layers", default="", optional=True,
+            tooltip="Optional regex: apply only the transport's layers whose name contains a match (e.g. "
+                    "'input_blocks' or 'double_blocks'); empty = all layers. Easier: pick a layer_group",
+        ),
+        io.Combo.Input("layer_group", options=list(APPLY_GROUPS), default="all", optional=True, tooltip=GROUP_TOOLTIP),
+    ]
+
+
+def number_problem(name: str, value: float | None, lo: float, hi: float) -> str | None:
+    """What is wrong with a number widget's value (NaN, infinity, out of range), or None."""
+    if value is None:
+        return None
+    if not math.isfinite(value):
+        return f"{name} is {value}; set a number between {lo:g} and {hi:g}"
+    if not lo <= value <= hi:
+        return f"{name} = {value:g} is outside {lo:g} to {hi:g}; set a number in that range"
+    return None
+
+
+_TOKENS = re.compile(r"[,;\s]+")
+
+
+def parse_strengths(text: str) -> list[float]:
+    """``"0, 0.5, 1"`` -> ``[0.0, 0.5, 1.0]`` (commas, spaces or semicolons); a bad entry is named in the error.
+
+    Example:
+        >>> parse_strengths("0, 0.5; 1  -1")
+        [0.0, 0.5, 1.0, -1.0]
+    """
+    tokens = [t for t in _TOKENS.split(text.strip()) if t]
+    if not tokens:
+        raise ValueError("strengths is empty; write at least one strength, e.g. '0, 0.25, 0.5, 0.75, 1'")
+    values = []
+    for token in tokens:
+        try:
+            value = float(token)
+        except ValueError:
+            raise ValueError(f"Bad strength {token!r} in strengths; write numbers separated by commas") from None
+        problem = number_problem(f"strength {token!r} in strengths", value, STRENGTH_MIN, STRENGTH_MAX)
+        if problem:
+            raise ValueError(problem)
+        values.append(value)
+    return values
+
+
+def first_problem(*problems: str | None) -> bool | str:
+    """What ``validate_inputs`` returns: True, or the first problem."""
+    return next((p for p in problems if p), True)
