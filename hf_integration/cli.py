@@ -22,7 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..core.io import resolve_path, shorten
+from ..core.io import resolve_path
+from ..core.validation import shorten
 from .cli_checks import (
     CliError,
     Parser,

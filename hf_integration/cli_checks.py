@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..core.io import shorten
+from ..core.validation import shorten
 from .texts import check_texts, read_texts
 
 

