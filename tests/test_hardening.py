@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -345,6 +344,7 @@ def test_hardening_fit_pipeline_takes_the_method_defaults(flux):
 
 def test_hardening_demo_extra_installs_what_the_default_model_needs():
     """`check_default_model` fails fast on a missing gguf/accelerate; the [demo] extra must install both."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     names = {req.split(">")[0].split("=")[0].split("[")[0].strip().lower() for req in extras["demo"]}
     assert {"gguf", "accelerate"} <= names
