@@ -17,9 +17,9 @@ from comfy_harness import (  # noqa: F401  (fixtures)
 )
 
 SMALL = {"width": 64, "height": 64, "steps": 2}  # real sizes and step counts, shrunk for tiny models on CPU
-STYLE = "AcT SDXL learn a watercolor style and apply it.json"
-SWEEP = "AcT SDXL strength sweep of the saved style.json"
-FLUX = "AcT FLUX schnell remove a concept.json"
+STYLE = "AcT SDXL learn and apply style.json"
+SWEEP = "AcT SDXL strength sweep.json"
+FLUX = "AcT FLUX remove a concept.json"
 NOTES = ("Note", "MarkdownNote")
 
 
@@ -53,6 +53,7 @@ def test_example_workflows_have_thumbnails_titles_and_cost_notes():
         # the frontend titles a pack's template by its file name and describes it by the same name with '-'/'_' as
         # spaces: a readable name with neither reads the same in both places
         assert path.stem.startswith("AcT ") and not set("-_") & set(path.stem), path.name
+        assert len(path.stem) <= 30, path.name  # longer titles are cut on the template cards
         thumbnail = path.with_suffix(".jpg")  # served as /api/workflow_templates/<pack>/<name>.jpg
         with Image.open(thumbnail) as image:
             assert image.format == "JPEG" and image.size[0] >= 256

@@ -4,8 +4,8 @@
 //    "learned ... encode 1.2 s · sample 30.4 s · fit 0.3 s"): the server sends it as the node's `text` ui output.
 // 2. After AcT Save writes a file, the server broadcasts the event "actsteer.transports" with the new file
 //    list; every AcT Load Transport dropdown in every open tab follows it, without Refresh Node Definitions.
-import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+import { app } from "../../../scripts/app.js"; // served at /extensions/<pack>/js/actsteer.js
+import { api } from "../../../scripts/api.js";
 
 const RESULT_NODES = new Set(["ActSteerLearn", "ActSteerSave"]);
 const RESULT_WIDGET = "actsteer_result";
