@@ -118,15 +118,18 @@ class ActSteerLearn(io.ComfyNode):
             raise ValueError("AcT Learn needs a CLIP to encode the prompts; connect the checkpoint's CLIP output")
         source = parse_prompts(source_prompts, "source")
         target = parse_prompts(target_prompts, "target")
-        sites = preset_sites(diffusion_model(model), layers, layer_regex)
         settings = CollectSettings(
             steps=steps, seed=seed, cfg=cfg, width=width, height=height, samples_per_prompt=samples_per_prompt,
             collect_steps=collect_steps,
         )
-        transport, timing = learn(
-            model, clip, source, target, sites=sites, method=method, support=support, fit_mode=fit_mode,
-            batch_size=batch_size, settings=settings,
-        )
+        try:
+            sites = preset_sites(diffusion_model(model), layers, layer_regex)
+            transport, timing = learn(
+                model, clip, source, target, sites=sites, method=method, support=support, fit_mode=fit_mode,
+                batch_size=batch_size, settings=settings,
+            )
+        except (KeyError, ValueError) as err:  # core messages may address Python users: say what to change here
+            raise ValueError(for_artist(err, "change layers or layer_regex on the AcT Learn node", always=False)) from None
         summary = (f"learned {len(transport)} layers from {transport.n_source} + {transport.n_target} samples: "
                    f"{timing.line()}")
         return io.NodeOutput(transport, ui=ui.PreviewText(summary))

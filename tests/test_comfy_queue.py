@@ -148,3 +148,16 @@ def test_learn_shows_its_split_timing_on_the_node(pack, comfy_dirs, caplog):
     assert texts["3"] == "saved learned.safetensors (8 layers)"
     assert "actsteer: learned 8 layers from 3 source + 3 target samples in" in caplog.text
     assert "actsteer: fitted" not in caplog.text  # the core's all-in-one figure would credit sampling to fitting
+
+
+def test_apply_layer_group_through_the_executor(pack, comfy_dirs):
+    _transport(pack).save(comfy_dirs / "style.safetensors")  # input_blocks.1.0.in_layers.0 and middle_block.1.norm
+    session = Session()
+    session.run(_steer_graph(layer_group="middle-block"))
+    (preview,) = [e for e in session.events("executed") if e["node"] == "9"]
+    assert len(preview["output"]["images"]) == 1
+    only_middle = _transport(pack, sites={"middle_block.1.norm": 64})
+    only_middle.save(comfy_dirs / "middle.safetensors")
+    with pytest.raises(AssertionError, match="layer_group: None of the transport's 1 layers is in the group "
+                                             "'input-blocks'; it has layers in: all-norms, middle-block"):
+        session.run(_steer_graph("middle.safetensors", layer_group="input-blocks"))

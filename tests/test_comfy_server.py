@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -208,6 +209,10 @@ def test_server_serves_the_frontend_extension_and_the_templates(server):
     assert status == 200 and script in json.loads(body)
     status, _, body = server.get(script)
     assert status == 200 and b"actsteer.transports" in body and b"onExecuted" in body
+    # the frontend's public modules live at /scripts/*.js: relative imports must resolve there from where ComfyUI
+    # serves the script (a wrong depth fails only in the browser, as "Failed to fetch dynamically imported module")
+    imports = re.findall(r'^import .* from "([^"]+)";', body.decode(), flags=re.MULTILINE)
+    assert sorted(urllib.parse.urljoin(script, i) for i in imports) == ["/scripts/api.js", "/scripts/app.js"]
     status, _, body = server.get("/api/workflow_templates")
     names = sorted(json.loads(body)[PACK])
     assert names == sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
