@@ -135,12 +135,12 @@ def to_comfy_names(model, transport: Transport) -> Transport:
 
 
 def check_numbers(transport: Transport, where: str) -> Transport:
-    """Refuse a transport with NaN/Inf maps before it reaches a sampler (`actsteer.core.io.check_transport`).
+    """Refuse a transport with NaN/Inf maps before it reaches a sampler (`actsteer.core.validation.check_transport`).
 
     Raises:
         ValueError: one line naming ``where`` and the site, and saying to learn it again.
     """
-    from ..core.io import check_transport as check_maps
+    from ..core.validation import check_transport as check_maps
 
     try:
         return check_maps(transport, where)

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from ..core.io import shorten
+from ..core.validation import shorten
 from ..core.transport import UNITMAP_FIELDS, Transport
 
 logger = logging.getLogger(__name__)
