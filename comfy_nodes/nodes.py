@@ -101,8 +101,9 @@ class ActSteerLearn(io.ComfyNode):
                                tooltip="observed: leave activations outside the source range alone (safe at strength 1); "
                                        "all: transport every value (stronger, can break images at strength 1)"),
                 io.Int.Input("batch_size", default=0, min=0, max=4096,
-                             tooltip="Prompts x samples per model call; 0 = all at once (fastest). Lower it (e.g. 8) "
-                                     "if memory runs out: slower, same result in at-once mode"),
+                             tooltip="Prompts x samples per model call; 0 = all at once (fastest: one call in sequential "
+                                     "mode). If memory runs out, prefer fit_mode at-once with batch_size 8: in "
+                                     "sequential mode each batch costs a partial model call per layer"),
             ],
             outputs=[Transport.Output(display_name="transport", tooltip=TRANSPORT_OUT_TIP)],
         )
