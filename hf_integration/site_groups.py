@@ -237,11 +237,3 @@ def filter_sites(sites: Sequence[str], group: str, arch: str, naming: str) -> li
         )
     return kept
 
-
-def describe(arch: str | None = None) -> str:
-    """``"name: summary"`` lines for tooltips and documentation (every architecture when ``arch`` is None)."""
-    lines = []
-    for a in ARCHS if arch is None else (arch,):
-        lines.append(f"{a.upper()}: auto = {ALIASES[a]['auto']}")
-        lines.extend(f"  {g.name}: {g.summary}" for g in GROUPS if g.arch == a)
-    return "\n".join(lines)
