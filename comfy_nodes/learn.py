@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..core.estimate import method_defaults
 from ..core.fit import ForwardContext, fit
 from ..core.fit import logger as fit_logger
 from .checks import diffusion_model
@@ -195,7 +196,7 @@ def learn(
     *,
     sites: list[str],
     method: str = "linear-act",
-    support: str = "observed",
+    support: str | None = None,
     fit_mode: str = "sequential",
     batch_size: int = 0,
     settings: CollectSettings = CollectSettings(),
@@ -207,7 +208,9 @@ def learn(
         clip: the CLIP used to encode the prompts (``CLIPTextEncode``).
         source, target: prompts (at least 2 each).
         sites: site names of ``model.model.diffusion_model`` (see `presets.preset_sites`).
-        method, support: passed to `actsteer.estimate`.
+        method, support: passed to `actsteer.estimate`; ``support`` None (or ``"method default"``) takes the
+            method's own (`actsteer.core.estimate.method_defaults`), which also sets the pooling: the mean over
+            tokens/pixels, the max for AurA.
         fit_mode: ``"sequential"`` (one call with ``collect_steps == 1``, one call per site otherwise) or ``"at-once"``.
         batch_size: items per sampler call; 0 = all items in one call (cheapest).
         settings: sampling and pooling settings.
@@ -227,6 +230,9 @@ def learn(
 
     if fit_mode not in FIT_MODES:
         raise ValueError(f"Unknown fit_mode {fit_mode!r}; choose one of: {', '.join(FIT_MODES)}")
+    defaults = method_defaults(method, spatial=True)
+    if support in (None, "method default"):
+        support = defaults["support"]
     s = settings
     if s.collect_steps < 1 or s.collect_steps > s.steps:
         raise ValueError(f"collect_steps must be between 1 and steps ({s.steps}), got {s.collect_steps}")
@@ -294,7 +300,7 @@ def learn(
     fit_logger.addFilter(quiet)
     try:
         transport = fit(
-            dm, sites, items_source, items_target, run=run, method=method, support=support,
+            dm, sites, items_source, items_target, run=run, method=method, support=support, pooling=defaults["pooling"],
             sequential=sequential, batch_size=None if bs >= n_items else bs, one_pass=one_pass, progress=False,
             model_info=_model_info(model, dm),
             description=f"{len(source)} source vs {len(target)} target prompts, learned in ComfyUI",

@@ -97,9 +97,11 @@ class ActSteerLearn(io.ComfyNode):
                 io.Combo.Input("fit_mode", options=list(FIT_MODES), default="sequential",
                                tooltip="sequential: each layer is fitted after the earlier ones are transported (the "
                                        "paper; one batched model call); at-once: all layers on unsteered activations"),
-                io.Combo.Input("support", options=["observed", "all"], default="observed",
+                io.Combo.Input("support", options=["method default", "observed", "all"], default="method default",
                                tooltip="observed: leave activations outside the source range alone (safe at strength 1); "
-                                       "all: transport every value (stronger, can break images at strength 1)"),
+                                       "all: transport every value (stronger, can break images at strength 1); "
+                                       "method default: observed for linear-act/mean-act/gaussian-ot, all for the "
+                                       "additive baselines (actadd, caa, itic, aura)"),
                 io.Int.Input("batch_size", default=0, min=0, max=4096,
                              tooltip="Prompts x samples per model call; 0 = all at once (fastest: one call in sequential "
                                      "mode). If memory runs out, prefer fit_mode at-once with batch_size 8: in "

@@ -152,3 +152,13 @@ def test_learn_errors_are_one_line_and_actionable(pack, clip, sdxl, flux):
         _learn(sdxl, clip, source_prompts=SOURCE + "\n" + " ".join(["word"] * 90))
     with pytest.raises(ValueError, match="needs a CLIP"):
         _learn(sdxl, None)
+
+
+@pytest.mark.parametrize("method, support, pooling", [("linear-act", "observed", "mean"), ("aura", "all", "max")])
+def test_learn_method_default_support_and_pooling(pack, comfy_dirs, clip, method, support, pooling):
+    transport = _learn(tiny_sdxl(0), clip, method=method, support="method default", layers="fast", steps=2,
+                       samples_per_prompt=1)
+    assert (transport.method, transport.support, transport.pooling) == (method, support, pooling)
+    explicit = _learn(tiny_sdxl(0), clip, method=method, support="observed", layers="fast", steps=2,
+                      samples_per_prompt=1)
+    assert explicit.support == "observed"  # an explicit choice wins over the method's default
