@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Union
@@ -27,7 +28,8 @@ def _round_inwards(bound: torch.Tensor, dtype: torch.dtype, *, up: bool) -> torc
     back = out.to(bound.dtype)
     wrong = (back < bound) if up else (back > bound)
     wrong &= torch.isfinite(bound)
-    if bool(wrong.any()):
+    # branch-free while torch.compile traces (no data-dependent Python `if`); eager skips the work when exact
+    if torch.compiler.is_compiling() or bool(wrong.any()):
         toward = torch.full_like(out, float("inf") if up else float("-inf"))
         out = torch.where(wrong, torch.nextafter(out, toward), out)
     return out
@@ -36,12 +38,35 @@ def _round_inwards(bound: torch.Tensor, dtype: torch.dtype, *, up: bool) -> torc
 _MIN_INVERTIBLE_OMEGA = 1e-6
 
 
+def masked_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lo: torch.Tensor | None,
+                  hi: torch.Tensor | None) -> torch.Tensor:
+    """``where(lo <= x <= hi, x * weight + bias, x)`` in ``x``'s dtype (no bounds: ``x * weight + bias``).
+
+    The one formula of the per-call path (ACT_SPEC.md section 4), written with float ops only: on CPU, ops that
+    produce or read a bool tensor (``==``, ``where``) are not vectorised and cost 3-6x a float op at
+    diffusion/prefill sizes. ``clamp(x, lo, hi) == x`` becomes 1.0/0.0 in place, and ``lerp(x, moved, 1.0)`` is
+    ``moved - (moved - x) * 0 = moved`` and ``lerp(x, moved, 0.0)`` is ``x + 0 * (moved - x) = x`` exactly, so
+    the result is bit for bit the ``where`` form for every finite ``x`` (NaN stays outside and is kept);
+    a ``+-inf`` activation outside the support (a model that has already overflowed) comes out NaN.
+    Weights may be float32 for half-precision ``x``: the multiply-add runs in float32 and is rounded once.
+    """
+    moved = torch.addcmul(bias, x, weight)
+    if moved.dtype != x.dtype:
+        moved = moved.to(x.dtype)
+    if lo is None:
+        return moved
+    return torch.lerp(x, moved, torch.clamp(x, lo, hi).eq_(x))
+
+
 @dataclasses.dataclass(frozen=True)
 class FoldedMap:
     """A `UnitMap` folded for one strength: ``out = where(lo <= x <= hi, x * weight + bias, x)``.
 
-    Shapes are ``(D,)`` for a scalar strength or ``(R, D)`` for one strength per batch row.
-    ``masked`` is False when the support is all reals, so the hot path skips the compare.
+    Shapes are ``(D,)`` for a scalar strength. For one strength per batch row, ``rows`` ``(R,)`` gives each
+    row's index into ``(U, D)`` tables of ``weight``/``bias`` (and of ``lo``/``hi`` when the rows' strengths
+    differ in sign; else those stay ``(D,)``), one table row per distinct strength in order of first
+    appearance; the rows are gathered when the map is applied, so a new per-row strength costs no ``(R, D)``
+    work until then. ``masked`` is False when the support is all reals, so the hot path skips the compare.
     """
 
     weight: torch.Tensor
@@ -49,6 +74,7 @@ class FoldedMap:
     lo: torch.Tensor
     hi: torch.Tensor
     masked: bool
+    rows: torch.Tensor | None = None
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FoldedMap:
         """The map ready for activations of ``dtype`` on ``device``.
@@ -60,39 +86,52 @@ class FoldedMap:
         half-precision ``x``.
 
         Raises:
-            ValueError: in half precision, when the map sends a finite end of its support beyond the dtype's range.
+            ValueError: in half precision, when the map sends a finite end of its support beyond the dtype's range
+                (checked eagerly; while torch.compile traces, the check is left to the eager calls).
         """
+        rows = None if self.rows is None else self.rows.to(device=device)
         if dtype not in _HALF:
-            return FoldedMap(*(t.to(device=device, dtype=dtype) for t in self.tensors()), self.masked)
+            if (rows is self.rows and (dtype is None or dtype == self.weight.dtype)
+                    and (device is None or torch.device(device) == self.weight.device)):
+                return self  # already there: no copies, no new object
+            return FoldedMap(*(t.to(device=device, dtype=dtype) for t in self.tensors()), self.masked, rows)
         weight, bias = self.weight.to(device=device, dtype=torch.float32), self.bias.to(device=device, dtype=torch.float32)
         lo, hi = self.lo.to(device=device, dtype=torch.float32), self.hi.to(device=device, dtype=torch.float32)
-        if self.masked:
+        if self.masked and not torch.compiler.is_compiling():
             limit = torch.finfo(dtype).max
             for end in (lo, hi):
                 finite = torch.isfinite(end)
-                mapped = torch.where(finite, torch.addcmul(bias, end, weight), torch.zeros_like(end))
+                mapped = torch.where(finite, torch.addcmul(bias, end, weight), torch.zeros_like(bias))
                 if bool((mapped.abs() > limit).any()):
                     worst = float(mapped.abs().max())
                     raise ValueError(
                         f"at this strength the map sends values up to {worst:.3g}, beyond the range of {dtype} "
                         f"({limit:.3g}); run the model in float32 or use a smaller strength"
                     )
-        return FoldedMap(weight, bias, _round_inwards(lo, dtype, up=True), _round_inwards(hi, dtype, up=False), self.masked)
+        return FoldedMap(weight, bias, _round_inwards(lo, dtype, up=True), _round_inwards(hi, dtype, up=False),
+                         self.masked, rows)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.weight, self.bias, self.lo, self.hi
 
-    def apply_last(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply on the last dim of ``x`` (..., D); a per-row map (R, D) broadcasts over dims 1..-2."""
+    def per_row(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(weight, bias, lo, hi)`` with one row per batch row: the tables gathered by ``rows`` (``(R, D)``, or
+        ``(D,)`` for what all rows share); the tensors themselves for a scalar strength."""
         w, b, lo, hi = self.weight, self.bias, self.lo, self.hi
-        if w.dim() == 2 and x.dim() > 2:  # per-row strengths: (R, D) -> (R, 1, ..., 1, D)
-            shape = (w.shape[0],) + (1,) * (x.dim() - 2) + (w.shape[1],)
-            w, b, lo, hi = w.view(shape), b.view(shape), lo.view(shape), hi.view(shape)
-        moved = torch.addcmul(b, x, w)
-        if self.masked:
-            # lo <= x <= hi as one clamp + compare (cheaper than two compares and an and; NaN stays outside)
-            moved = torch.where(torch.clamp(x, lo, hi) == x, moved, x)
-        return moved if moved.dtype == x.dtype else moved.to(x.dtype)  # half precision computes in float32
+        rows = self.rows
+        if rows is not None:
+            w, b = w.index_select(0, rows), b.index_select(0, rows)
+            if lo.dim() == 2:
+                lo, hi = lo.index_select(0, rows), hi.index_select(0, rows)
+        return w, b, lo, hi
+
+    def apply_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply on the last dim of ``x`` (..., D); a per-row map broadcasts its rows over dims 1..-2."""
+        w, b, lo, hi = self.per_row()
+        if x.dim() > 2 and (w.dim() == 2 or lo.dim() == 2):  # per-row strengths: (R, D) -> (R, 1, ..., 1, D)
+            ones = (1,) * (x.dim() - 2)
+            w, b, lo, hi = (t.view((t.shape[0],) + ones + (t.shape[1],)) if t.dim() == 2 else t for t in (w, b, lo, hi))
+        return masked_affine(x, w, b, lo, hi) if self.masked else masked_affine(x, w, b, None, None)
 
     def apply_spatial(self, x: torch.Tensor) -> torch.Tensor:
         """The 4D rule (ACT_SPEC.md section 6): transport the spatial mean per channel of ``x`` (B, C, H, W),
@@ -101,6 +140,45 @@ class FoldedMap:
         mu = x.mean(dim=(2, 3))  # (B, C)
         delta = self.apply_last(mu) - mu
         return x + delta[:, :, None, None]
+
+
+# Folding caches: per UnitMap (by id, dropped when the map is collected), the folds of recent strengths and the
+# per-row tables of recent strength sets. A server that sets one strength per token before every forward folds
+# each distinct value once, not once per call (folds are immutable: callers never write into them).
+_FOLDS: dict[int, dict[Any, FoldedMap]] = {}
+_FOLDS_PER_MAP = 16
+_ROWS_CACHE: list[Any] = [None]  # (weakref to the last 1-D strength tensor, its _version, values, rows)
+
+
+def _fold_cache(unit_map: UnitMap) -> dict[Any, FoldedMap]:
+    key = id(unit_map)
+    cache = _FOLDS.get(key)
+    if cache is None:
+        cache = _FOLDS[key] = {}
+        weakref.finalize(unit_map, _FOLDS.pop, key, None)
+    return cache
+
+
+def _remember(cache: dict[Any, FoldedMap], key: Any, value: FoldedMap) -> FoldedMap:
+    if len(cache) >= _FOLDS_PER_MAP:
+        del cache[next(iter(cache))]  # oldest first
+    cache[key] = value
+    return value
+
+
+def _row_table(strength: torch.Tensor) -> tuple[tuple[float, ...], torch.Tensor]:
+    """The distinct values of a 1-D strength in order of first appearance, and each row's index into them.
+
+    Every site of a handle folds the same strength tensor: the answer for the last tensor (same object, not
+    modified since) is reused."""
+    last = _ROWS_CACHE[0]
+    if last is not None and last[0]() is strength and last[1] == strength._version:
+        return last[2], last[3]
+    index: dict[float, int] = {}
+    rows = [index.setdefault(v, len(index)) for v in strength.tolist()]
+    values, rows_t = tuple(index), torch.tensor(rows, dtype=torch.int64)
+    _ROWS_CACHE[0] = (weakref.ref(strength), strength._version, values, rows_t)
+    return values, rows_t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,21 +245,48 @@ class UnitMap:
 
         A negative strength folds the inverse map ``a = (z - beta) / omega`` at ``|s|`` on the target
         support; units with ``omega`` ~ 0 cannot be inverted and stay the identity. ``strength`` may be
-        a tensor of shape ``(R,)`` (one per batch row), giving ``(R, D)`` folded tensors; each row is exactly
-        the fold of its own scalar strength (rows with the same strength are folded once).
+        a tensor of shape ``(R,)`` (one per batch row): the result holds one table row per distinct strength
+        and ``rows`` (see `FoldedMap`); each batch row gets exactly the fold of its own scalar strength.
+        Folds are cached per map and strength, so going back to a recent strength costs a dictionary lookup.
+        The returned tensors are shared with the cache: treat them as read-only.
         """
+        if isinstance(strength, torch.Tensor) and strength.dim() == 1:
+            if strength.is_floating_point() and not bool(torch.isfinite(strength).all()):
+                raise ValueError(f"`strength` must be finite, got {strength!r}")
+            values, rows = _row_table(strength)
+            return self._fold_rows(values, rows)
         s = torch.as_tensor(strength, dtype=torch.float64)
         if s.dim() > 1:
             raise ValueError(f"`strength` must be a float or a 1-D tensor (one per batch row), got shape {tuple(s.shape)}")
         if not torch.isfinite(s).all():
             raise ValueError(f"`strength` must be finite, got {strength!r}")
         if s.dim() == 1:
-            values, index = torch.unique(s, return_inverse=True)
-            table = [self._fold_scalar(v) for v in values]
-            stacked = [torch.stack([row[i] for row in table]) for i in range(4)]
-            masked = any(row[4] for row in table)
-            return FoldedMap(*(t[index].contiguous() for t in stacked), masked)
-        return FoldedMap(*self._fold_scalar(s))
+            values, rows = _row_table(s)
+            return self._fold_rows(values, rows)
+        return self._fold_value(float(s))
+
+    def _fold_value(self, value: float) -> FoldedMap:
+        cache = _fold_cache(self)
+        folded = cache.get(value)
+        if folded is None:
+            folded = _remember(cache, value, FoldedMap(*self._fold_scalar(torch.tensor(value, dtype=torch.float64))))
+        return folded
+
+    def _fold_rows(self, values: tuple[float, ...], rows: torch.Tensor) -> FoldedMap:
+        cache = _fold_cache(self)
+        tables = cache.get(values)
+        if tables is None:
+            folds = [self._fold_value(v) for v in values]
+            signs = {v > 0 for v in values if v != 0}
+            if len(signs) < 2:  # one support for every row (rows at 0 are the identity whatever the bounds)
+                shared = folds[values.index(next((v for v in values if v != 0), values[0]))]
+                lo, hi, masked = shared.lo, shared.hi, shared.masked
+            else:
+                lo, hi = torch.stack([f.lo for f in folds]), torch.stack([f.hi for f in folds])
+                masked = any(f.masked for f in folds)
+            tables = _remember(cache, values, FoldedMap(
+                torch.stack([f.weight for f in folds]), torch.stack([f.bias for f in folds]), lo, hi, masked))
+        return dataclasses.replace(tables, rows=rows)
 
     def _fold_scalar(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         omega, beta = self.omega.double(), self.beta.double()
