@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from .apply import make_applier
+from .apply import make_applier, transport_traced
 from .sites import element, infer_width, iter_site_modules, missing_site_message, replace_element
 from .steering import (
     SiteStrength,
@@ -315,13 +315,20 @@ class SteeringHandle:
         for i, site, k in self._plans[module]:
             if not enabled[i]:
                 continue
-            x = element(out, k, site)
+            x = out if k is None and isinstance(out, torch.Tensor) else element(out, k, site)
             new = self._transport(i, site, x)
             if new is not x:
-                out = replace_element(out, k, new)
+                out = new if k is None else replace_element(out, k, new)
         return out
 
     def _transport(self, i: int, site: str, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # traced: no lazily filled cache and no counter (dynamo would guard on them and recompile per call);
+            # the current fold's tensors become graph inputs, so a new strength needs no recompilation
+            st = self._steerings[i]
+            where = self._positions if st.apply_to != "all" else None  # never guard on positions needlessly
+            return transport_traced(self._folded[(i, site)], x, site=site, dim=st.transport[site].dim,
+                                    apply_to=st.apply_to, where=where)
         key = (i, site, x.dtype, x.device)
         apply = self._cast.get(key)
         if apply is None:
