@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import logging
 import threading
+import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
@@ -97,6 +98,7 @@ class _Dispatcher:
         self.users = {"site": 0, "call": 0}
         self.handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self.copies: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+        self.marker: Callable[..., Any] | None = None  # see _mark_for_compile
 
     def after(self, module: torch.nn.Module, output: Any) -> Any:
         out = output
@@ -115,6 +117,8 @@ class _Dispatcher:
     def acquire(self, kind: str) -> None:
         module = self.module_ref()
         if self.users[kind] == 0:
+            if not self.handles:
+                self.marker = _mark_for_compile(module)
             if kind == "site":
                 self.handles[kind] = module.register_forward_hook(_Hook(self, pre=False))
             else:
@@ -132,11 +136,38 @@ class _Dispatcher:
                 _drop(copy, hook_id)
             if not self.handles:
                 self.copies.clear()
+                if module is not None and module.__dict__.get("forward") is self.marker is not None:
+                    del module.__dict__["forward"]
+                self.marker = None
 
     def forget_copy(self, copy: torch.nn.Module) -> None:
         for hook_id in [i for i, h in (*copy._forward_hooks.items(), *copy._forward_pre_hooks.items()) if isinstance(h, _Hook)]:
             _drop(copy, hook_id)
         self.copies.discard(copy)
+        if _is_marker(copy):
+            del copy.__dict__["forward"]
+
+
+def _mark_for_compile(module: torch.nn.Module) -> Callable[..., Any] | None:
+    """Put the class's own ``forward``, bound to ``module``, in its instance dict while a dispatcher is installed.
+
+    Calls behave exactly as before; the point is torch.compile: dynamo does not guard on a module's EMPTY hook dicts
+    (``torch._dynamo.config.skip_nnmodule_hook_guards``), so a graph compiled before steering began would keep
+    running without the dispatcher, silently unsteered. Dynamo does guard that no instance ``forward`` exists; this
+    marker fails that guard, so the graph is recompiled once with the dispatcher traced (then cached). A module that
+    already has another instance ``forward`` (e.g. from accelerate) is left alone.
+    """
+    if "forward" in module.__dict__ and not _is_marker(module):
+        return None
+    marker = module.__dict__["forward"] = types.MethodType(type(module).forward, module)
+    return marker
+
+
+def _is_marker(module: torch.nn.Module) -> bool:
+    """True when ``module``'s instance ``forward`` is its class's own, bound to it (a marker, maybe one that a deep
+    copy or a pickle of a steered model carried over)."""
+    f = module.__dict__.get("forward")
+    return isinstance(f, types.MethodType) and f.__self__ is module and f.__func__ is type(module).forward
 
 
 def _drop(module: torch.nn.Module, hook_id: int) -> None:
