@@ -148,6 +148,7 @@ class SteeringPatch:
         to = transformer_options_of(args, kwargs)
         run = to.get(_RUN_KEY)
         model = executor.class_obj.diffusion_model
+        model = getattr(model, "_orig_mod", model)  # TorchCompileModel before Apply swaps in torch.compile's wrapper
         sigma = _call_sigma(args, to)
         if run is None or run.model is not model:
             return self._apply_model_alone(executor, model, sigma, *args, **kwargs)
