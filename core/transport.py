@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -147,7 +148,7 @@ class FoldedMap:
 # each distinct value once, not once per call (folds are immutable: callers never write into them).
 _FOLDS: dict[int, dict[Any, FoldedMap]] = {}
 _FOLDS_PER_MAP = 16
-_ROWS_CACHE: list[Any] = [None]  # (weakref to the last 1-D strength tensor, its _version, values, rows)
+_ROWS_CACHE: list[Any] = [None]  # (weakref to the last 1-D strength tensor, a copy of its values, values, rows)
 
 
 def _fold_cache(unit_map: UnitMap) -> dict[Any, FoldedMap]:
@@ -169,15 +170,23 @@ def _remember(cache: dict[Any, FoldedMap], key: Any, value: FoldedMap) -> Folded
 def _row_table(strength: torch.Tensor) -> tuple[tuple[float, ...], torch.Tensor]:
     """The distinct values of a 1-D strength in order of first appearance, and each row's index into them.
 
-    Every site of a handle folds the same strength tensor: the answer for the last tensor (same object, not
-    modified since) is reused."""
+    Every site of a handle folds the same strength tensor: the answer for the last tensor (the same object, with
+    the same values; inference tensors have no version counter to tell) is reused.
+
+    Raises:
+        ValueError: a value is not finite.
+    """
     last = _ROWS_CACHE[0]
-    if last is not None and last[0]() is strength and last[1] == strength._version:
+    if last is not None and last[0]() is strength and torch.equal(last[1], strength):
         return last[2], last[3]
+    flat = strength.tolist()
+    bad = [v for v in flat if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"`strength` must be finite, got {bad[0]} in a per-row strength")
     index: dict[float, int] = {}
-    rows = [index.setdefault(v, len(index)) for v in strength.tolist()]
+    rows = [index.setdefault(v, len(index)) for v in flat]
     values, rows_t = tuple(index), torch.tensor(rows, dtype=torch.int64)
-    _ROWS_CACHE[0] = (weakref.ref(strength), strength._version, values, rows_t)
+    _ROWS_CACHE[0] = (weakref.ref(strength), strength.detach().clone(), values, rows_t)
     return values, rows_t
 
 
@@ -251,8 +260,6 @@ class UnitMap:
         The returned tensors are shared with the cache: treat them as read-only.
         """
         if isinstance(strength, torch.Tensor) and strength.dim() == 1:
-            if strength.is_floating_point() and not bool(torch.isfinite(strength).all()):
-                raise ValueError(f"`strength` must be finite, got {strength!r}")
             values, rows = _row_table(strength)
             return self._fold_rows(values, rows)
         s = torch.as_tensor(strength, dtype=torch.float64)
