@@ -99,7 +99,7 @@ def _frontend_store(vllm_config: Any) -> Any:
 def _process_inputs(original: Any, self: Any, request_id: str, prompt: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
     from vllm.exceptions import VLLMValidationError
 
-    from .store import KEY_TRANSPORT, parse_request
+    from .store import parse_request
 
     salt = None
     extra = getattr(params, "extra_args", None)
@@ -116,7 +116,7 @@ def _process_inputs(original: Any, self: Any, request_id: str, prompt: Any, para
                 salt = store.check(spec, self.vllm_config.model_config.dtype)
         except (KeyError, ValueError, TypeError, OSError) as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-            raise VLLMValidationError(f"actsteer: {message}", parameter=KEY_TRANSPORT) from None
+            raise VLLMValidationError(f"actsteer: {message}") from None
     request = original(self, request_id, prompt, params, *args, **kwargs)
     if salt is not None:
         # prefix-cache isolation: KV blocks of a steered prompt differ from the unsteered ones of the same tokens

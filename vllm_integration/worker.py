@@ -192,20 +192,23 @@ class WorkerSteering:
             self.handle.active = False
 
     def _set(self, j: int, values: list[float], counts: torch.Tensor, num_rows: int) -> None:
-        if all(v == values[0] for v in values):
-            value: float | torch.Tensor = values[0]  # one strength for every row: the engine's scalar fast path
-        else:
-            per_token = torch.repeat_interleave(torch.tensor(values, dtype=torch.float32), counts)
-            value = torch.zeros(num_rows, dtype=torch.float32)
-            value[: per_token.shape[0]] = per_token
-        last = self._last[j]
-        same = (
-            (not isinstance(value, torch.Tensor) and not isinstance(last, torch.Tensor) and value == last)
-            or (isinstance(value, torch.Tensor) and isinstance(last, torch.Tensor) and torch.equal(value, last))
-        )
-        if not same:  # decode steps of an unchanged batch keep their strengths: no re-fold
-            self.handle.set_strength(value, index=j)
-            self._last[j] = value
+        # vLLM runs the model under torch.inference_mode; the handle keeps the strength across calls, and the
+        # engine's fold cache reads its version counter, which inference tensors do not have: build it outside.
+        with torch.inference_mode(False):
+            if all(v == values[0] for v in values):
+                value: float | torch.Tensor = values[0]  # one strength for every row: the engine's scalar path
+            else:
+                per_token = torch.repeat_interleave(torch.tensor(values, dtype=torch.float32), counts)
+                value = torch.zeros(num_rows, dtype=torch.float32)
+                value[: per_token.shape[0]] = per_token
+            last = self._last[j]
+            same = (
+                (not isinstance(value, torch.Tensor) and not isinstance(last, torch.Tensor) and value == last)
+                or (isinstance(value, torch.Tensor) and isinstance(last, torch.Tensor) and torch.equal(value, last))
+            )
+            if not same:  # decode steps of an unchanged batch keep their strengths: no re-fold
+                self.handle.set_strength(value, index=j)
+                self._last[j] = value
 
     @staticmethod
     def _query_start_loc(num_reqs: int) -> list[int] | None:
