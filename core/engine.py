@@ -347,7 +347,9 @@ class SteeringHandle:
             if not enabled[i]:
                 continue
             x = out if k is None and isinstance(out, torch.Tensor) else element(out, k, site)
-            new = self._transport(i, site, x)
+            # the eager common case inline (one dict lookup, then the bound applier); see _transport
+            apply = None if torch.compiler.is_compiling() else self._cast.get((i, site, x.dtype, x.device))
+            new = apply(x) if apply is not None else self._transport(i, site, x)
             if new is not x:
                 out = new if k is None else replace_element(out, k, new)
         return out
