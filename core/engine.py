@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import logging
 import threading
 import types
@@ -189,6 +190,14 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _device_of(module: torch.nn.Module | None) -> torch.device | None:
+    """The device of a module's first parameter or buffer (None when it has neither)."""
+    if module is None:
+        return None
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return None if tensor is None else tensor.device
+
+
 class SteeringHandle:
     """Live steering of one model by a list of `Steering` entries; returned by `attach` and `steer`.
 
@@ -274,7 +283,8 @@ class SteeringHandle:
             st = self._steerings[i]
             for site, unit_map in st.transport.items():
                 s = site_strength(st.strength, site)
-                folded[(i, site)] = None if is_zero(s) else unit_map.fold(s)
+                device = _device_of(self._site_modules.get(site))  # folds live where the site runs (CUDA graphs)
+                folded[(i, site)] = None if is_zero(s) else unit_map.fold(s, device=device)
         self._folded = folded
         self._cast = {k: v for k, v in self._cast.items() if k[0] not in indices}
 

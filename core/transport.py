@@ -148,7 +148,7 @@ class FoldedMap:
 # each distinct value once, not once per call (folds are immutable: callers never write into them).
 _FOLDS: dict[int, dict[Any, FoldedMap]] = {}
 _FOLDS_PER_MAP = 16
-_ROWS_CACHE: list[Any] = [None]  # (weakref to the last 1-D strength tensor, a copy of its values, values, rows)
+_ROWS_CACHE: list[Any] = [None]  # (weakref to the last 1-D strength, a copy of it, values, {device: rows})
 
 
 def _fold_cache(unit_map: UnitMap) -> dict[Any, FoldedMap]:
@@ -167,27 +167,30 @@ def _remember(cache: dict[Any, FoldedMap], key: Any, value: FoldedMap) -> Folded
     return value
 
 
-def _row_table(strength: torch.Tensor) -> tuple[tuple[float, ...], torch.Tensor]:
-    """The distinct values of a 1-D strength in order of first appearance, and each row's index into them.
+def _row_table(strength: torch.Tensor, device: torch.device | None = None) -> tuple[tuple[float, ...], torch.Tensor]:
+    """The distinct values of a 1-D strength in order of first appearance, and each row's index into them (on
+    ``device``, CPU when None).
 
     Every site of a handle folds the same strength tensor: the answer for the last tensor (the same object, with
-    the same values; inference tensors have no version counter to tell) is reused.
+    the same values; inference tensors have no version counter to tell) is reused, copied to a device once.
 
     Raises:
         ValueError: a value is not finite.
     """
     last = _ROWS_CACHE[0]
-    if last is not None and last[0]() is strength and torch.equal(last[1], strength):
-        return last[2], last[3]
-    flat = strength.tolist()
-    bad = [v for v in flat if not math.isfinite(v)]
-    if bad:
-        raise ValueError(f"`strength` must be finite, got {bad[0]} in a per-row strength")
-    index: dict[float, int] = {}
-    rows = [index.setdefault(v, len(index)) for v in flat]
-    values, rows_t = tuple(index), torch.tensor(rows, dtype=torch.int64)
-    _ROWS_CACHE[0] = (weakref.ref(strength), strength.detach().clone(), values, rows_t)
-    return values, rows_t
+    if last is None or last[0]() is not strength or not torch.equal(last[1], strength):
+        flat = strength.tolist()
+        bad = [v for v in flat if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"`strength` must be finite, got {bad[0]} in a per-row strength")
+        index: dict[float, int] = {}
+        rows = [index.setdefault(v, len(index)) for v in flat]
+        last = _ROWS_CACHE[0] = (weakref.ref(strength), strength.detach().clone(), tuple(index),
+                                 {None: torch.tensor(rows, dtype=torch.int64)})
+    on_device = last[3].get(device)
+    if on_device is None:
+        on_device = last[3][device] = last[3][None].to(device)
+    return last[2], on_device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,41 +252,46 @@ class UnitMap:
         """False when the map applies on all reals (no range check needed)."""
         return bool(torch.isfinite(self.lo).any() or torch.isfinite(self.hi).any())
 
-    def fold(self, strength: Strength = 1.0) -> FoldedMap:
-        """Fold a strength into ``weight = 1 + s(omega - 1)``, ``bias = s * beta`` (float32, CPU).
+    def fold(self, strength: Strength = 1.0, *, device: torch.device | str | None = None) -> FoldedMap:
+        """Fold a strength into ``weight = 1 + s(omega - 1)``, ``bias = s * beta`` (float32, on ``device``: CPU
+        by default).
 
         A negative strength folds the inverse map ``a = (z - beta) / omega`` at ``|s|`` on the target
         support; units with ``omega`` ~ 0 cannot be inverted and stay the identity. ``strength`` may be
         a tensor of shape ``(R,)`` (one per batch row): the result holds one table row per distinct strength
         and ``rows`` (see `FoldedMap`); each batch row gets exactly the fold of its own scalar strength.
-        Folds are cached per map and strength, so going back to a recent strength costs a dictionary lookup.
-        The returned tensors are shared with the cache: treat them as read-only.
+        Folds are cached per map, strength and device, so going back to a recent strength costs a dictionary
+        lookup and no copy to the device. The returned tensors are shared with the cache: treat them as read-only.
         """
+        device = None if device is None or torch.device(device).type in ("cpu", "meta") else torch.device(device)
         if isinstance(strength, torch.Tensor) and strength.dim() == 1:
-            values, rows = _row_table(strength)
-            return self._fold_rows(values, rows)
+            values, rows = _row_table(strength, device)
+            return self._fold_rows(values, rows, device)
         s = torch.as_tensor(strength, dtype=torch.float64)
         if s.dim() > 1:
             raise ValueError(f"`strength` must be a float or a 1-D tensor (one per batch row), got shape {tuple(s.shape)}")
         if not torch.isfinite(s).all():
             raise ValueError(f"`strength` must be finite, got {strength!r}")
         if s.dim() == 1:
-            values, rows = _row_table(s)
-            return self._fold_rows(values, rows)
-        return self._fold_value(float(s))
+            values, rows = _row_table(s, device)
+            return self._fold_rows(values, rows, device)
+        return self._fold_value(float(s), device)
 
-    def _fold_value(self, value: float) -> FoldedMap:
+    def _fold_value(self, value: float, device: torch.device | None = None) -> FoldedMap:
         cache = _fold_cache(self)
-        folded = cache.get(value)
+        folded = cache.get((value, device))
         if folded is None:
-            folded = _remember(cache, value, FoldedMap(*self._fold_scalar(torch.tensor(value, dtype=torch.float64))))
+            folded = FoldedMap(*self._fold_scalar(torch.tensor(value, dtype=torch.float64)))
+            if device is not None:
+                folded = folded.to(device)
+            folded = _remember(cache, (value, device), folded)
         return folded
 
-    def _fold_rows(self, values: tuple[float, ...], rows: torch.Tensor) -> FoldedMap:
+    def _fold_rows(self, values: tuple[float, ...], rows: torch.Tensor, device: torch.device | None = None) -> FoldedMap:
         cache = _fold_cache(self)
-        tables = cache.get(values)
+        tables = cache.get((values, device))
         if tables is None:
-            folds = [self._fold_value(v) for v in values]
+            folds = [self._fold_value(v, device) for v in values]
             signs = {v > 0 for v in values if v != 0}
             if len(signs) < 2:  # one support for every row (rows at 0 are the identity whatever the bounds)
                 shared = folds[values.index(next((v for v in values if v != 0), values[0]))]
@@ -291,7 +299,7 @@ class UnitMap:
             else:
                 lo, hi = torch.stack([f.lo for f in folds]), torch.stack([f.hi for f in folds])
                 masked = any(f.masked for f in folds)
-            tables = _remember(cache, values, FoldedMap(
+            tables = _remember(cache, (values, device), FoldedMap(
                 torch.stack([f.weight for f in folds]), torch.stack([f.bias for f in folds]), lo, hi, masked))
         return dataclasses.replace(tables, rows=rows)
 
