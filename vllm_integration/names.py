@@ -56,7 +56,7 @@ class ModelShape:
         >>> s = ModelShape("LlamaForCausalLM", num_layers=2, hidden_size=8, intermediate_size=16, num_heads=2,
         ...                num_kv_heads=1, head_dim=4)
         >>> s.qkv_width, s.gate_up_width
-        (12, 32)
+        (16, 32)
     """
 
     architecture: str
