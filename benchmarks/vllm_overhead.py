@@ -75,14 +75,21 @@ def main() -> None:
         "all": [params(True) for _ in prompts],
     }
 
+    texts: dict[str, list[tuple[int, ...]]] = {}
+
     def tokens_per_s(kind: str) -> float:
         t0 = time.perf_counter()
         outs = llm.generate(prompts, kinds[kind], use_tqdm=False)
         n = sum(len(o.outputs[0].token_ids) for o in outs)
-        return n / (time.perf_counter() - t0)
+        rate = n / (time.perf_counter() - t0)
+        texts[kind] = [tuple(o.outputs[0].token_ids) for o in outs]
+        return rate
 
     for kind in kinds:  # warm-up (the first steered batch also loads the transport and attaches the hooks)
         tokens_per_s(kind)
+    changed = sum(a != b for a, b in zip(texts["none"], texts["all"]))
+    if changed == 0:
+        raise SystemExit("steering changed no output: the plugin is not active (is actsteer installed in this venv?)")
     runs: dict[str, list[float]] = {kind: [] for kind in kinds}
     for _ in range(args.reps):
         for kind in kinds:
@@ -90,7 +97,7 @@ def main() -> None:
     base = statistics.median(runs["none"])
     print(f"vLLM {llm.llm_engine.vllm_config.model_config.model}: batch {args.batch}, {args.new_tokens} new tokens "
           f"each, strength {args.strength}, {args.reps} interleaved reps, enforce_eager="
-          f"{llm.llm_engine.vllm_config.model_config.enforce_eager}")
+          f"{llm.llm_engine.vllm_config.model_config.enforce_eager}; steering changed {changed}/{len(prompts)} outputs")
     for kind, values in runs.items():
         med = statistics.median(values)
         print(f"{kind:5s} steered: {med:7.1f} tokens/s (median; runs {', '.join(f'{v:.1f}' for v in values)})  "
