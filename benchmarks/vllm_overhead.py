@@ -25,9 +25,8 @@ HERE = Path(__file__).parent
 
 def fit_transport(folder: Path) -> None:
     """Fit ocean.safetensors with actsteer.fit_lm on the HF SmolLM2 (in this process, before vLLM starts)."""
-    import torch
-
     import actsteer
+    import torch
     from actsteer.hf_integration.cli import read_texts
     from actsteer.hf_integration.default_model import load_default_model
 
@@ -55,9 +54,8 @@ def main() -> None:
     os.environ["ACTSTEER_TRANSPORTS"] = str(folder.resolve())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from vllm import LLM, SamplingParams
-
     from actsteer.hf_integration.default_model import cache_dir
+    from vllm import LLM, SamplingParams
 
     llm = LLM(str(cache_dir() / "SmolLM2-135M-Instruct"), dtype="float32", max_model_len=512, seed=0,
               gpu_memory_utilization=0.1, max_num_seqs=max(16, args.batch))

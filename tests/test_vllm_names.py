@@ -7,10 +7,9 @@ vLLM computes from the same weights.
 
 from __future__ import annotations
 
+import actsteer
 import pytest
 import torch
-
-import actsteer
 from actsteer.vllm_integration import ModelShape, TransportStore, parse_request, to_vllm
 from actsteer.vllm_integration.store import transports_dir
 
@@ -88,7 +87,7 @@ def test_to_vllm_fused_slices_match_hf_projections_per_rank(llama, tp_size, stre
         shape = ModelShape.from_config(llama.config, tp_rank=rank, tp_size=tp_size)
         v = to_vllm(t, shape)
 
-        def shard(name, heads=None):
+        def shard(name, heads=None, rank=rank):
             full = out[name] if heads is None else heads
             n = full.shape[-1] // tp_size
             return full[..., rank * n:(rank + 1) * n]
@@ -105,8 +104,9 @@ def test_to_vllm_fused_slices_match_hf_projections_per_rank(llama, tp_size, stre
         want_gu = torch.cat([shard("model.layers.1.mlp.gate_proj", steered["model.layers.1.mlp.gate_proj"]),
                              shard("model.layers.1.mlp.up_proj", steered["model.layers.1.mlp.up_proj"])], -1)
         ks, vs = steered["model.layers.0.self_attn.k_proj"], steered["model.layers.0.self_attn.v_proj"]
+        here = slice(head * kv_heads, (head + 1) * kv_heads)
         want_qkv = torch.cat([shard("model.layers.0.self_attn.q_proj", steered["model.layers.0.self_attn.q_proj"]),
-                              ks[..., head * kv_heads:(head + 1) * kv_heads], vs[..., head * kv_heads:(head + 1) * kv_heads]], -1)
+                              ks[..., here], vs[..., here]], -1)
         torch.testing.assert_close(got_gu, want_gu, rtol=0, atol=0)
         torch.testing.assert_close(got_qkv, want_qkv, rtol=0, atol=0)
 

@@ -27,7 +27,6 @@ pytest.importorskip("vllm", reason="the vLLM tier runs in its own venv: bash scr
 
 import actsteer  # noqa: E402
 from actsteer.hf_integration.default_model import cache_dir, load_default_model  # noqa: E402
-
 from vllm_harness import NEW_TOKENS, PROMPTS, REQUESTS, long_prompt, requested, texts  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -51,7 +50,8 @@ def transports(hf, tmp_path_factory):
     folder = tmp_path_factory.mktemp("transports")
     n = 24
     fitted = {
-        "ocean": actsteer.fit_lm(model, tok, neutral[:n], ocean[:n], modules="all-norms", support="all", progress=False),
+        "ocean": actsteer.fit_lm(model, tok, neutral[:n], ocean[:n], modules="all-norms", support="all",
+                                 progress=False),
         "food": actsteer.fit_lm(model, tok, neutral[:n], food[:n], support="all", progress=False,
                                 modules=r"model\.layers\.(2|7|12|17|22|27)\.mlp\.(gate|up|down)_proj"),
     }
@@ -94,7 +94,9 @@ def engine(hf, transports, tmp_path_factory):
         [sys.executable, str(HERE / "vllm_harness.py"), hf[2], str(out)], env=env, cwd=HERE,
         capture_output=True, text=True, timeout=900,
     )
-    assert proc.returncode == 0 and out.is_file(), f"vLLM engine run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0 and out.is_file(), (
+        f"vLLM engine run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
     return json.loads(out.read_text())
 
 
@@ -145,7 +147,8 @@ def test_vllm_prefix_caching_and_chunked_prefill_keep_requests_apart(engine, hf_
 
 def test_vllm_bad_requests_fail_alone_with_the_reason(engine):
     errors = engine["errors"]
-    assert "No transport named 'no_such_transport'" in errors["missing"] and "available: food, ocean" in errors["missing"]
+    assert "No transport named 'no_such_transport'" in errors["missing"]
+    assert "available: food, ocean" in errors["missing"]
     assert "must be a number" in errors["strength"]
     assert "did you mean 'actsteer_strength'" in errors["typo"]
     first_ocean = next(r for r in engine["mixed"] if r["request"] == "ocean")
@@ -173,7 +176,8 @@ def server(hf, transports, tmp_path_factory):
     with open(log, "w") as fh:
         proc = subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", hf[2], "--host", "127.0.0.1",
-             "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.1", "--seed", "0", "--additional-config", config],
+             "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.1",
+             "--seed", "0", "--additional-config", config],
             stdout=fh, stderr=subprocess.STDOUT, env=env,
         )
     url = f"http://127.0.0.1:{port}"

@@ -60,7 +60,10 @@ def run_engine(model_dir: str, out_path: str) -> None:
         max_num_batched_tokens=64, max_num_seqs=16, enable_prefix_caching=True, enable_chunked_prefill=True,
     )
     config = llm.llm_engine.vllm_config
-    out: dict = {"enforce_eager": config.model_config.enforce_eager, "compilation_mode": int(config.compilation_config.mode)}
+    out: dict = {
+        "enforce_eager": config.model_config.enforce_eager,
+        "compilation_mode": int(config.compilation_config.mode),
+    }
 
     def params(extra: dict, n: int = NEW_TOKENS) -> SamplingParams:
         return SamplingParams(max_tokens=n, temperature=0.0, logprobs=0, extra_args=dict(extra) or None)

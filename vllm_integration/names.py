@@ -150,7 +150,7 @@ def _refuse(site: str, shape: ModelShape, why: str) -> ValueError:
     return ValueError(f"Site {site!r} cannot be steered in vLLM's {shape.architecture}: {why}")
 
 
-def plan_site(site: str, shape: ModelShape) -> list[_Piece]:
+def _plan_site(site: str, shape: ModelShape) -> list[_Piece]:
     """Where one HF site lives in the vLLM model on this rank (one piece, or several for a fused HF output).
 
     Raises:
@@ -172,7 +172,8 @@ def plan_site(site: str, shape: ModelShape) -> list[_Piece]:
         if name == "lm_head":
             raise _refuse(site, shape, "vLLM computes the logits with lm_head's weight, never by calling the module")
         raise KeyError(
-            f"Site {site!r} is not a module of {shape.architecture} that actsteer can map onto vLLM; mappable sites are "
+            f"Site {site!r} is not a module of {shape.architecture} that actsteer can map onto vLLM; mappable sites "
+            "are "
             "model.embed_tokens, model.norm and model.layers.{i}.(input_layernorm|post_attention_layernorm|"
             "self_attn:0|self_attn.(q|k|v|qkv|o)_proj|mlp|mlp.(gate|up|gate_up|down)_proj)"
         )
@@ -250,14 +251,15 @@ def to_vllm(transport: Transport, shape: ModelShape) -> Transport:
         >>> import torch, actsteer
         >>> s = ModelShape("LlamaForCausalLM", num_layers=2, hidden_size=4, intermediate_size=3, num_heads=2,
         ...                num_kv_heads=2, head_dim=2)
-        >>> t = actsteer.Transport({"model.layers.1.mlp.up_proj": actsteer.UnitMap(torch.full((3,), 2.0), torch.ones(3))})
+        >>> up = actsteer.UnitMap(torch.full((3,), 2.0), torch.ones(3))
+        >>> t = actsteer.Transport({"model.layers.1.mlp.up_proj": up})
         >>> v = to_vllm(t, s)
         >>> v.sites, v["model.layers.1.mlp.gate_up_proj:0"].omega.tolist()
         (['model.layers.1.mlp.gate_up_proj:0'], [1.0, 1.0, 1.0, 2.0, 2.0, 2.0])
     """
     pieces: dict[str, list[tuple[_Piece, UnitMap, str]]] = {}
     for site, unit_map in transport.items():
-        plan = plan_site(site, shape)
+        plan = _plan_site(site, shape)
         expected = _hf_width(site, shape)
         if unit_map.dim != expected:
             raise ValueError(

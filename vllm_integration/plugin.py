@@ -96,7 +96,9 @@ def _frontend_store(vllm_config: Any) -> Any:
     return store
 
 
-def _process_inputs(original: Any, self: Any, request_id: str, prompt: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
+def _process_inputs(
+    original: Any, self: Any, request_id: str, prompt: Any, params: Any, *args: Any, **kwargs: Any
+) -> Any:
     from vllm.exceptions import VLLMValidationError
 
     from .store import parse_request

@@ -50,7 +50,8 @@ def transports_dir(additional_config: Mapping[str, Any] | None = None) -> Path |
     section = (additional_config or {}).get(CONFIG_KEY)
     if section is not None and not isinstance(section, Mapping):
         raise TypeError(
-            f'additional_config["{CONFIG_KEY}"] must be a mapping like {{"transports": "/path/to/dir"}}, got {section!r}'
+            f'additional_config["{CONFIG_KEY}"] must be a mapping like {{"transports": "/path/to/dir"}}, '
+            f"got {section!r}"
         )
     folder = (section or {}).get("transports") or os.environ.get(ENV_VAR)
     return Path(folder).expanduser() if folder else None
@@ -96,7 +97,9 @@ def parse_request(extra_args: Mapping[str, Any] | None) -> RequestSteering | Non
     raw_s = extra_args.get(KEY_STRENGTH, 1.0)
     values = list(raw_s) if isinstance(raw_s, (list, tuple)) else [raw_s] * len(names)
     if len(values) != len(names):
-        raise ValueError(f"{KEY_STRENGTH!r} has {len(values)} values for {len(names)} transports {names!r}; give one each")
+        raise ValueError(
+            f"{KEY_STRENGTH!r} has {len(values)} values for {len(names)} transports {names!r}; give one each"
+        )
     strengths = []
     for v in values:
         try:  # the engine's own check (finite, within range), with its messages

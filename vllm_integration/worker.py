@@ -72,8 +72,8 @@ class WorkerSteering:
         config = runner.vllm_config
         if getattr(config.parallel_config, "enable_dbo", False):
             raise RuntimeError(
-                "actsteer: steering does not support dual-batch overlap (--enable-dbo): the model runs on micro-batches "
-                "whose rows differ from the scheduled batch; start vLLM without it"
+                "actsteer: steering does not support dual-batch overlap (--enable-dbo): the model runs on "
+                "micro-batches whose rows differ from the scheduled batch; start vLLM without it"
             )
         self.runner = runner
         self.shape = ModelShape.from_config(
