@@ -131,11 +131,13 @@ _GRID_Y, _GRID_X = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5  # pixel ce
 
 
 def render(attrs: Attributes, rng: np.random.Generator) -> np.ndarray:
-    """Draw ``attrs`` as a ``(32, 32, 3)`` uint8 RGB image; ``rng`` jitters position, size and texture phase.
+    """Draw ``attrs`` as a ``(32, 32, 3)`` uint8 RGB image; ``rng`` jitters position and size, and speckles.
 
     Styles: ``flat`` fills the shape; ``striped`` alternates 2-pixel horizontal bands of the colour and a pale
-    tint of it (so the silhouette stays visible); ``outlined`` draws a 2-pixel border only; ``speckled`` gives
-    each pixel of the shape the colour or the tint with probability 1/2.
+    tint of it (so the silhouette stays visible), on image rows 4k, 4k+1 (a fixed phase, so that the stripes
+    show in the average image of a caption, which is what a diffusion model predicts at its noisiest step);
+    ``outlined`` draws a 2-pixel border only; ``speckled`` gives each pixel of the shape the colour or the tint
+    with probability 1/2 (a random texture: its average image is a flat tint).
     """
     cx = POSITIONS[attrs.position] + rng.uniform(-1.5, 1.5)
     cy = SIZE / 2 + rng.uniform(-3.0, 3.0)
@@ -143,8 +145,7 @@ def render(attrs: Attributes, rng: np.random.Generator) -> np.ndarray:
     shape = _mask(attrs.shape, _GRID_X, _GRID_Y, cx, cy, r)
     full = shape.copy()
     if attrs.style == "striped":
-        phase = int(rng.integers(4))
-        full &= ((_GRID_Y.astype(np.int64) + phase) // 2) % 2 == 0
+        full &= (_GRID_Y.astype(np.int64) // 2) % 2 == 0
     elif attrs.style == "outlined":
         shape &= ~_mask(attrs.shape, _GRID_X, _GRID_Y, cx, cy + (0.6 if attrs.shape == "triangle" else 0.0), r - 2.2)
         full = shape
