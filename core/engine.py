@@ -351,32 +351,42 @@ class SteeringHandle:
     def _run(self, module: torch.nn.Module, output: Any) -> Any:
         if not (self.active and self._attached) or module in self._paused:
             return output
+        if torch.compiler.is_compiling():
+            return self._run_traced(module, output)
         out = output
-        enabled = self._enabled
+        enabled, cast = self._enabled, self._cast
         for i, site, k in self._plans[module]:
             if not enabled[i]:
                 continue
             x = out if k is None and isinstance(out, torch.Tensor) else element(out, k, site)
-            # the eager common case inline (one dict lookup, then the bound applier); see _transport
-            apply = None if torch.compiler.is_compiling() else self._cast.get((i, site, x.dtype, x.device))
-            new = apply(x) if apply is not None else self._transport(i, site, x)
+            apply = cast.get((i, site, x.dtype, x.device))
+            if apply is None:
+                apply = self._transport(i, site, x)
+            new = apply(x)
             if new is not x:
                 out = new if k is None else replace_element(out, k, new)
         return out
 
-    def _transport(self, i: int, site: str, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            # traced: no lazily filled cache and no counter (dynamo would guard on them and recompile per call);
-            # the current fold's tensors become graph inputs, so a new strength needs no recompilation
+    def _run_traced(self, module: torch.nn.Module, output: Any) -> Any:
+        """`_run` while torch.compile traces: no lazily filled cache and no counter (dynamo would guard on them and
+        recompile per call); the current fold's tensors become graph inputs, so a new strength never recompiles."""
+        out = output
+        for i, site, k in self._plans[module]:
+            if not self._enabled[i]:
+                continue
             st = self._steerings[i]
+            x = element(out, k, site)
             where = self._positions if st.apply_to != "all" else None  # never guard on positions needlessly
-            return transport_traced(self._folded[(i, site)], x, site=site, dim=st.transport[site].dim,
-                                    apply_to=st.apply_to, where=where)
-        key = (i, site, x.dtype, x.device)
-        apply = self._cast.get(key)
-        if apply is None:
-            apply = self._cast[key] = self._build_applier(i, site, x)
-        return apply(x)
+            new = transport_traced(self._folded[(i, site)], x, site=site, dim=st.transport[site].dim,
+                                   apply_to=st.apply_to, where=where)
+            if new is not x:
+                out = replace_element(out, k, new)
+        return out
+
+    def _transport(self, i: int, site: str, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The applier for ``site`` and ``x``'s dtype and device, built once and kept until the next refold."""
+        apply = self._cast[(i, site, x.dtype, x.device)] = self._build_applier(i, site, x)
+        return apply
 
     def _build_applier(self, i: int, site: str, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         base = self._folded[(i, site)]
