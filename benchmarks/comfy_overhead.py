@@ -1,15 +1,20 @@
 """Sampling time in ComfyUI with the AcT Apply node vs without it (ratio), on the biggest configs that run here.
 
 The models keep the real SDXL / FLUX.1 block layouts, so the number of hooked sites is the real one (SDXL UNet:
-every GroupNorm/LayerNorm; FLUX: both streams of 19 double blocks + 38 single blocks), with narrower widths
-(random weights) so a CPU can sample them. Narrow widths make each hook relatively MORE expensive than on the
-real models, so the measured ratio is an upper bound of the overhead on real checkpoints.
+every GroupNorm/LayerNorm, 256 sites; FLUX: both streams of 19 double blocks + 38 single blocks), with random
+weights. ``--sdxl-width 320`` is the real SDXL UNet (2.6B parameters, ~10 GB in float32); FLUX.1's real hidden
+size 3072 (12B parameters) does not fit in this machine's memory, so FLUX runs at the largest hidden size that
+does in reasonable time (``--flux-hidden 1024``: 1.3B parameters). Narrow widths make each hook relatively MORE
+expensive than on the real models.
+
+Arms, interleaved in one process (see ``overhead_timing.py``): ``plain``, ``observed`` (Apply node, finite
+support ranges: the masked path, Learn's default) and ``all`` (support all reals). Ratios are paired speed
+ratios (plain time / arm time; 1/ratio is the sampling-time factor), wall and CPU time.
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/comfy_overhead.py [--repeats 5] [--steps 4] [--threads 1] [--json out.json]
-
-Timings on shared VMs are noisy: runs are interleaved (plain, steered, plain, ...) and the median is reported.
+    .venv/bin/python benchmarks/comfy_overhead.py --arch sdxl --sdxl-width 320 --size 256 --steps 2 --repeats 3
+    .venv/bin/python benchmarks/comfy_overhead.py --arch flux --flux-hidden 1024 --size 256 --steps 2 --repeats 3
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_harness as harness  # noqa: E402  (sets ComfyUI up offline: CPU, stubbed torchvision, tiny CLIP)
+from overhead_timing import interleave, report, summary  # noqa: E402
 
 
 def sdxl_layout(width: int):
@@ -72,70 +79,71 @@ def transport_for(pack, model, preset: str, support: str = "observed"):
     return core.Transport(maps, model={"framework": "comfyui", "class": type(model.model).__name__})
 
 
-def time_sampling(model, pos, neg, steps: int, cfg: float, size: int) -> float:
-    latent = harness.empty_latent(model, 1, size)
-    start = time.perf_counter()
-    harness.ksample(model, pos, neg, seed=0, steps=steps, cfg=cfg, latent=latent)
-    return time.perf_counter() - start
-
-
 def bench(name: str, model, flux: bool, preset: str, args, pack) -> dict:
     import nodes
 
     clip = harness.tiny_clip(0)
     pos, neg = harness.encode(clip, "a photo of a cat", flux=flux), harness.encode(clip, "", flux=flux)
-    transport = transport_for(pack, model, preset, args.support)
-    steered = nodes.NODE_CLASS_MAPPINGS["ActSteerApply"].execute(
-        model=model, transport=transport, strength=1.0, start_percent=0.0, end_percent=1.0, layers="")[0]
     cfg = 1.0 if flux else 4.0
-    for m in (model, steered):  # warm-up (first-call allocations, model load)
-        time_sampling(m, pos, neg, 1, cfg, args.size)
-    plain, with_act = [], []
-    for _ in range(args.repeats):
-        plain.append(time_sampling(model, pos, neg, args.steps, cfg, args.size))
-        with_act.append(time_sampling(steered, pos, neg, args.steps, cfg, args.size))
+    apply = nodes.NODE_CLASS_MAPPINGS["ActSteerApply"]
+    transports = {support: transport_for(pack, model, preset, support) for support in args.support}
+    arms = {"plain": model}
+    arms.update({support: apply.execute(model=model, transport=t, strength=1.0, start_percent=0.0, end_percent=1.0,
+                                        layers="")[0] for support, t in transports.items()})
+
+    def sampler(m, steps):
+        return lambda: harness.ksample(m, pos, neg, seed=0, steps=steps, cfg=cfg,
+                                       latent=harness.empty_latent(m, 1, args.size))
+
+    for m in arms.values():  # warm-up (first-call allocations, model load), one step each
+        sampler(m, 1)()
+    times = interleave({k: sampler(m, args.steps) for k, m in arms.items()}, args.repeats, warmup=0)
     dm = model.model.diffusion_model
     attach_times = []
+    transport = next(iter(transports.values()))
     for _ in range(3):  # the per-run fixed cost: validate + fold every site once (in the OUTER_SAMPLE wrapper)
         start = time.perf_counter()
         pack.core.attach(dm, transport, strength=1.0).remove()
         attach_times.append(time.perf_counter() - start)
     params = sum(p.numel() for p in dm.parameters())
-    result = {
-        "config": name, "support": args.support, "params_M": round(params / 1e6, 1), "sites": len(transport),
+    print(f"{name}: {params / 1e6:.0f}M parameters, {len(transport)} sites, latent {args.size // 8}x{args.size // 8}, "
+          f"{args.steps} steps, cfg {cfg}, {args.repeats} interleaved repeats, {torch.get_num_threads()} thread(s); "
+          f"attach+fold {statistics.median(attach_times):.3f} s")
+    print("\n".join(report(times, unit=lambda s: f"{s:.2f} s")), flush=True)
+    return {
+        "config": name, "params_M": round(params / 1e6, 1), "sites": len(transport),
         "units": sum(m.dim for m in transport.values()), "latent": f"{args.size // 8}x{args.size // 8}",
-        "steps": args.steps, "cfg": cfg, "plain_s": statistics.median(plain), "steered_s": statistics.median(with_act),
-        "attach_fold_s": statistics.median(attach_times),
+        "steps": args.steps, "cfg": cfg, "repeats": args.repeats, "threads": torch.get_num_threads(),
+        "attach_fold_s": statistics.median(attach_times), **summary(times),
     }
-    result["ratio"] = result["steered_s"] / result["plain_s"]
-    return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", nargs="+", default=["sdxl", "flux"], choices=["sdxl", "flux"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=256, help="image size in pixels (latent = size / 8)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is the most stable on shared CPUs)")
     parser.add_argument("--sdxl-width", type=int, default=64, help="UNet model_channels (real SDXL: 320)")
     parser.add_argument("--flux-hidden", type=int, default=256, help="FLUX hidden size (real FLUX.1: 3072)")
-    parser.add_argument("--support", choices=["observed", "all"], default="observed",
+    parser.add_argument("--support", nargs="+", choices=["observed", "all"], default=["observed", "all"],
                         help="observed: finite support ranges (masked path, the default of Learn); all: unmasked")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pack = harness.load_pack()
-    results = [
-        bench(f"SDXL layout, width {args.sdxl_width}", sdxl_layout(args.sdxl_width), False, "all-norms", args, pack),
-        bench(f"FLUX.1 layout, hidden {args.flux_hidden}", flux_layout(args.flux_hidden), True, "blocks", args, pack),
-    ]
-    print(f"{'config':<28} {'params':>8} {'sites':>6} {'plain s':>9} {'AcT s':>9} {'ratio':>7} {'attach s':>9}")
-    for r in results:
-        print(f"{r['config']:<28} {r['params_M']:>7}M {r['sites']:>6} {r['plain_s']:>9.3f} {r['steered_s']:>9.3f} "
-              f"{r['ratio']:>7.3f} {r['attach_fold_s']:>9.3f}")
+    results = []
+    if "sdxl" in args.arch:
+        results.append(bench(f"SDXL layout, width {args.sdxl_width}", sdxl_layout(args.sdxl_width), False,
+                             "all-norms", args, pack))
+    if "flux" in args.arch:
+        results.append(bench(f"FLUX.1 layout, hidden {args.flux_hidden}", flux_layout(args.flux_hidden), True,
+                             "blocks", args, pack))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":

@@ -1,24 +1,28 @@
-"""Hook overhead: one model's forward pass with a Linear-AcT transport attached vs without, in the same run.
+"""Hook overhead: one model's forward pass with a Linear-AcT transport attached vs without, eager and compiled.
 
 A random mid-size Llama (default hidden 512, 8 layers, batch 8 x 128 tokens) gets a transport fitted with
 `actsteer.core.fit.fit` on every norm module (``input_layernorm``, ``post_attention_layernorm``, ``norm``),
-applied with support "all" (one ``addcmul`` per site) and "observed" (``addcmul`` inside a ``where``).
-Repetitions are interleaved (baseline, all, observed, rotated each repetition) so that machine noise hits
-every variant alike; each round reports the median time per variant, the ratio to the baseline's median, and
-the median of the per-repetition ratios ("paired").
-The measurement runs in two rounds after a warmup, so their agreement shows how stable the figures are.
+applied with support "all" (one ``addcmul`` per site) and "observed" (``clamp``, compare, ``lerp`` on top).
+Arms are interleaved in one process (see ``overhead_timing.py``); ratios are paired speed ratios (1.0 = free).
+With ``--compile``, the same three arms also run through ``torch.compile(model)`` (compiled once, BEFORE any
+steering: the dispatcher is traced on the first steered call) and are compared with the compiled plain model;
+the script checks that compiled outputs match eager ones and that a strength change does not recompile.
 
 Usage:
     python benchmarks/hook_overhead.py                      # float32 and bfloat16 on CPU
-    python benchmarks/hook_overhead.py --device cuda --reps 50 --hidden 1024 --layers 16
+    python benchmarks/hook_overhead.py --compile --dtypes float32 --reps 9
+    python benchmarks/hook_overhead.py --device cuda --reps 50 --hidden 1024 --layers 16 --compile
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,6 +31,9 @@ import torch  # noqa: E402
 import actsteer  # noqa: E402
 from actsteer.core.fit import fit  # noqa: E402
 from actsteer.core.sites import resolve_sites  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead_timing import interleave, report, summary, sync  # noqa: E402
 
 NORMS = r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)|model\.norm"
 
@@ -61,35 +68,6 @@ def fit_transports(model: torch.nn.Module, args: argparse.Namespace) -> dict[str
     }
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_forward(model: torch.nn.Module, ids: torch.Tensor, device: str) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=False)
-    sync(device)
-    return time.perf_counter() - t0
-
-
-def measure(model, ids, transports, args, reps: int) -> dict[str, list[float]]:
-    variants = ["baseline", *transports]
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for rep in range(reps):
-        order = variants[rep % len(variants):] + variants[: rep % len(variants)]  # rotate who goes first
-        for variant in order:
-            handle = None if variant == "baseline" else actsteer.attach(model, transports[variant], strength=1.0)
-            try:
-                times[variant].append(time_forward(model, ids, args.device))
-            finally:
-                if handle is not None:
-                    handle.remove()
-    return times
-
-
 def site_op_time(transport: actsteer.Transport, args: argparse.Namespace, dtype: torch.dtype, reps: int) -> float:
     """Median time of the per-call work of ALL sites alone (the folded map on a (B, T, D) activation each)."""
     x = torch.randn(args.batch, args.seq, args.hidden, device=args.device).to(dtype)
@@ -105,7 +83,44 @@ def site_op_time(transport: actsteer.Transport, args: argparse.Namespace, dtype:
     return statistics.median(samples)
 
 
-def main() -> None:
+def arms_for(model, forward, transports, ids, prefix: str = "") -> dict:
+    live: list = []
+
+    def run():
+        with torch.no_grad():
+            forward(input_ids=ids, use_cache=False)
+
+    arms = {f"{prefix}plain": run}
+    for support, transport in transports.items():
+        arms[f"{prefix}{support}"] = (lambda t=transport: live.append(actsteer.attach(model, t, strength=1.0)), run,
+                                      lambda: live.pop().remove())
+    return arms
+
+
+def compile_checks(model, compiled, transport, ids) -> dict:
+    """Compiled outputs vs eager ones (steered at 1 and 0.5), and graphs compiled by a strength change."""
+    from torch._dynamo.utils import counters
+
+    out = {}
+    with torch.no_grad():
+        handle = actsteer.attach(model, transport, strength=1.0)
+        try:
+            eager = model(input_ids=ids, use_cache=False).logits
+            comp = compiled(input_ids=ids, use_cache=False).logits
+            graphs = counters["stats"]["unique_graphs"]
+            handle.strength = 0.5
+            eager_half = model(input_ids=ids, use_cache=False).logits
+            comp_half = compiled(input_ids=ids, use_cache=False).logits
+            out["graphs_compiled_by_strength_change"] = counters["stats"]["unique_graphs"] - graphs
+        finally:
+            handle.remove()
+        scale = eager.abs().max().item()
+        out["max_abs_diff_vs_eager"] = max((comp - eager).abs().max().item(), (comp_half - eager_half).abs().max().item())
+        out["max_abs_logit"] = scale
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
@@ -114,14 +129,16 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=7, help="timed repetitions per variant and round")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed forward passes per variant first")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=15, help="timed repetitions of every arm")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed forward passes per arm first")
     parser.add_argument("--fit-inputs", type=int, default=8, help="source and target inputs for the fit")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    args = parser.parse_args()
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(model) arms")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. reduce-overhead on a GPU)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -131,26 +148,42 @@ def main() -> None:
     )
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
+    results = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         model = build_model(args, dtype)
         transports = fit_transports(model, args)
         n_sites = len(transports["all"])
-        measure(model, ids, transports, args, args.warmup)
-        for r in range(args.rounds):
-            times = measure(model, ids, transports, args, args.reps)
-            base = statistics.median(times["baseline"])
-            parts = [f"baseline {base * 1e3:8.2f} ms"]
-            for v in transports:
-                med = statistics.median(times[v])
-                paired = statistics.median(t / b for t, b in zip(times[v], times["baseline"]))
-                parts.append(f"support={v}: {med * 1e3:8.2f} ms (x{med / base:.3f}, paired x{paired:.3f})")
-            print(f"{dtype_name:>9} round {r + 1} [{n_sites} sites, median of {args.reps}]: " + " | ".join(parts))
+        arms = arms_for(model, model, transports, ids)
+        checks = {}
+        if args.compile:
+            torch._dynamo.reset()
+            compiled = torch.compile(model, mode=args.compile_mode)
+            arms.update(arms_for(model, compiled, transports, ids, prefix="compiled "))
+        times = interleave(arms, args.reps, device=args.device, warmup=args.warmup)
+        eager = {k: v for k, v in times.items() if not k.startswith("compiled ")}
+        print(f"{dtype_name} [{n_sites} sites, {args.reps} reps]:")
+        print("\n".join(report(eager)))
+        result = {"dtype": dtype_name, "sites": n_sites, "reps": args.reps, "eager": summary(eager)}
+        if args.compile:
+            comp = {k: v for k, v in times.items() if k.startswith("compiled ")}
+            checks = compile_checks(model, compiled, transports["observed"], ids)
+            print(f"{dtype_name} compiled (torch.compile, mode={args.compile_mode}); checks: {checks}")
+            print("\n".join(report(comp, base="compiled plain")))
+            ratio = statistics.median(c["wall"] for c in comp["compiled plain"]) / statistics.median(
+                e["wall"] for e in eager["plain"])
+            print(f"  compiled plain / eager plain time: {ratio:.3f}")
+            result.update(compiled=summary(comp, base="compiled plain"), compile_checks=checks)
         ops = {v: site_op_time(t, args, dtype, max(args.reps, 20)) for v, t in transports.items()}
-        print(
-            f"{dtype_name:>9} site ops alone ({n_sites} sites, no model): "
-            + " | ".join(f"support={v}: {o * 1e3:.2f} ms = {100 * o / base:.2f}% of the baseline" for v, o in ops.items())
-        )
+        base = statistics.median(r["wall"] for r in times["plain"])
+        print(f"  site ops alone ({n_sites} sites, no model): "
+              + " | ".join(f"support={v}: {o * 1e3:.2f} ms = {100 * o / base:.2f}% of the plain pass" for v, o in ops.items()))
+        result["site_ops_s"] = ops
+        results.append(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":
