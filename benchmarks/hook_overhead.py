@@ -83,10 +83,18 @@ def site_op_time(transport: actsteer.Transport, args: argparse.Namespace, dtype:
     return statistics.median(samples)
 
 
+def _step(forward):
+    """One forward; compiled ones start a new CUDA-graph step first (outputs of the last replay are not kept)."""
+    if forward is not None and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def arms_for(model, forward, transports, ids, prefix: str = "") -> dict:
     live: list = []
+    compiled = forward is not model
 
     def run():
+        _step(forward if compiled else None)
         with torch.no_grad():
             forward(input_ids=ids, use_cache=False)
 
@@ -106,11 +114,13 @@ def compile_checks(model, compiled, transport, ids) -> dict:
         handle = actsteer.attach(model, transport, strength=1.0)
         try:
             eager = model(input_ids=ids, use_cache=False).logits
-            comp = compiled(input_ids=ids, use_cache=False).logits
+            _step(compiled)
+            comp = compiled(input_ids=ids, use_cache=False).logits.clone()  # a CUDA-graph output is reused later
             graphs = counters["stats"]["unique_graphs"]
             handle.strength = 0.5
             eager_half = model(input_ids=ids, use_cache=False).logits
-            comp_half = compiled(input_ids=ids, use_cache=False).logits
+            _step(compiled)
+            comp_half = compiled(input_ids=ids, use_cache=False).logits.clone()
             out["graphs_compiled_by_strength_change"] = counters["stats"]["unique_graphs"] - graphs
         finally:
             handle.remove()
