@@ -203,3 +203,14 @@ def test_vllm_integration_docstring_examples_run(name):
     module = importlib.import_module(f"actsteer.vllm_integration.{name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and (result.attempted > 0 or name == "plugin")
+
+
+def test_worker_layout_subsequence_keeps_each_request_order():
+    from actsteer.vllm_integration.worker import _subsequence
+
+    a, b = ("ocean", "v1"), ("food", "v1")
+    assert _subsequence((a, b), [a, b]) == [0, 1]
+    assert _subsequence((b, a), [a, b]) is None  # another order needs its own slots
+    assert _subsequence((b, a), [a, b, a]) == [1, 2]
+    assert _subsequence((a, a), [a, b]) is None and _subsequence((a, a), [a, b, a]) == [0, 2]
+    assert _subsequence((("ocean", "v2"),), [a, b]) is None  # a changed file is a different slot
