@@ -192,8 +192,8 @@ class WorkerSteering:
             self.handle.active = False
 
     def _set(self, j: int, values: list[float], counts: torch.Tensor, num_rows: int) -> None:
-        # vLLM runs the model under torch.inference_mode; the handle keeps the strength across calls, and the
-        # engine's fold cache reads its version counter, which inference tensors do not have: build it outside.
+        # vLLM runs the model under torch.inference_mode; the handle keeps this strength across calls, so it is
+        # built as an ordinary tensor (inference tensors cannot be updated or versioned outside that mode).
         with torch.inference_mode(False):
             if all(v == values[0] for v in values):
                 value: float | torch.Tensor = values[0]  # one strength for every row: the engine's scalar path
