@@ -142,3 +142,23 @@ def test_compile_inductor_matches_eager_within_rounding(llama):
     assert_close(out, steered, rtol=1e-5, atol=1e-5)
     assert_close(out_half, half, rtol=1e-5, atol=1e-5)
     assert (out - plain).abs().max() > 1e-2  # and the steering is really there
+
+
+@torch.no_grad()
+def test_compile_generate_with_steering_matches_eager(llama):
+    """`generate(..., steering=...)` over a compiled forward (the transformers recipe): same greedy tokens as eager,
+    for every strength kind, and the compiled graphs serve later requests."""
+    model, transport, ids = llama
+    actsteer.enable_steering(model)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=256, attention_mask=torch.ones_like(ids))
+    steerings = [None, actsteer.Steering(transport, 1.0), actsteer.Steering(transport, 1.0, apply_to="generated"),
+                 actsteer.Steering(transport, torch.tensor([0.0, 1.0]))]
+    expected = [model.generate(ids, steering=s, **kw) for s in steerings]
+    assert not torch.equal(expected[1], expected[0])
+    model.forward = torch.compile(model.forward, backend="eager")
+    for s, want in zip(steerings, expected):
+        assert torch.equal(model.generate(ids, steering=s, **kw), want)
+    graphs = _graphs()
+    for s, want in zip(steerings, expected):  # new requests: no new graphs
+        assert torch.equal(model.generate(ids, steering=s, **kw), want)
+    assert _graphs() == graphs
