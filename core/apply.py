@@ -2,7 +2,7 @@
 
 Eagerly, `make_applier` binds ahead everything that does not depend on the call's values (the folded map cast to
 the activation's device and dtype, the shape to expect), so that the common call is a shape check, a counter and
-`masked_affine`: one ``addcmul`` for support "all", plus ``clamp``, an in-place compare and a ``lerp`` for a
+`masked_affine`: one ``addcmul`` for support "all", plus ``clamp``, an in-place compare and an in-place ``lerp`` for a
 support range, all float ops in the activation's dtype. While torch.compile traces a model, `transport_traced`
 does the same work from the handle's folded map directly, with no cache and no counter, so a compiled graph
 reads the current strength's tensors at every call and a strength change never recompiles.
@@ -107,7 +107,7 @@ def make_applier(
     if fm.rows is not None or apply_to != "all":
         return general
     # the common case, specialised so that a call is a shape check, a counter and the ops of `masked_affine`
-    # written out (one addcmul; plus clamp, an in-place compare and a lerp for a support range)
+    # written out (one addcmul; plus clamp, an in-place compare and an in-place lerp for a support range)
     w, b, lo, hi = fm.weight, fm.bias, fm.lo, fm.hi
     if w.dtype != x.dtype:  # half precision: the multiply-add in float32, rounded once
         lo_hi = (lo, hi) if fm.masked else (None, None)
@@ -134,7 +134,7 @@ def make_applier(
         if x.dim() not in (2, 3) or x.shape[-1] != dim:
             return general(x)
         calls[site] = calls.get(site, 0) + 1
-        return torch.lerp(x, torch.addcmul(b, x, w), torch.clamp(x, lo, hi).eq_(x))
+        return torch.addcmul(b, x, w).lerp_(x, torch.clamp(x, lo, hi).ne_(x))
 
     return fast_range
 

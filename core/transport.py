@@ -45,10 +45,11 @@ def masked_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lo:
 
     The one formula of the per-call path (ACT_SPEC.md section 4), written with float ops only: on CPU, ops that
     produce or read a bool tensor (``==``, ``where``) are not vectorised and cost 3-6x a float op at
-    diffusion/prefill sizes. ``clamp(x, lo, hi) == x`` becomes 1.0/0.0 in place, and ``lerp(x, moved, 1.0)`` is
-    ``moved - (moved - x) * 0 = moved`` and ``lerp(x, moved, 0.0)`` is ``x + 0 * (moved - x) = x`` exactly, so
-    the result is bit for bit the ``where`` form for every finite ``x`` (NaN stays outside and is kept);
-    a ``+-inf`` activation outside the support (a model that has already overflowed) comes out NaN.
+    diffusion/prefill sizes. ``clamp(x, lo, hi) != x`` becomes 1.0/0.0 in place, and ``moved.lerp_(x, 0.0)`` is
+    ``moved + 0 * (x - moved) = moved`` and ``moved.lerp_(x, 1.0)`` is ``x - (x - moved) * 0 = x`` exactly, so
+    the result equals the ``where`` form (``torch.equal``; a zero may change sign) for every finite ``x`` (NaN
+    stays outside and is kept); a ``+-inf`` activation outside the support (a model that has already
+    overflowed) comes out NaN.
     Weights may be float32 for half-precision ``x``: the multiply-add runs in float32 and is rounded once.
     """
     moved = torch.addcmul(bias, x, weight)
@@ -56,7 +57,9 @@ def masked_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lo:
         moved = moved.to(x.dtype)
     if lo is None:
         return moved
-    return torch.lerp(x, moved, torch.clamp(x, lo, hi).eq_(x))
+    # outside = 1.0 where x is outside [lo, hi] (or NaN), else 0.0; moved.lerp_(x, outside) keeps moved or takes x.
+    # In place into the two fresh buffers: large CPU allocations cost page faults, and this saves one per call.
+    return moved.lerp_(x, torch.clamp(x, lo, hi).ne_(x))
 
 
 @dataclasses.dataclass(frozen=True)
