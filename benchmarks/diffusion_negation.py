@@ -10,13 +10,16 @@ miniature), judged with ground truth (benchmarks/miniature/judges.py). Two conce
 - **colour "red"**: fit from "a small red circle on the left" to "a small circle on the left" (colour left open);
   held-out prompts ask for red. Measured: fraction still judged red, shape kept, similarities.
 
-Compared: Linear-AcT at strengths 0.25..1 (sequential, observed support), Mean-AcT, Linear-AcT fitted at once,
-Linear-AcT with the all-reals support, the negative prompt (``negative_prompt="striped"`` / ``"red"`` under
-classifier-free guidance 3), and, as a reference point, the prompt with the concept word removed.
-For "striped" also the induction transport (flat -> striped) applied backwards (strength -1).
+Compared (sites ``unet`` = every UNet norm, the paper's choice; ``te`` = the text encoder's final layer norm):
+Linear-AcT at strengths 0.25..1 and 2 (sequential, observed support: the paper's negation support), Mean-AcT,
+Linear-AcT fitted at once, Linear-AcT with the all-reals support, the negative prompt (``negative_prompt="striped"``
+/ ``"red"`` under classifier-free guidance 3, and in the caption form the model was trained on: "a circle, striped"
+/ "a red circle"), and, as a reference point, the prompt with the concept word removed.
+For "striped" also the induction transport (flat -> striped, all reals) applied backwards (strength -1, -2).
 
-Run (about 8 min on 2 shared CPU cores; see benchmarks/RESULTS.md, "Diffusion in miniature"):
-    .venv/bin/python benchmarks/diffusion_negation.py --out /tmp/actsteer/miniature_negation --figures benchmarks/figures
+Run (2 min wall on 2 CPU cores shared with other jobs, one thread; see benchmarks/RESULTS.md, "Diffusion in miniature"):
+    .venv/bin/python benchmarks/diffusion_negation.py --out /tmp/actsteer/miniature_negation \
+        --figures benchmarks/figures
 """
 
 from __future__ import annotations
@@ -42,8 +45,19 @@ from benchmarks.miniature.judges import JUDGES_FILE, Judges  # noqa: E402
 from benchmarks.miniature.model import PIPELINE_DIR, load_pipeline  # noqa: E402
 
 logger = logging.getLogger("diffusion_negation")
-COLUMNS = ["concept", "method", "strength", "presence", "flat", "shape_acc", "shape_kept", "colour_kept",
-           "pixel_sim", "feature_sim"]
+COLUMNS = ["concept", "method", "sites", "support", "strength", "presence", "flat", "shape_acc", "shape_kept",
+           "colour_kept", "pixel_sim", "feature_sim"]
+TEXT_SITE = ["text_encoder.final_layer_norm"]
+MAIN = [0.25, 0.5, 0.75, 1.0, 2.0]
+# name -> (sites, fit_pipeline options, strengths)
+FITS: dict[str, tuple[str, dict[str, Any], list[float]]] = {
+    "linear-act": ("unet", dict(method="linear-act"), MAIN),
+    "mean-act": ("unet", dict(method="mean-act"), [1.0, 2.0]),
+    "linear-act at-once": ("unet", dict(method="linear-act", sequential=False), [1.0, 2.0]),
+    "linear-act all": ("unet", dict(method="linear-act", support="all"), [1.0, 2.0]),
+    "te linear-act": ("te", dict(method="linear-act", modules=TEXT_SITE), [1.0, 2.0]),
+    "te linear-act all": ("te", dict(method="linear-act", support="all", modules=TEXT_SITE), MAIN),
+}
 
 
 def negate(
@@ -51,7 +65,8 @@ def negate(
 ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """All rows of one concept ("striped" or "red"), and some images per method for the figure."""
     if concept == "striped":
-        fit_attrs, eval_attrs = metrics.split_prompts(args.n_fit, args.n_eval, seed=args.seed, style="striped")
+        # flat attributes: `shapes.caption` would name a non-flat style itself; the suffix adds it once
+        fit_attrs, eval_attrs = metrics.split_prompts(args.n_fit, args.n_eval, seed=args.seed)
         source, target = metrics.captions(fit_attrs, suffix=", striped"), metrics.captions(fit_attrs)
         prompts, without = metrics.captions(eval_attrs, suffix=", striped"), metrics.captions(eval_attrs)
         judged = {"style": "striped"}
@@ -71,10 +86,11 @@ def negate(
     rows: list[dict[str, Any]] = []
     figure: dict[str, torch.Tensor] = {"unsteered": reference}
 
-    def measure(method: str, strength: float, images: torch.Tensor) -> None:
+    def measure(method: str, strength: float, images: torch.Tensor, sites: str = "-", support: str = "-") -> None:
         s = metrics.score(judges, images, eval_attrs, reference, **judged)
         presence = s.pop("style_presence") if "style_presence" in s else s.pop("colour_presence")
-        row = {"concept": concept, "method": method, "strength": strength, "presence": presence,
+        row = {"concept": concept, "method": method, "sites": sites, "support": support, "strength": strength,
+               "presence": presence,
                "flat": metrics.style_counts(judges, images)["flat"], **s}
         rows.append(row)
         logger.info("%s", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
@@ -83,26 +99,28 @@ def negate(
     images = gen(prompts, negative_prompt=[concept] * len(prompts))
     measure(f"negative prompt '{concept}'", 1.0, images)
     figure["negative prompt"] = images
+    # the concept word alone is a caption the model never saw; the caption form ("a circle, striped") it did
+    if concept == "striped":
+        caption_form = [f"a {a.shape}, striped" for a in eval_attrs]
+    else:
+        caption_form = [f"a {concept} {a.shape}" for a in eval_attrs]
+    measure("negative prompt, caption form", 1.0, gen(prompts, negative_prompt=caption_form))
     measure(f"prompt without '{concept}'", 1.0, gen(without))
 
-    fits = {
-        "linear-act": dict(method="linear-act"),
-        "mean-act": dict(method="mean-act"),
-        "linear-act at-once": dict(method="linear-act", sequential=False),
-        "linear-act support=all": dict(method="linear-act", support="all"),
-    }
-    for name, kw in fits.items():
+    for name, (sites, kw, strengths) in FITS.items():
         transport = actsteer.fit_pipeline(pipe, source, target, **kw, **fit_kw)
-        for s in args.strengths if name == "linear-act" else [1.0]:
+        support = str(kw.get("support", "observed"))
+        for s in strengths:
             with actsteer.steer(pipe, transport, strength=s):
                 images = gen(prompts)
-            measure(name, s, images)
-            if s == 1.0 and name in ("linear-act", "linear-act support=all"):
-                figure[f"AcT {name[11:] or 'observed'}"] = images
+            measure(name, s, images, sites=sites, support=support)
+            if name in ("linear-act", "te linear-act all") and s in (1.0, 2.0):
+                figure[f"{name} {s:g}"] = images
     if concept == "striped":  # the induction transport (flat -> striped) backwards
-        induction = actsteer.fit_pipeline(pipe, target, source, **fit_kw)
-        with actsteer.steer(pipe, induction, strength=-1.0):
-            measure("linear-act induction reversed", -1.0, gen(prompts))
+        induction = actsteer.fit_pipeline(pipe, target, source, support="all", **fit_kw)
+        for s in (-1.0, -2.0):
+            with actsteer.steer(pipe, induction, strength=s):
+                measure("linear-act all, induction reversed", s, gen(prompts), sites="unet", support="all")
     return rows, figure
 
 
@@ -116,9 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-fit-red", type=int, default=8, help="of the 18 red combinations")
     parser.add_argument("--n-eval-red", type=int, default=10)
     parser.add_argument("--seeds-red", type=int, default=3, help="seeds per held-out red prompt")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--strengths", type=lambda t: [float(v) for v in t.split(",")], default=[0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--pipeline", type=Path, default=PIPELINE_DIR, help="a miniature diffusers folder")
     parser.add_argument("--judges", type=Path, default=JUDGES_FILE)
     parser.add_argument("--seed", type=int, default=0)

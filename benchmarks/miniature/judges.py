@@ -5,7 +5,7 @@ is trained on freshly rendered images with Gaussian pixel noise (std 0 to 0.15, 
 the diffusion model are still judged) and tested on images it never saw. The held-out accuracies are stored in
 the weights file's metadata and reported in benchmarks/RESULTS.md.
 
-Train (about 4 min on one CPU thread):
+Train (13 min wall on 2 CPU cores shared with 4-6 other jobs, one thread; see benchmarks/RESULTS.md):
     nice -n 10 .venv/bin/python -m benchmarks.miniature.judges --out benchmarks/miniature/weights/judges.safetensors
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -106,7 +107,8 @@ class Judges:
 
     def predict(self, images: torch.Tensor) -> dict[str, list[str]]:
         """The most likely label per attribute, for ``(N, 3, 32, 32)`` images in [-1, 1]."""
-        return {name: [ATTRIBUTES[name][i] for i in p.argmax(dim=-1).tolist()] for name, p in self.probs(images).items()}
+        probs = self.probs(images)
+        return {name: [ATTRIBUTES[name][i] for i in p.argmax(dim=-1).tolist()] for name, p in probs.items()}
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         "heldout_accuracy": json.dumps(clean), "heldout_accuracy_noise0.1": json.dumps(noisy),
         "test_size": str(args.test_size), "train_steps": str(args.steps), "batch_size": str(args.batch_size),
         "seed": str(args.seed), "threads": str(args.threads), "train_wall_s": f"{wall:.0f}",
-        "command": "python -m benchmarks.miniature.judges " + " ".join(argv if argv is not None else []),
+        "command": " ".join(["python -m benchmarks.miniature.judges", *(sys.argv[1:] if argv is None else argv)]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     judges.save(args.out)
