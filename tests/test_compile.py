@@ -144,6 +144,7 @@ def test_compile_inductor_matches_eager_within_rounding(llama):
     assert (out - plain).abs().max() > 1e-2  # and the steering is really there
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_compile_generate_with_steering_matches_eager(llama):
     """`generate(..., steering=...)` over a compiled forward (the transformers recipe): same greedy tokens as eager,
