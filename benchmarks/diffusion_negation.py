@@ -17,7 +17,7 @@ Linear-AcT fitted at once, Linear-AcT with the all-reals support, the negative p
 / "a red circle"), and, as a reference point, the prompt with the concept word removed.
 For "striped" also the induction transport (flat -> striped, all reals) applied backwards (strength -1, -2).
 
-Run (2 min wall on 2 CPU cores shared with other jobs, one thread; see benchmarks/RESULTS.md, "Diffusion in miniature"):
+Run (3 min wall on 2 CPU cores shared with other jobs, one thread; see benchmarks/RESULTS.md, "Diffusion in miniature"):
     .venv/bin/python benchmarks/diffusion_negation.py --out /tmp/actsteer/miniature_negation \
         --figures benchmarks/figures
 """

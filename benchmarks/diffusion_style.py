@@ -21,7 +21,7 @@ Variants (one row per strength):
 Strengths run 0..1 and, as extrapolation, 1.5 and 2. The other styles (``--other-styles speckled,outlined``) get
 the prompt baseline and three variants at strengths 1, 1.5 and 2.
 
-Run (4 min wall on 2 CPU cores shared with other jobs, one thread; see benchmarks/RESULTS.md, "Diffusion in
+Run (5 min wall on 2 CPU cores shared with other jobs, one thread; see benchmarks/RESULTS.md, "Diffusion in
 miniature"):
     .venv/bin/python benchmarks/diffusion_style.py --out /tmp/actsteer/miniature_style --figures benchmarks/figures
 """
