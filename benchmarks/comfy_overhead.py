@@ -20,7 +20,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_harness as harness  # noqa: E402  (sets ComfyUI up offline: CPU, stubbed torchvision, tiny CLIP)
-from overhead_timing import interleave, report, summary  # noqa: E402
+from overhead_timing import interleave, report, summary, write_json  # noqa: E402
 
 
 def sdxl_layout(width: int):
@@ -140,9 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if "flux" in args.arch:
         results.append(bench(f"FLUX.1 layout, hidden {args.flux_hidden}", flux_layout(args.flux_hidden), True,
                              "blocks", args, pack))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     return results
 
 

@@ -21,7 +21,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from diffusers_support import make_flux_pipeline, make_sdxl_pipeline  # noqa: E402
-from overhead_timing import interleave, report, summary  # noqa: E402
+from overhead_timing import interleave, report, summary, write_json  # noqa: E402
 
 import actsteer  # noqa: E402
 from actsteer.core import Steering  # noqa: E402
@@ -151,9 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = [run(arch, args) for arch in args.arch]
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     return results
 
 

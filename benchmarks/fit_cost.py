@@ -15,7 +15,6 @@ do NOT fit in one batch (--batch-size), and the reference implementation's ~(L+1
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ from actsteer.hf_integration.default_model import load_model  # noqa: E402
 from actsteer.hf_integration.lm import make_runner, padding_ready  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead_timing import interleave, quartiles  # noqa: E402
+from overhead_timing import interleave, quartiles, write_json  # noqa: E402
 
 DATA = Path(actsteer.__file__).parent / "hf_integration" / "data"
 
@@ -90,9 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{m_fit['forward_equivalents']:.1f} full-pass equivalents, {time.perf_counter() - t0:.1f} s wall "
           f"(reference ml-act: ~(L+1)/2 = {(n_sites + 1) / 2:.0f} full passes per batch)")
     result["multi_batch"] = {k: m_fit[k] for k in ("batches", "forward_calls", "forward_equivalents")}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

@@ -18,7 +18,6 @@ one on a shared machine). Targets (issue 15): observed >= 0.97, all >= 0.99.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ from actsteer.hf_integration.cli import read_texts  # noqa: E402
 from actsteer.hf_integration.default_model import load_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead_timing import interleave, report, summary  # noqa: E402
+from overhead_timing import interleave, report, summary, write_json  # noqa: E402
 
 DATA = Path(actsteer.__file__).parent / "hf_integration" / "data"
 PROMPTS = ["Once upon a time,", "Yesterday I went", "The weather today", "My favorite food is"]
@@ -138,9 +137,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(threads)
         for batch in args.batch:
             results.append(run_config(model, tok, transports, args, batch))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     return results
 
 

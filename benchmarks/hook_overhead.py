@@ -17,7 +17,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ from actsteer.core.fit import fit  # noqa: E402
 from actsteer.core.sites import resolve_sites  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead_timing import interleave, report, summary, sync  # noqa: E402
+from overhead_timing import interleave, report, summary, sync, write_json  # noqa: E402
 
 NORMS = r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)|model\.norm"
 
@@ -209,9 +208,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               + f" | observed with the previous where formula: {before * 1e3:.2f} ms")
         result["site_ops_s"] = {**ops, "observed_where_formula": before}
         results.append(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     return results
 
 

@@ -10,9 +10,11 @@ kept: on an oversubscribed machine CPU time is the steadier of the two. On CUDA,
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -120,3 +122,10 @@ def summary(times: dict[str, list[dict[str, float]]], *, base: str = "plain") ->
         }
         for clock in clocks
     }
+
+
+def write_json(path: Path | None, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path`` (parents created); nothing when ``path`` is None."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2))

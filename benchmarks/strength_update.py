@@ -14,7 +14,6 @@ scalar one, bit for bit (checked first).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,7 +29,7 @@ from actsteer.hf_integration.cli import read_texts  # noqa: E402
 from actsteer.hf_integration.default_model import load_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead_timing import interleave, report, summary  # noqa: E402
+from overhead_timing import interleave, report, summary, write_json  # noqa: E402
 
 DATA = Path(actsteer.__file__).parent / "hf_integration" / "data"
 
@@ -103,9 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"model: {model.config._name_or_path}; {len(transport)} sites, observed support; "
           f"{torch.get_num_threads()} thread(s); {args.device}")
     results = [run_rows(model, transport, rows, args) for rows in args.rows]
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     return results
 
 
