@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from .transport import FoldedMap, masked_affine
+from .folded import FoldedMap, masked_affine
 
 Positions = Callable[[], "tuple[int, int] | None"]
 

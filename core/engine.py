@@ -6,8 +6,8 @@
 - `attach(model, t)`: model-wide and long-lived: every call, in every thread, until ``handle.remove()``. Where both
   apply to one module, the model-wide transports run first, then the request's own.
 
-The first binding that needs a module installs ONE dispatcher on it (a forward hook, plus a forward pre-hook where
-a binding asked for a per-call callback); the last binding to leave removes it. Calls without steering pay a
+The first binding that needs a module installs ONE dispatcher on it (`actsteer.core.dispatch`: a forward hook, plus
+a forward pre-hook where a binding asked for a per-call callback); the last binding to leave removes it. Calls without steering pay a
 context-variable read and a dict lookup while it is installed, nothing once it is gone. A deep copy of a model made
 meanwhile is never steered (dispatch is by module identity) and loses the dispatcher at its first call or when the
 original's steering ends; pickling writes a standard-library no-op in its place, so no actsteer state is saved.
@@ -16,18 +16,16 @@ original's steering ends; pickling writes a standard-library no-op in its place,
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import itertools
 import logging
-import threading
-import types
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
 
 from .apply import make_applier, transport_traced
+from .dispatch import CURRENT, DISPATCHERS, LOCK, Frame, dispatcher_of
 from .sites import element, infer_width, iter_site_modules, missing_site_message, replace_element
 from .steering import (
     SiteStrength,
@@ -38,152 +36,13 @@ from .steering import (
     is_zero,
     site_strength,
 )
-from .transport import FoldedMap, Transport
+from .folded import FoldedMap
+from .transport import Transport
 
 logger = logging.getLogger(__name__)
 
 Scope = Literal["request", "model"]
 CallHook = Callable[[torch.nn.Module, tuple, dict], None]
-
-
-class _Frame:
-    """The request-scoped steering of one context: module -> handle (sites), module -> handles (callbacks)."""
-
-    __slots__ = ("sites", "calls")
-
-    def __init__(self, sites: dict | None = None, calls: dict | None = None) -> None:
-        self.sites: dict[torch.nn.Module, SteeringHandle] = sites or {}
-        self.calls: dict[torch.nn.Module, tuple[SteeringHandle, ...]] = calls or {}
-
-
-_EMPTY = _Frame()
-_CURRENT: contextvars.ContextVar[_Frame] = contextvars.ContextVar("actsteer_steering", default=_EMPTY)
-_LOCK = threading.RLock()  # guards dispatcher installation and model-wide bindings
-
-
-class _Hook:
-    """The object registered in a module's hook dict; calls back into its `_Dispatcher` for that module only."""
-
-    __slots__ = ("dispatcher", "pre", "__weakref__")
-
-    def __init__(self, dispatcher: _Dispatcher, pre: bool) -> None:
-        self.dispatcher = dispatcher
-        self.pre = pre
-
-    def __call__(self, module: torch.nn.Module, args: Any, third: Any) -> Any:
-        d = self.dispatcher
-        if module is not d.module_ref():  # a deep copy of the module: never steered, clean it up
-            d.forget_copy(module)
-            return None
-        return d.before(module, args, third) if self.pre else d.after(module, third)
-
-    def __deepcopy__(self, memo: dict) -> _Hook:
-        copy = memo.get(id(self.dispatcher.module_ref()))
-        if isinstance(copy, torch.nn.Module):
-            self.dispatcher.copies.add(copy)
-        return self
-
-    def __reduce__(self) -> tuple:
-        # pickled as a no-op hook from the standard library (``nullcontext().__exit__`` returns None for any
-        # arguments): the file holds no actsteer state and loads without actsteer
-        return (getattr, (contextlib.nullcontext(), "__exit__"))
-
-
-class _Dispatcher:
-    """The one dispatcher of one module: its model-wide handle, and the hooks while any binding needs them."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module_ref = weakref.ref(module)
-        self.model_handle: SteeringHandle | None = None  # model-wide handle steering this module's output
-        self.model_calls: tuple[SteeringHandle, ...] = ()  # model-wide handles with a per-call callback here
-        self.users = {"site": 0, "call": 0}
-        self.handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
-        self.copies: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
-        self.marker: Callable[..., Any] | None = None  # see _mark_for_compile
-
-    def after(self, module: torch.nn.Module, output: Any) -> Any:
-        out = output
-        handle = self.model_handle
-        if handle is not None:
-            out = handle._run(module, out)
-        handle = _CURRENT.get().sites.get(module)
-        if handle is not None:
-            out = handle._run(module, out)
-        return None if out is output else out
-
-    def before(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        for handle in self.model_calls + _CURRENT.get().calls.get(module, ()):
-            handle._before(module, args, kwargs)
-
-    def acquire(self, kind: str) -> None:
-        module = self.module_ref()
-        if self.users[kind] == 0:
-            if not self.handles:
-                self.marker = _mark_for_compile(module)
-            if kind == "site":
-                self.handles[kind] = module.register_forward_hook(_Hook(self, pre=False))
-            else:
-                self.handles[kind] = module.register_forward_pre_hook(_Hook(self, pre=True), with_kwargs=True)
-        self.users[kind] += 1
-
-    def release(self, kind: str) -> None:
-        self.users[kind] -= 1
-        if self.users[kind] == 0:
-            hook_id = self.handles.pop(kind).id
-            module = self.module_ref()
-            if module is not None:
-                _drop(module, hook_id)
-            for copy in list(self.copies):
-                _drop(copy, hook_id)
-            if not self.handles:
-                self.copies.clear()
-                if module is not None and module.__dict__.get("forward") is self.marker is not None:
-                    del module.__dict__["forward"]
-                self.marker = None
-
-    def forget_copy(self, copy: torch.nn.Module) -> None:
-        for hook_id in [i for i, h in (*copy._forward_hooks.items(), *copy._forward_pre_hooks.items()) if isinstance(h, _Hook)]:
-            _drop(copy, hook_id)
-        self.copies.discard(copy)
-        if _is_marker(copy):
-            del copy.__dict__["forward"]
-
-
-def _mark_for_compile(module: torch.nn.Module) -> Callable[..., Any] | None:
-    """Put the class's own ``forward``, bound to ``module``, in its instance dict while a dispatcher is installed.
-
-    Calls behave exactly as before; the point is torch.compile: dynamo does not guard on a module's EMPTY hook dicts
-    (``torch._dynamo.config.skip_nnmodule_hook_guards``), so a graph compiled before steering began would keep
-    running without the dispatcher, silently unsteered. Dynamo does guard that no instance ``forward`` exists; this
-    marker fails that guard, so the graph is recompiled once with the dispatcher traced (then cached). A module that
-    already has another instance ``forward`` (e.g. from accelerate) is left alone.
-    """
-    if "forward" in module.__dict__ and not _is_marker(module):
-        return None
-    marker = module.__dict__["forward"] = types.MethodType(type(module).forward, module)
-    return marker
-
-
-def _is_marker(module: torch.nn.Module) -> bool:
-    """True when ``module``'s instance ``forward`` is its class's own, bound to it (a marker, maybe one that a deep
-    copy or a pickle of a steered model carried over)."""
-    f = module.__dict__.get("forward")
-    return isinstance(f, types.MethodType) and f.__self__ is module and f.__func__ is type(module).forward
-
-
-def _drop(module: torch.nn.Module, hook_id: int) -> None:
-    for d in (module._forward_hooks, module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs):
-        d.pop(hook_id, None)
-
-
-_DISPATCHERS: weakref.WeakKeyDictionary[torch.nn.Module, _Dispatcher] = weakref.WeakKeyDictionary()
-
-
-def _dispatcher(module: torch.nn.Module) -> _Dispatcher:
-    d = _DISPATCHERS.get(module)
-    if d is None:
-        d = _DISPATCHERS[module] = _Dispatcher(module)
-    return d
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -312,19 +171,19 @@ class SteeringHandle:
         (its thread/task for a request-scoped handle); hosts use it to set positions, windows or row strengths."""
         if not self._attached:
             raise RuntimeError("on_call() needs an attached handle")
-        with _LOCK:
+        with LOCK:
             first = module not in self._callbacks
             self._callbacks.setdefault(module, []).append(callback)
             if first:
-                d = _dispatcher(module)
+                d = dispatcher_of(module)
                 d.acquire("call")
                 if self.scope == "model":
                     d.model_calls = d.model_calls + (self,)
         if first and self.scope == "request":
-            frame = _CURRENT.get()
+            frame = CURRENT.get()
             calls = dict(frame.calls)
             calls[module] = calls.get(module, ()) + (self,)
-            _CURRENT.set(_Frame(frame.sites, calls))
+            CURRENT.set(Frame(frame.sites, calls))
 
     def _before(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if self._attached:
@@ -399,10 +258,10 @@ class SteeringHandle:
     # binding ---------------------------------------------------------------------------------------------
     def _bind(self) -> None:
         """Install dispatchers and register this handle (model-wide, or in the current context)."""
-        with _LOCK:
+        with LOCK:
             if self.scope == "model":
                 for module in self._plans:
-                    owner = _DISPATCHERS.get(module)
+                    owner = DISPATCHERS.get(module)
                     owner = owner.model_handle if owner is not None else None
                     if owner is not None and owner._attached:
                         raise RuntimeError(
@@ -410,7 +269,7 @@ class SteeringHandle:
                             f"({owner!r}); remove it first, or pass a list of transports to one attach() call"
                         )
             else:
-                frame = _CURRENT.get()
+                frame = CURRENT.get()
                 for module in self._plans:
                     owner = frame.sites.get(module)
                     if owner is not None and owner._attached:
@@ -419,16 +278,16 @@ class SteeringHandle:
                             "pass a list of transports to one steer() call to compose them instead of nesting"
                         )
             for module in self._plans:
-                d = _dispatcher(module)
+                d = dispatcher_of(module)
                 d.acquire("site")
                 if self.scope == "model":
                     d.model_handle = self
             self._attached = True
         if self.scope == "request":
-            frame = _CURRENT.get()
+            frame = CURRENT.get()
             sites = dict(frame.sites)
             sites.update(dict.fromkeys(self._plans, self))
-            _CURRENT.set(_Frame(sites, frame.calls))
+            CURRENT.set(Frame(sites, frame.calls))
         logger.debug("actsteer: %s steering of %d sites", self.scope, len(self.sites))
 
     def _site_of(self, module: torch.nn.Module) -> str:
@@ -440,29 +299,29 @@ class SteeringHandle:
         A request-scoped handle is normally removed by its ``with`` block; removed from another thread or task,
         it stops steering at once and its context forgets it when that context ends.
         """
-        with _LOCK:
+        with LOCK:
             if not self._attached:
                 return
             self._attached = False
             for module in self._plans:
-                d = _DISPATCHERS.get(module)
+                d = DISPATCHERS.get(module)
                 if d is None:
                     continue
                 if d.model_handle is self:
                     d.model_handle = None
                 d.release("site")
             for module in self._callbacks:
-                d = _DISPATCHERS.get(module)
+                d = DISPATCHERS.get(module)
                 if d is None:
                     continue
                 d.model_calls = tuple(h for h in d.model_calls if h is not self)
                 d.release("call")
         if self.scope == "request":
-            frame = _CURRENT.get()
+            frame = CURRENT.get()
             if any(h is self for h in frame.sites.values()) or any(self in hs for hs in frame.calls.values()):
                 sites = {m: h for m, h in frame.sites.items() if h is not self}
                 calls = {m: tuple(h for h in hs if h is not self) for m, hs in frame.calls.items()}
-                _CURRENT.set(_Frame(sites, {m: hs for m, hs in calls.items() if hs}))
+                CURRENT.set(Frame(sites, {m: hs for m, hs in calls.items() if hs}))
 
     def __enter__(self) -> SteeringHandle:
         return self
@@ -594,10 +453,10 @@ def steer(model: torch.nn.Module, transport: SteeringLike, strength: SiteStrengt
 def steering_of(module: torch.nn.Module) -> list[SteeringHandle]:
     """The live handles that would steer a call of ``module`` or any submodule made here (model-wide, then
     this thread/task's own); fitting refuses to run on a model that is being steered."""
-    frame = _CURRENT.get()
+    frame = CURRENT.get()
     found: dict[int, SteeringHandle] = {}
     for m in module.modules():
-        d = _DISPATCHERS.get(m)
+        d = DISPATCHERS.get(m)
         for h in (d.model_handle if d is not None else None, frame.sites.get(m)):
             if h is not None and h._attached:
                 found[id(h)] = h

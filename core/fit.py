@@ -28,7 +28,8 @@ from .estimate import Support, canonical_method, estimate
 from .pooling import check_pooling
 from .record import ForwardContext, Recorder
 from .sites import element, iter_site_modules, replace_element
-from .transport import FoldedMap, Transport, UnitMap
+from .folded import FoldedMap
+from .transport import Transport, UnitMap
 
 logger = logging.getLogger(__name__)
 

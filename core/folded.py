@@ -1,0 +1,189 @@
+"""Folded maps: a `UnitMap` at one strength, ready for the per-call path (`FoldedMap`, `masked_affine`), and the
+caches that fold each distinct strength once (ACT_SPEC.md section 4: ``weight = 1 + s(omega - 1)``, ``bias = s beta``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .transport import UnitMap
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _round_inwards(bound: torch.Tensor, dtype: torch.dtype, *, up: bool) -> torch.Tensor:
+    """``bound`` in ``dtype``, rounded up (lower bounds) or down (upper bounds) where it is not exact, so that
+    comparing a ``dtype`` value with it agrees with comparing against the exact bound. Infinities stay."""
+    out = bound.to(dtype)
+    back = out.to(bound.dtype)
+    wrong = (back < bound) if up else (back > bound)
+    wrong &= torch.isfinite(bound)
+    # branch-free while torch.compile traces (no data-dependent Python `if`); eager skips the work when exact
+    if torch.compiler.is_compiling() or bool(wrong.any()):
+        toward = torch.full_like(out, float("inf") if up else float("-inf"))
+        out = torch.where(wrong, torch.nextafter(out, toward), out)
+    return out
+
+
+
+def masked_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lo: torch.Tensor | None,
+                  hi: torch.Tensor | None) -> torch.Tensor:
+    """``where(lo <= x <= hi, x * weight + bias, x)`` in ``x``'s dtype (no bounds: ``x * weight + bias``).
+
+    The one formula of the per-call path (ACT_SPEC.md section 4), written with float ops only: on CPU, ops that
+    produce or read a bool tensor (``==``, ``where``) are not vectorised and cost 3-6x a float op at
+    diffusion/prefill sizes. ``clamp(x, lo, hi) != x`` becomes 1.0/0.0 in place, and ``moved.lerp_(x, 0.0)`` is
+    ``moved + 0 * (x - moved) = moved`` and ``moved.lerp_(x, 1.0)`` is ``x - (x - moved) * 0 = x`` exactly, so
+    the result equals the ``where`` form (``torch.equal``; a zero may change sign) for every finite ``x`` (NaN
+    stays outside and is kept); a ``+-inf`` activation outside the support (a model that has already
+    overflowed) comes out NaN.
+    Weights may be float32 for half-precision ``x``: the multiply-add runs in float32 and is rounded once.
+    """
+    moved = torch.addcmul(bias, x, weight)
+    if moved.dtype != x.dtype:
+        moved = moved.to(x.dtype)
+    if lo is None:
+        return moved
+    # outside = 1.0 where x is outside [lo, hi] (or NaN), else 0.0; moved.lerp_(x, outside) keeps moved or takes x.
+    # In place into the two fresh buffers: large CPU allocations cost page faults, and this saves one per call.
+    return moved.lerp_(x, torch.clamp(x, lo, hi).ne_(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldedMap:
+    """A `UnitMap` folded for one strength: ``out = where(lo <= x <= hi, x * weight + bias, x)``.
+
+    Shapes are ``(D,)`` for a scalar strength. For one strength per batch row, ``rows`` ``(R,)`` gives each
+    row's index into ``(U, D)`` tables of ``weight``/``bias`` (and of ``lo``/``hi`` when the rows' strengths
+    differ in sign; else those stay ``(D,)``), one table row per distinct strength in order of first
+    appearance; the rows are gathered when the map is applied, so a new per-row strength costs no ``(R, D)``
+    work until then. ``masked`` is False when the support is all reals, so the hot path skips the compare.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    masked: bool
+    rows: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FoldedMap:
+        """The map ready for activations of ``dtype`` on ``device``.
+
+        float32/float64 activations get weights and bounds in their own dtype. Half-precision ones (float16,
+        bfloat16) keep weight and bias in float32, so the multiply-add runs in float32 (a large slope and its
+        offset nearly cancel: rounding them to 8-11 mantissa bits first loses the result), and get bounds rounded
+        inwards to the half dtype, so that ``lo <= x <= hi`` gives the same answer as in float32 for every
+        half-precision ``x``.
+
+        Raises:
+            ValueError: in half precision, when the map sends a finite end of its support beyond the dtype's range
+                (checked eagerly; while torch.compile traces, the check is left to the eager calls).
+        """
+        rows = None if self.rows is None else self.rows.to(device=device)
+        if dtype not in _HALF:
+            if (rows is self.rows and (dtype is None or dtype == self.weight.dtype)
+                    and (device is None or torch.device(device) == self.weight.device)):
+                return self  # already there: no copies, no new object
+            return FoldedMap(*(t.to(device=device, dtype=dtype) for t in self.tensors()), self.masked, rows)
+        weight, bias = self.weight.to(device=device, dtype=torch.float32), self.bias.to(device=device, dtype=torch.float32)
+        lo, hi = self.lo.to(device=device, dtype=torch.float32), self.hi.to(device=device, dtype=torch.float32)
+        if self.masked and not torch.compiler.is_compiling():
+            limit = torch.finfo(dtype).max
+            for end in (lo, hi):
+                finite = torch.isfinite(end)
+                mapped = torch.where(finite, torch.addcmul(bias, end, weight), torch.zeros_like(bias))
+                if bool((mapped.abs() > limit).any()):
+                    worst = float(mapped.abs().max())
+                    raise ValueError(
+                        f"at this strength the map sends values up to {worst:.3g}, beyond the range of {dtype} "
+                        f"({limit:.3g}); run the model in float32 or use a smaller strength"
+                    )
+        return FoldedMap(weight, bias, _round_inwards(lo, dtype, up=True), _round_inwards(hi, dtype, up=False),
+                         self.masked, rows)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.weight, self.bias, self.lo, self.hi
+
+    def per_row(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(weight, bias, lo, hi)`` with one row per batch row: the tables gathered by ``rows`` (``(R, D)``, or
+        ``(D,)`` for what all rows share); the tensors themselves for a scalar strength."""
+        w, b, lo, hi = self.weight, self.bias, self.lo, self.hi
+        rows = self.rows
+        if rows is not None:
+            w, b = w.index_select(0, rows), b.index_select(0, rows)
+            if lo.dim() == 2:
+                lo, hi = lo.index_select(0, rows), hi.index_select(0, rows)
+        return w, b, lo, hi
+
+    def apply_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply on the last dim of ``x`` (..., D); a per-row map broadcasts its rows over dims 1..-2."""
+        w, b, lo, hi = self.per_row()
+        if x.dim() > 2 and (w.dim() == 2 or lo.dim() == 2):  # per-row strengths: (R, D) -> (R, 1, ..., 1, D)
+            ones = (1,) * (x.dim() - 2)
+            w, b, lo, hi = (t.view((t.shape[0],) + ones + (t.shape[1],)) if t.dim() == 2 else t for t in (w, b, lo, hi))
+        return masked_affine(x, w, b, lo, hi) if self.masked else masked_affine(x, w, b, None, None)
+
+    def apply_spatial(self, x: torch.Tensor) -> torch.Tensor:
+        """The 4D rule (ACT_SPEC.md section 6): transport the spatial mean per channel of ``x`` (B, C, H, W),
+        keep the spatial deviations: ``out = x + (T(mu) - mu)`` with ``mu = x.mean((2, 3))``.
+        """
+        mu = x.mean(dim=(2, 3))  # (B, C)
+        delta = self.apply_last(mu) - mu
+        return x + delta[:, :, None, None]
+
+
+# Folding caches: per UnitMap (by id, dropped when the map is collected), the folds of recent strengths and the
+# per-row tables of recent strength sets. A server that sets one strength per token before every forward folds
+# each distinct value once, not once per call (folds are immutable: callers never write into them).
+_FOLDS: dict[int, dict[Any, FoldedMap]] = {}
+_FOLDS_PER_MAP = 16
+_ROWS_CACHE: list[Any] = [None]  # (weakref to the last 1-D strength, a copy of it, values, {device: rows})
+
+
+def _fold_cache(unit_map: UnitMap) -> dict[Any, FoldedMap]:
+    key = id(unit_map)
+    cache = _FOLDS.get(key)
+    if cache is None:
+        cache = _FOLDS[key] = {}
+        weakref.finalize(unit_map, _FOLDS.pop, key, None)
+    return cache
+
+
+def _remember(cache: dict[Any, FoldedMap], key: Any, value: FoldedMap) -> FoldedMap:
+    if len(cache) >= _FOLDS_PER_MAP:
+        cache.pop(next(iter(cache), None), None)  # oldest first; pop, not del: another thread may evict it too
+    cache[key] = value
+    return value
+
+
+def _row_table(strength: torch.Tensor, device: torch.device | None = None) -> tuple[tuple[float, ...], torch.Tensor]:
+    """The distinct values of a 1-D strength in order of first appearance, and each row's index into them (on
+    ``device``, CPU when None).
+
+    Every site of a handle folds the same strength tensor: the answer for the last tensor (the same object, with
+    the same values; inference tensors have no version counter to tell) is reused, copied to a device once.
+
+    Raises:
+        ValueError: a value is not finite.
+    """
+    last = _ROWS_CACHE[0]
+    if last is None or last[0]() is not strength or not torch.equal(last[1], strength):
+        flat = strength.tolist()
+        bad = [v for v in flat if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"`strength` must be finite, got {bad[0]} in a per-row strength")
+        index: dict[float, int] = {}
+        rows = [index.setdefault(v, len(index)) for v in flat]
+        last = _ROWS_CACHE[0] = (weakref.ref(strength), strength.detach().clone(), tuple(index),
+                                 {None: torch.tensor(rows, dtype=torch.int64)})
+    on_device = last[3].get(device)
+    if on_device is None:
+        on_device = last[3][device] = last[3][None].to(device)
+    return last[2], on_device
