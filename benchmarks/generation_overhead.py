@@ -5,7 +5,9 @@ Arms, interleaved in one process (each repetition runs every arm once, rotating 
   observed     actsteer, observed support (the default: the masked path);
   all          actsteer, support all reals (one multiply-add per site);
   where-hooks  plain forward hooks computing the pre-issue-15 per-call formula ``where(clamp(x)==x, addcmul, x)``
-               with the same observed-support maps, no dispatcher (a floor for "a hook per site").
+               with the same observed-support maps, no dispatcher (a floor for "a hook per site");
+  empty-hooks  plain forward hooks that do nothing (return None) on the same 61 modules: the cost of the hook
+               machinery alone, the floor of any eager hook-based steering.
 Before timing, the greedy tokens of ``observed`` are checked against ``where-hooks`` (same maps, the formula of
 the previous per-call path): they must be identical. Ratios are paired speed ratios (plain time / arm time,
 1.0 = free), median and interquartile range over repetitions, for wall time and process CPU time (the steadier
@@ -51,6 +53,11 @@ def where_hooks(model: torch.nn.Module, transport: actsteer.Transport, device, d
     return handles
 
 
+def empty_hooks(model: torch.nn.Module, transport: actsteer.Transport) -> list:
+    """Forward hooks that do nothing on the transport's sites (the hook-machinery floor); returns their handles."""
+    return [model.get_submodule(site).register_forward_hook(lambda module, args, out: None) for site in transport]
+
+
 def fit(model, tok, support: str) -> actsteer.Transport:
     return actsteer.fit_lm(model, tok, read_texts(DATA / "neutral.txt"), read_texts(DATA / "ocean.txt"),
                            modules="all-norms", support=support, progress=False)
@@ -80,6 +87,8 @@ def run_config(model, tok, transports, args, batch: int) -> dict:
     arms = {"plain": generate}
     arms.update({support: steered(support) for support in args.support})
     arms["where-hooks"] = reference()
+    arms["empty-hooks"] = (lambda: live.extend(empty_hooks(model, transports["observed"])), generate,
+                           lambda: [live.pop().remove() for _ in range(len(live))])
     # same greedy tokens as the previous per-call formula (and steering does change them)
     before, run, after = arms["where-hooks"]
     before()
