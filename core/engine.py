@@ -82,6 +82,7 @@ class SteeringHandle:
         self._plans: dict[torch.nn.Module, tuple[tuple[int, str, int | None], ...]] = {}
         self._site_modules: dict[str, torch.nn.Module] = {}
         self._paused: frozenset[torch.nn.Module] = frozenset()
+        self._under: dict[str, frozenset[torch.nn.Module]] = {}  # set_active's prefix -> modules
         self._callbacks: dict[torch.nn.Module, list[CallHook]] = {}
         self._positions: tuple[int, int] | None = None
         self._attached = False
@@ -158,7 +159,9 @@ class SteeringHandle:
         if under is None:
             self.active = bool(active)
             return
-        modules = {m for site, m in self._site_modules.items() if site.startswith(under)}
+        modules = self._under.get(under)
+        if modules is None:  # hosts switch the same part at every call (timestep windows): look it up once
+            modules = self._under[under] = frozenset(m for site, m in self._site_modules.items() if site.startswith(under))
         self._paused = frozenset(self._paused - modules if active else self._paused | modules)
 
     def set_positions(self, offset: int, prompt_length: int) -> None:

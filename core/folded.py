@@ -72,6 +72,15 @@ class FoldedMap:
     hi: torch.Tensor
     masked: bool
     rows: torch.Tensor | None = None
+    # (device, half dtype) -> (weight, bias, lo, hi) cast by `to`; shared with the per-row folds of the same tables,
+    # so a new per-row strength (a new ``rows``) does not cast, range-check and round the tables again
+    casts: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def with_rows(self, rows: torch.Tensor) -> FoldedMap:
+        """These tables with another per-row index (and the casts already made of them)."""
+        folded = dataclasses.replace(self, rows=rows)
+        object.__setattr__(folded, "casts", self.casts)
+        return folded
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FoldedMap:
         """The map ready for activations of ``dtype`` on ``device``.
@@ -92,9 +101,19 @@ class FoldedMap:
                     and (device is None or torch.device(device) == self.weight.device)):
                 return self  # already there: no copies, no new object
             return FoldedMap(*(t.to(device=device, dtype=dtype) for t in self.tensors()), self.masked, rows)
+        compiling = torch.compiler.is_compiling()
+        key = (str(device), dtype)
+        cast = None if compiling else self.casts.get(key)
+        if cast is None:
+            cast = self._cast_half(device, dtype, check=not compiling)
+            if not compiling:
+                self.casts[key] = cast
+        return FoldedMap(*cast, self.masked, rows)
+
+    def _cast_half(self, device: torch.device | str | None, dtype: torch.dtype, *, check: bool) -> tuple:
         weight, bias = self.weight.to(device=device, dtype=torch.float32), self.bias.to(device=device, dtype=torch.float32)
         lo, hi = self.lo.to(device=device, dtype=torch.float32), self.hi.to(device=device, dtype=torch.float32)
-        if self.masked and not torch.compiler.is_compiling():
+        if self.masked and check:
             limit = torch.finfo(dtype).max
             for end in (lo, hi):
                 finite = torch.isfinite(end)
@@ -105,8 +124,7 @@ class FoldedMap:
                         f"at this strength the map sends values up to {worst:.3g}, beyond the range of {dtype} "
                         f"({limit:.3g}); run the model in float32 or use a smaller strength"
                     )
-        return FoldedMap(weight, bias, _round_inwards(lo, dtype, up=True), _round_inwards(hi, dtype, up=False),
-                         self.masked, rows)
+        return weight, bias, _round_inwards(lo, dtype, up=True), _round_inwards(hi, dtype, up=False)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.weight, self.bias, self.lo, self.hi

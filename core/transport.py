@@ -131,7 +131,7 @@ class UnitMap:
                 masked = any(f.masked for f in folds)
             tables = _remember(cache, (values, device), FoldedMap(
                 torch.stack([f.weight for f in folds]), torch.stack([f.bias for f in folds]), lo, hi, masked))
-        return dataclasses.replace(tables, rows=rows)
+        return tables.with_rows(rows)
 
     def _fold_scalar(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         omega, beta = self.omega.double(), self.beta.double()
@@ -225,10 +225,12 @@ class Transport(Mapping[str, UnitMap]):
         self.mode = mode
         self.n_source = int(n_source)
         self.n_target = int(n_target)
-        self.model = dict(model or {})
+        # metadata as a saved file holds it (tuples become lists, keys strings), so that a transport equals its
+        # save/load round trip; non-JSON metadata fails now, not at save time
+        self.model = json.loads(json.dumps(dict(model or {})))
         self.description = description
-        self.extra = dict(extra or {})
-        json.dumps(self.metadata())  # fail now, not at save time, on non-JSON metadata
+        self.extra = json.loads(json.dumps(dict(extra or {})))
+        json.dumps(self.metadata())
 
     # Mapping protocol
     def __getitem__(self, site: str) -> UnitMap:

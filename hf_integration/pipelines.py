@@ -10,6 +10,7 @@ scheduler's schedule, and pauses the denoiser's sites outside the window; text-e
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import inspect
 import logging
 import re
@@ -91,13 +92,11 @@ def _steerable_call(self, *args: Any, steering: SteeringLike | None, steering_ti
 
 
 def _reduce_as_base(self, protocol: int) -> Any:
-    # copies and pickles of an enabled pipeline are plain pipelines of the original class
-    base = _base_class(self)
-    self.__class__ = base
-    try:
-        return self.__reduce_ex__(protocol)
-    finally:
-        self.__class__ = _STEERABLE[base]
+    # copies and pickles of an enabled pipeline are plain pipelines of the original class: the standard state,
+    # rebuilt by the standard library's `copyreg._reconstructor` (``object.__new__(base)``; pickle refuses
+    # ``__newobj__`` for another class). The object itself is left alone: other threads may be calling it.
+    _, _, *rest = object.__reduce_ex__(self, max(protocol, 2))
+    return (copyreg._reconstructor, (_base_class(self), object, None), *rest)
 
 
 def _steerable_class(base: type) -> type:
@@ -204,10 +203,21 @@ def schedule_position(scheduler: Any, timestep: Any) -> tuple[int, int]:
     if timestep is None:
         raise NotImplementedError("The denoiser was called without a `timestep`; steer without `timesteps`")
     t = float(torch.as_tensor(timestep).reshape(-1)[0])
-    ts = schedule.detach().double().cpu()
+    ts = _host_schedule(schedule)
     gaps = torch.stack([(ts - t).abs(), (ts / 1000 - t).abs()])
     scale = int(gaps.min(dim=1).values.argmin())
     return int(gaps[scale].argmin()), ts.numel()
+
+
+_HOST_SCHEDULE: list[Any] = [None]  # (the last schedule tensor, its float64 CPU copy)
+
+
+def _host_schedule(schedule: torch.Tensor) -> torch.Tensor:
+    """A float64 CPU copy of ``schedule``, made once per schedule (not at every denoiser call)."""
+    last = _HOST_SCHEDULE[0]
+    if last is None or last[0] is not schedule or last[1].shape != schedule.shape:
+        last = _HOST_SCHEDULE[0] = (schedule, schedule.detach().double().cpu())
+    return last[1]
 
 
 def _window_callback(pipe: Any, handle: SteeringHandle, window: Window, denoiser: str) -> Callable:
