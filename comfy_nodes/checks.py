@@ -14,7 +14,7 @@ import torch
 from ..core.hooks import validate
 from ..core.sites import infer_width, iter_site_modules
 from ..core.transport import Transport
-from .presets import group_sites, model_family
+from .presets import group_sites, model_arch
 
 
 # Hints the core gives Python users; an artist in ComfyUI cannot act on them.
@@ -114,7 +114,7 @@ def to_comfy_names(model, transport: Transport) -> Transport:
     """
     if not is_diffusers_transport(transport):
         return transport
-    arch = {"unet": "sdxl", "flux": "flux"}.get(model_family(diffusion_model(model)))
+    arch = model_arch(diffusion_model(model))
     if arch is None:
         raise ValueError(
             f"This transport was fitted with diffusers; translating its names supports SDXL and FLUX models, "

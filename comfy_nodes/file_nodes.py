@@ -13,19 +13,9 @@ import logging
 from comfy_api.latest import io, ui
 
 from . import files
-from .inputs import CATEGORY, TRANSPORT_OUT_TIP, Transport
+from .inputs import CATEGORY, TRANSPORT_OUT_TIP, Transport, input_check
 
 logger = logging.getLogger(__name__)
-
-
-def _name_problem(name: str | None, check) -> bool | str:
-    if name is None:  # fed by a link
-        return True
-    try:
-        check(name)
-    except ValueError as err:
-        return str(err)
-    return True
 
 
 class ActSteerSave(io.ComfyNode):
@@ -54,7 +44,7 @@ class ActSteerSave(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, filename=None) -> bool | str:
-        return _name_problem(filename, files.safe_name)
+        return input_check(filename, files.safe_name)
 
     @classmethod
     def fingerprint_inputs(cls, **_) -> float:
@@ -87,7 +77,7 @@ class ActSteerLoad(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, transport_name=None) -> bool | str:
-        return _name_problem(transport_name, files.check_readable)
+        return input_check(transport_name, files.check_readable)
 
     @classmethod
     def fingerprint_inputs(cls, transport_name) -> str:

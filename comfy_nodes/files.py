@@ -7,17 +7,14 @@ key ``act_transports``); files are actsteer's safetensors format (`actsteer.core
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
 import sys
 from typing import Literal
 
-import torch
-
 from ..core.validation import shorten
-from ..core.transport import UNITMAP_FIELDS, Transport
+from ..core.transport import Transport
 
 logger = logging.getLogger(__name__)
 
@@ -138,18 +135,11 @@ def _latest(path: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def same_transport(a: Transport, b: Transport) -> bool:
-    """True when two transports hold the same maps and metadata (as a saved file would hold them)."""
-    if json.dumps(a.metadata(), sort_keys=True) != json.dumps(b.metadata(), sort_keys=True):
-        return False
-    return all(torch.equal(getattr(a[s], f).cpu(), getattr(b[s], f).cpu()) for s in a for f in UNITMAP_FIELDS)
-
-
 def _holds(path: str | None, transport: Transport) -> bool:
     if path is None:
         return False
     try:
-        return same_transport(Transport.load(path), transport)
+        return Transport.load(path) == transport
     except (OSError, ValueError):
         return False  # unreadable: never treated as "already saved"
 

@@ -1,14 +1,17 @@
 """Inputs the AcT nodes share (strength, schedule window, layer choices, outputs) and their queue-time checks.
 
-Every input and output carries a tooltip (an artist reads them on hover). The ``*_problem`` helpers back the
-nodes' V3 ``validate_inputs``: they return None when a value is fine, else one line saying what to change, and
-they accept None for an input fed by a link (its value is only known when the graph runs).
+Every input and output carries a tooltip (an artist reads them on hover). The queue-time checks back the nodes'
+V3 ``validate_inputs``: `number_problem` returns None when a value is fine, else one line saying what to change;
+`input_check` returns what ``validate_inputs`` must return (True, or that line). Both accept None for an input fed
+by a link (its value is only known when the graph runs).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
+from typing import Any
 
 from comfy_api.latest import io
 
@@ -93,6 +96,16 @@ def parse_strengths(text: str) -> list[float]:
     return values
 
 
-def first_problem(*problems: str | None) -> bool | str:
-    """What ``validate_inputs`` returns: True, or the first problem."""
-    return next((p for p in problems if p), True)
+def input_check(value: Any, check: Callable[..., object], *args: Any) -> bool | str:
+    """What ``validate_inputs`` returns for one input: True when ``check(value, *args)`` passes (or the input is fed
+    by a link, ``value`` None), else the message of the ValueError it raised.
+
+    ComfyUI (``execution.validate_inputs``) accepts only ``True``: anything else, None included, fails the prompt.
+    """
+    if value is None:
+        return True
+    try:
+        check(value, *args)
+    except ValueError as err:
+        return str(err)
+    return True

@@ -22,6 +22,7 @@ from .inputs import (
     TRANSPORT_IN_TIP,
     TRANSPORT_OUT_TIP,
     Transport,
+    input_check,
     layer_filter_inputs,
     number_problem,
     strength_input,
@@ -33,16 +34,6 @@ from .presets import LAYER_PRESETS, LAYERS_TOOLTIP, preset_sites
 from .sweep import ActSteerSweep
 
 logger = logging.getLogger(__name__)
-
-
-def _prompts_problem(text: str | None, what: str) -> str | None:
-    if text is None:  # fed by a link
-        return None
-    try:
-        parse_prompts(text, what)
-    except ValueError as err:
-        return str(err)
-    return None
 
 
 class ActSteerLearn(io.ComfyNode):
@@ -112,7 +103,8 @@ class ActSteerLearn(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, source_prompts=None, target_prompts=None) -> bool | str:
-        return _prompts_problem(source_prompts, "source") or _prompts_problem(target_prompts, "target") or True
+        source = input_check(source_prompts, parse_prompts, "source")
+        return source if source is not True else input_check(target_prompts, parse_prompts, "target")
 
     @classmethod
     def execute(cls, model, clip, source_prompts, target_prompts, method, layers, layer_regex, steps, seed, cfg,

@@ -10,8 +10,9 @@ How it works (COMFYUI_NOTES.md section 3):
   (`actsteer.core.engine.bind`: only calls made in this sampling run's thread are steered) with
   ``active=False``; the per-strength folding happens here, once. The handle is removed in ``finally`` (also on
   Cancel).
-- APPLY_MODEL (every model call): read the call's sigma, switch each entry on or off for its window
-  (`SteeringHandle.set_enabled`, no re-folding), set ``handle.active`` for the call, and reset it in ``finally``.
+- APPLY_MODEL (every model call): read the call's sigma (only when some entry has a window: reading it syncs
+  the GPU), switch each entry on or off for its window (`SteeringHandle.set_enabled`, no re-folding), set
+  ``handle.active`` for the call, and reset it in ``finally``.
   Other users of the shared module (other threads, other clones) see it unchanged.
 - The steering applies to every batch row (positive and negative CFG branches), as in the paper's reference.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any
 
 import torch
@@ -41,7 +43,8 @@ class SteeringEntry:
     """One Apply node: a transport, its strength, and the part of the schedule it is active in.
 
     The window is in sigmas (``sigma_end <= sigma <= sigma_start``), converted from
-    ``start_percent``/``end_percent`` with the model's ``percent_to_sigma`` when the node runs.
+    ``start_percent``/``end_percent`` with the model's ``percent_to_sigma`` when the node runs; open ends
+    (start 0, end 1) are ``inf`` and ``-inf``, and an entry open at both needs no sigma at all.
     """
 
     transport: Transport
@@ -54,8 +57,14 @@ class SteeringEntry:
     def __deepcopy__(self, memo: dict) -> SteeringEntry:
         return self  # immutable; ModelPatcher.clone() deep-copies model_options, never copy tensors
 
-    def is_active(self, sigma: float) -> bool:
-        return self.sigma_end <= sigma <= self.sigma_start
+    @property
+    def windowed(self) -> bool:
+        """Whether the entry is off for part of the schedule (then each model call's sigma must be read)."""
+        return not (self.sigma_start == math.inf and self.sigma_end == -math.inf)
+
+    def is_active(self, sigma: float | None) -> bool:
+        """Whether the entry steers at ``sigma`` (None: not read, allowed for an entry without a window)."""
+        return not self.windowed or self.sigma_end <= sigma <= self.sigma_start
 
 
 @dataclasses.dataclass
@@ -63,11 +72,12 @@ class RunLog:
     """What happened during the last sampling run of a `SteeringPatch` (for logs and tests).
 
     Attributes:
-        calls: one ``(sigma, steered)`` pair per model call, in order.
+        calls: one ``(sigma, steered)`` pair per model call, in order; sigma is None when no entry has a
+            window (it is not read then).
         site_calls: how many times each site was transported (``SteeringHandle.calls``).
     """
 
-    calls: list[tuple[float, bool]] = dataclasses.field(default_factory=list)
+    calls: list[tuple[float | None, bool]] = dataclasses.field(default_factory=list)
     site_calls: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
@@ -80,10 +90,11 @@ class _Run:
         self.handle: SteeringHandle = bind(model, [Steering(e.transport, e.strength) for e in entries])
         self.handle.active = False
         self.on = [True] * len(entries)
+        self.windowed = any(e.windowed for e in entries)
         self.log = RunLog()
 
-    def enter(self, sigma: float) -> bool:
-        """Switch entries for ``sigma``; returns whether any entry steers this call."""
+    def enter(self, sigma: float | None) -> bool:
+        """Switch entries for ``sigma`` (None: no entry has a window); returns whether any entry steers this call."""
         for i, entry in enumerate(self.entries):
             on = entry.is_active(sigma)
             if on != self.on[i]:
@@ -116,6 +127,7 @@ class SteeringPatch:
 
     def __init__(self, entries: list[SteeringEntry]) -> None:
         self.entries = tuple(entries)
+        self.windowed = any(e.windowed for e in self.entries)
         self.last_run: RunLog | None = None
 
     def __deepcopy__(self, memo: dict) -> SteeringPatch:
@@ -149,16 +161,16 @@ class SteeringPatch:
         run = to.get(_RUN_KEY)
         model = executor.class_obj.diffusion_model
         model = getattr(model, "_orig_mod", model)  # TorchCompileModel before Apply swaps in torch.compile's wrapper
-        sigma = _call_sigma(args, to)
         if run is None or run.model is not model:
+            sigma = _call_sigma(args, to) if self.windowed else None
             return self._apply_model_alone(executor, model, sigma, *args, **kwargs)
-        run.enter(sigma)
+        run.enter(_call_sigma(args, to) if run.windowed else None)
         try:
             return executor(*args, **kwargs)
         finally:
             run.handle.active = False
 
-    def _apply_model_alone(self, executor, model, sigma: float, *args: Any, **kwargs: Any) -> Any:
+    def _apply_model_alone(self, executor, model, sigma: float | None, *args: Any, **kwargs: Any) -> Any:
         """A model call outside a sampler run (no OUTER_SAMPLE): steer this one call."""
         entries = [e for e in self.entries if e.strength != 0.0 and e.is_active(sigma)]
         if not entries:

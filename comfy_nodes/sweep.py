@@ -12,6 +12,7 @@ from .inputs import (
     MODEL_IN_TIP,
     TRANSPORT_IN_TIP,
     Transport,
+    input_check,
     layer_filter_inputs,
     parse_strengths,
     window_inputs,
@@ -77,13 +78,7 @@ class ActSteerSweep(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, strengths=None) -> bool | str:
-        if strengths is None:
-            return True
-        try:
-            parse_strengths(strengths)
-        except ValueError as err:
-            return str(err)
-        return True
+        return input_check(strengths, parse_strengths)
 
     @classmethod
     def execute(cls, model, transport, vae, positive, negative, latent_image, strengths, seed, steps, cfg,

@@ -20,7 +20,7 @@ function resultWidget(node) {
   box.placeholder = "the result shows here after a run";
   box.style.cssText = "width:100%;resize:none;font-size:11px;opacity:0.85;background:transparent;border:none;";
   const widget = node.addDOMWidget(RESULT_WIDGET, "actsteer_text", box, {
-    serialize: false,
+    serialize: false, // never sent to the server in the prompt (options.serialize; not a duplicate of the line below)
     getValue: () => box.value,
     setValue: (value) => { box.value = value ?? ""; },
   });
