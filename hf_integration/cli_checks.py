@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ..core.steering import check_strength
 from ..core.validation import shorten
 from .texts import check_texts, read_texts
 
@@ -29,7 +30,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def finite_float(value: str) -> float:
-    """A strength from the command line: a finite number (``nan``/``inf`` would corrupt every activation).
+    """A strength from the command line: a finite number (``nan``/``inf`` would corrupt every activation) within
+    the core's bound (`actsteer.core.steering.MAX_STRENGTH`).
 
     Example:
         >>> finite_float("0.5")
@@ -45,7 +47,10 @@ def finite_float(value: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number such as 0.5, got {value!r}") from None
     if not math.isfinite(number):
         raise argparse.ArgumentTypeError(f"a strength must be a finite number, got {value!r}")
-    return number
+    try:
+        return check_strength(number)  # the core's rules (e.g. its magnitude bound), before any model loads
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_floats(value: str) -> list[float]:

@@ -125,7 +125,9 @@ def _past_length(ids: torch.Tensor | None, kwargs: dict) -> int:
 
 
 def _position_callback(handle: SteeringHandle, prompt_length: int, steerings: list[Steering]) -> Callable:
-    state = {"expanded": False}
+    """Before each forward of generate(): the tokens' positions (for ``apply_to``) and, once, per-row strengths
+    spread over the rows generate() adds."""
+    state = {"expanded": not _per_row(steerings)}
 
     def before_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -133,7 +135,7 @@ def _position_callback(handle: SteeringHandle, prompt_length: int, steerings: li
             ids = kwargs.get("inputs_embeds")
         offset = _past_length(ids, kwargs)
         handle.set_positions(int(offset), prompt_length)
-        if not state["expanded"] and ids is not None and _per_row(steerings):
+        if not state["expanded"] and ids is not None:
             expanded = _expand_rows(steerings, ids.shape[0])
             for i, s in enumerate(expanded):
                 if s is not steerings[i]:
@@ -147,5 +149,6 @@ def _generate(model: torch.nn.Module, original: Callable, args: tuple, kwargs: d
     steerings = as_steerings(steering)
     prompt_length = _prompt_length(args, kwargs)
     with steer(model, steerings) as handle:  # validates every site and width before touching the model
-        handle.on_call(model, _position_callback(handle, prompt_length, steerings))
+        if _per_row(steerings) or any(s.apply_to != "all" for s in steerings):  # else nothing to do per forward
+            handle.on_call(model, _position_callback(handle, prompt_length, steerings))
         return original(*args, **kwargs)

@@ -312,6 +312,24 @@ def test_enable_pipeline_steering_adds_steering_keyword(flux, flux_transport):
         flux("a cat", steering=flux_transport, **flux_call_kwargs())
 
 
+def test_copies_and_pickles_of_an_enabled_pipeline_are_plain(flux, flux_transport):
+    import copy
+    import pickle
+
+    from diffusers import FluxPipeline
+
+    base = flux("a cat", **flux_call_kwargs()).images
+    enable_pipeline_steering(flux)
+    try:
+        for clone in (copy.deepcopy(flux), pickle.loads(pickle.dumps(flux))):
+            assert type(clone) is FluxPipeline and not is_pipeline_steering_enabled(clone)
+            assert torch.equal(clone("a cat", **flux_call_kwargs()).images, base)
+        assert is_pipeline_steering_enabled(flux)  # the original keeps its class while being copied
+        assert torch.equal(flux("a cat", steering=Steering(flux_transport, 0.0), **flux_call_kwargs()).images, base)
+    finally:
+        disable_pipeline_steering(flux)
+
+
 def test_steer_pipeline_negative_strength_undoes_a_composed_forward_map(flux):
     transport = fit_pipeline(flux, SOURCE, TARGET, support="all", progress=False, **FLUX_FIT_KW)
     base = flux("a cat", **flux_call_kwargs()).images
