@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
 import time
 from typing import Any, Literal
 
@@ -92,11 +93,16 @@ class _StopSampling(Exception):
 
 
 class _NoFitLine(logging.Filter):
-    """Drops the core's "fitted ... in N s" line while a Learn node runs: in ComfyUI that time includes prompt
-    encoding and sampling, so the node logs its own split line (`Timing`) instead."""
+    """Drops the core's "fitted ... in N s" line of THIS thread's fit while a Learn node runs: in ComfyUI that time
+    includes prompt encoding and sampling, so the node logs its own split line (`Timing`) instead. Fits running in
+    other threads meanwhile keep their line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("actsteer: fitted")
+        return record.thread != self.thread or not str(record.msg).startswith("actsteer: fitted")
 
 
 def parse_prompts(text: str, what: str) -> list[str]:
