@@ -26,7 +26,6 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _REGISTERED = False
-_FRONTEND_STORES: dict[tuple, Any] = {}
 
 
 def register() -> None:
@@ -79,20 +78,24 @@ def _create_engine_config(original: Any, self: Any, *args: Any, **kwargs: Any) -
     return original(self, *args, **kwargs)
 
 
-def _frontend_store(vllm_config: Any) -> Any:
+def _frontend_store(processor: Any) -> Any:
+    """The `TransportStore` of a front end's ``InputProcessor``, kept on it (a new one if its folder or config
+    changes)."""
     from .names import ModelShape
     from .store import TransportStore, transports_dir
 
+    vllm_config = processor.vllm_config
     folder = transports_dir(vllm_config.additional_config)
     if folder is None:
         return None
-    key = (str(folder), id(vllm_config))
-    store = _FRONTEND_STORES.get(key)
-    if store is None:
-        shape = ModelShape.from_config(
-            vllm_config.model_config.hf_config, tp_size=vllm_config.parallel_config.tensor_parallel_size
-        )
-        store = _FRONTEND_STORES[key] = TransportStore(folder, shape)
+    cached = processor.__dict__.get("_actsteer_store")
+    if cached is not None and cached[0] == folder and cached[1] is vllm_config:
+        return cached[2]
+    shape = ModelShape.from_config(
+        vllm_config.model_config.hf_config, tp_size=vllm_config.parallel_config.tensor_parallel_size
+    )
+    store = TransportStore(folder, shape)
+    processor._actsteer_store = (folder, vllm_config, store)
     return store
 
 
@@ -108,7 +111,7 @@ def _process_inputs(
     if extra and any(isinstance(k, str) and k.startswith("actsteer_") for k in extra):
         try:
             spec = parse_request(extra)
-            store = _frontend_store(self.vllm_config)
+            store = _frontend_store(self)
             if spec is not None and store is None:
                 raise ValueError(
                     "steering is off in this server: start it with ACTSTEER_TRANSPORTS=DIR or "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import logging
 import os
 import threading
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..core.folded import _HALF
 from ..core.steering import check_strength
 from ..core.transport import Transport
 from .names import ModelShape, to_vllm
@@ -33,6 +33,7 @@ CONFIG_KEY = "actsteer"
 KEY_TRANSPORT = "actsteer_transport"
 KEY_STRENGTH = "actsteer_strength"
 SUFFIX = ".safetensors"
+CHECKED_MAX = 256  # (file, version, strength, dtype) combinations `TransportStore.check` remembers as fine
 
 
 def transports_dir(additional_config: Mapping[str, Any] | None = None) -> Path | None:
@@ -133,6 +134,7 @@ class TransportStore:
         self.folder = Path(folder)
         self.shape = shape
         self._cache: dict[Path, tuple[str, Transport]] = {}
+        self._checked: dict[tuple[str, str, float, torch.dtype], None] = {}  # insertion order: oldest first
         self._lock = threading.Lock()
 
     def path_of(self, name: str) -> Path:
@@ -188,7 +190,10 @@ class TransportStore:
 
     def check(self, request: RequestSteering, dtype: torch.dtype) -> str:
         """Load every transport of a request and fold it at its strength for ``dtype``; return a key that
-        identifies exactly this steering (names, file versions, strengths), for prefix-cache isolation.
+        identifies exactly this steering (names, file versions, strengths), for prefix-cache isolation (the
+        plugin hashes it into the request's ``cache_salt``).
+
+        A file version, strength and dtype found fine once is not folded again (the last `CHECKED_MAX` are kept).
 
         Raises:
             KeyError / ValueError: what `get` raises, or a strength the model's dtype cannot hold.
@@ -196,11 +201,20 @@ class TransportStore:
         parts = []
         for name, strength in zip(request.names, request.strengths):
             version, transport = self.get(name)
-            if dtype in (torch.float16, torch.bfloat16) and strength != 0.0:
-                for site, unit_map in transport.items():
-                    try:
-                        unit_map.fold(strength).to("cpu", dtype)
-                    except ValueError as err:
-                        raise ValueError(f"Transport {name!r}, site {site!r}, strength {strength:g}: {err}") from None
+            if dtype in _HALF and strength != 0.0:  # only half precision can refuse a fold (`FoldedMap.to`)
+                memo = (name, version, strength, dtype)
+                with self._lock:
+                    known = memo in self._checked
+                if not known:
+                    for site, unit_map in transport.items():
+                        try:
+                            unit_map.fold(strength).to("cpu", dtype)
+                        except ValueError as err:
+                            where = f"Transport {name!r}, site {site!r}, strength {strength:g}"
+                            raise ValueError(f"{where}: {err}") from None
+                    with self._lock:
+                        self._checked[memo] = None
+                        while len(self._checked) > CHECKED_MAX:
+                            del self._checked[next(iter(self._checked))]
             parts.append(f"{name}@{version}x{strength!r}")
-        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+        return "|".join(parts)

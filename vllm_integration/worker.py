@@ -87,7 +87,9 @@ class WorkerSteering:
         self.handle: SteeringHandle | None = None
         self.layout: list[Slot] = []
         self._last: list[float | torch.Tensor] = []
+        self._last_key: list[Any] = []  # per slot, what `_last` was built from (`_set`)
         self._requests: dict[str, _Resolved | None] = {}
+        self._loaded: dict[Slot, Transport] = {}  # the transport of each slot, as read when a request resolved it
         logger.info("actsteer: steering enabled in this worker (transports from %s)", folder)
 
     @classmethod
@@ -111,8 +113,10 @@ class WorkerSteering:
         try:
             spec: RequestSteering | None = parse_request(getattr(params, "extra_args", None))
             if spec is not None and any(s != 0.0 for s in spec.strengths):
-                slots = tuple((name, self.store.get(name)[0]) for name in spec.names)
-                resolved = (slots, spec.strengths)
+                loaded = [(name, *self.store.get(name)) for name in spec.names]
+                for name, version, transport in loaded:
+                    self._loaded.setdefault((name, version), transport)
+                resolved = (tuple((name, version) for name, version, _ in loaded), spec.strengths)
         except (KeyError, ValueError, OSError) as err:
             # The front end checked this request; a file removed or broken since then cannot fail it from here.
             logger.error("actsteer: request %s is NOT steered: %s", req_id, err)
@@ -132,14 +136,18 @@ class WorkerSteering:
             for slots in wanted:
                 if _subsequence(slots, layout) is None:
                     layout.extend(slots)
-        transports = [self._local(self.store.get(name)[1]) for name, _ in layout]
+        # each slot holds the file version its requests resolved, even if the file has changed since
+        transports = [self._local(self._loaded[slot]) for slot in layout]
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
-        self.layout, self._last = [], []
+        self.layout, self._last, self._last_key = [], [], []
         handle = attach(self.model, [Steering(t, strength=0.0) for t in transports])
         handle.active = False
-        self.handle, self.layout, self._last = handle, layout, [0.0] * len(layout)
+        self.handle, self.layout = handle, layout
+        self._last, self._last_key = [0.0] * len(layout), [0.0] * len(layout)
+        live = set(layout).union(*(r[0] for r in self._requests.values() if r))
+        self._loaded = {slot: t for slot, t in self._loaded.items() if slot in live}
         logger.info("actsteer: steering layout is now %s", [name for name, _ in layout])
 
     def _local(self, transport: Transport) -> Transport:
@@ -171,16 +179,16 @@ class WorkerSteering:
         if starts is None or starts[-1] > num_rows:
             logger.error("actsteer: cannot map the batch's %d rows to its requests; this step is not steered", num_rows)
             return False
-        wanted = [r[0] for r in resolved if r]
-        matches = [_subsequence(slots, self.layout) for slots in wanted]
+        steered = [(i, r) for i, r in enumerate(resolved) if r]
+        matches = [_subsequence(r[0], self.layout) for _, r in steered]
         if any(m is None for m in matches) or self.handle is None:
-            self._relayout(list(dict.fromkeys(wanted)))
+            self._relayout(list(dict.fromkeys(r[0] for _, r in steered)))
+            matches = [_subsequence(r[0], self.layout) for _, r in steered]
         per_slot = [[0.0] * len(req_ids) for _ in self.layout]
-        for i, r in enumerate(resolved):
-            if r:
-                for j, s in zip(_subsequence(r[0], self.layout), r[1]):
-                    per_slot[j][i] = s
-        counts = torch.tensor([b - a for a, b in zip(starts, starts[1:])], dtype=torch.long)
+        for (i, r), match in zip(steered, matches):
+            for j, s in zip(match, r[1]):
+                per_slot[j][i] = s
+        counts = tuple(b - a for a, b in zip(starts, starts[1:]))
         for j, values in enumerate(per_slot):
             self._set(j, values, counts, num_rows)
         self.handle.active = True
@@ -191,14 +199,20 @@ class WorkerSteering:
         if self.handle is not None:
             self.handle.active = False
 
-    def _set(self, j: int, values: list[float], counts: torch.Tensor, num_rows: int) -> None:
+    def _set(self, j: int, values: list[float], counts: tuple[int, ...], num_rows: int) -> None:
+        uniform = all(v == values[0] for v in values)
+        key = values[0] if uniform else (tuple(values), counts, num_rows)
+        if key == self._last_key[j]:  # decode steps of an unchanged batch: the strengths set last, nothing to build
+            return
         # vLLM runs the model under torch.inference_mode; the handle keeps this strength across calls, so it is
         # built as an ordinary tensor (inference tensors cannot be updated or versioned outside that mode).
         with torch.inference_mode(False):
-            if all(v == values[0] for v in values):
+            if uniform:
                 value: float | torch.Tensor = values[0]  # one strength for every row: the engine's scalar path
             else:
-                per_token = torch.repeat_interleave(torch.tensor(values, dtype=torch.float32), counts)
+                per_token = torch.repeat_interleave(
+                    torch.tensor(values, dtype=torch.float32), torch.tensor(counts, dtype=torch.long)
+                )
                 value = torch.zeros(num_rows, dtype=torch.float32)
                 value[: per_token.shape[0]] = per_token
             last = self._last[j]
@@ -206,9 +220,10 @@ class WorkerSteering:
                 (not isinstance(value, torch.Tensor) and not isinstance(last, torch.Tensor) and value == last)
                 or (isinstance(value, torch.Tensor) and isinstance(last, torch.Tensor) and torch.equal(value, last))
             )
-            if not same:  # decode steps of an unchanged batch keep their strengths: no re-fold
+            if not same:  # an unchanged per-token strength (a new batch of the same rows) keeps its folds
                 self.handle.set_strength(value, index=j)
                 self._last[j] = value
+        self._last_key[j] = key
 
     @staticmethod
     def _query_start_loc(num_reqs: int) -> list[int] | None:
