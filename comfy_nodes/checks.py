@@ -1,5 +1,5 @@
 """Checks and translation before steering a ComfyUI MODEL: the diffusion model, matching sites and widths, and
-diffusers-named transports translated to ComfyUI names (`actsteer.hf_integration.comfy_names`).
+diffusers-named transports translated to ComfyUI names (`actsteer.archs.comfy_names`).
 
 Errors here speak to an artist in the graph: what to change on which node, never a Python call. Messages of the
 core (written for Python users, e.g. "see actsteer.list_sites(model)") are rephrased by `for_artist`.
@@ -11,10 +11,12 @@ import re
 
 import torch
 
+from ..archs.comfy_names import is_diffusers_transport, to_comfy
+from ..archs.detect import module_arch
 from ..core.hooks import validate
 from ..core.sites import infer_width, iter_site_modules
 from ..core.transport import Transport
-from .presets import group_sites, model_arch
+from .presets import group_sites
 
 
 # Hints the core gives Python users; an artist in ComfyUI cannot act on them.
@@ -94,41 +96,22 @@ def check_transport(model, transport: Transport) -> None:
         )
 
 
-_DIFFUSERS_PREFIXES = ("unet.", "transformer.", "text_encoder", "down_blocks.", "up_blocks.", "mid_block.",
-                       "conv_norm_out", "transformer_blocks.", "single_transformer_blocks.")
-
-
-def is_diffusers_transport(transport: Transport) -> bool:
-    """True when the transport's sites are diffusers names (fitted with actsteer's diffusers API)."""
-    naming = transport.model.get("naming") or transport.model.get("framework")
-    if naming in ("diffusers", "comfyui"):
-        return naming == "diffusers"
-    return bool(transport.sites) and all(s.startswith(_DIFFUSERS_PREFIXES) for s in transport.sites)
-
-
 def to_comfy_names(model, transport: Transport) -> Transport:
     """Translate a diffusers-fitted transport to ComfyUI site names (no-op for ComfyUI transports).
 
-    Uses ``actsteer.hf_integration.comfy_names.to_comfy``, which logs a warning where the two frameworks'
+    Uses `actsteer.archs.comfy_names.to_comfy`, which logs a warning where the two frameworks'
     activation distributions differ (e.g. FLUX text streams: T5 padding 256 in ComfyUI vs 512 in diffusers).
     """
     if not is_diffusers_transport(transport):
         return transport
-    arch = model_arch(diffusion_model(model))
+    arch = module_arch(diffusion_model(model))
     if arch is None:
         raise ValueError(
             f"This transport was fitted with diffusers; translating its names supports SDXL and FLUX models, "
             f"not {type(model.model).__name__}; {MATCH_ADVICE}"
         )
     try:
-        from ..hf_integration import comfy_names
-    except ImportError as err:
-        raise ValueError(
-            f"This transport was fitted with diffusers and needs its site names translated, but "
-            f"actsteer.hf_integration.comfy_names cannot be imported ({err})"
-        ) from None
-    try:
-        return comfy_names.to_comfy(transport, arch=arch)
+        return to_comfy(transport, arch=arch)
     except (KeyError, ValueError) as err:
         raise ValueError(for_artist(f"Cannot translate this diffusers transport to ComfyUI names: {err.args[0] if err.args else err}",
                                     MATCH_ADVICE)) from None

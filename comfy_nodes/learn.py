@@ -34,7 +34,7 @@ from ..core.fit import ForwardContext, fit
 from ..core.fit import logger as fit_logger
 from .checks import diffusion_model
 from .patching import KEY, transformer_options_of
-from .presets import model_family
+from ..archs.detect import family, module_arch
 
 logger = logging.getLogger(__name__)
 
@@ -174,18 +174,17 @@ def _batched_conditioning(encoded: list[list]) -> list:
 def _model_info(model, dm: torch.nn.Module) -> dict[str, Any]:
     """Metadata saved with the transport; ``naming``/``arch``/``unet_config`` let `comfy_names.from_comfy`
     translate it to diffusers names."""
-    family = model_family(dm)
+    arch = module_arch(dm)
     info: dict[str, Any] = {
         "framework": "comfyui", "naming": "comfyui", "class": type(model.model).__name__,
-        "diffusion_model": type(dm).__name__, "family": family,
+        "diffusion_model": type(dm).__name__, "family": family(arch),
         "latent_channels": model.model.latent_format.latent_channels,
     }
-    arch = {"SDXL": "sdxl", "Flux": "flux"}.get(info["class"], {"flux": "flux"}.get(family))
     if arch:
         info["arch"] = arch
     config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
     layout = {k: config[k] for k in _LAYOUT_KEYS if k in config}
-    if family == "unet" and layout:
+    if arch == "sdxl" and layout:
         info["unet_config"] = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in layout.items()}
     return info
 

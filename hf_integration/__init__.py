@@ -14,7 +14,6 @@ import torch
 from ..core.hooks import SiteStrength, SteeringHandle, SteeringLike
 from ..core.hooks import attach as _attach_module
 from ..core.hooks import steer as _steer_module
-from .comfy_names import from_comfy, to_comfy
 from .generation import disable_steering_lm, enable_steering_lm
 from .lm import fit_lm
 from .pipeline_fit import fit_pipeline, strength_grid
@@ -28,12 +27,10 @@ __all__ = [
     "enable_steering",
     "fit_lm",
     "fit_pipeline",
-    "from_comfy",
     "is_pipeline",
     "lm_sites",
     "steer",
     "strength_grid",
-    "to_comfy",
 ]
 
 

@@ -22,15 +22,8 @@ import torch
 from ..core.engine import SteeringHandle, bind, steering_of
 from ..core.steering import SiteStrength, SteeringLike, as_steerings
 from ..core.transport import Transport
-from .diffusion_presets import (
-    FLUX_SINGLE_CONCAT,
-    FLUX_SINGLE_TUPLE,
-    component_view,
-    denoiser_name,
-    diffusers_version,
-    flux_single_block_output,
-    site_components,
-)
+from ..archs.flux import FLUX_SINGLE_CONCAT, FLUX_SINGLE_TUPLE, diffusers_version, flux_single_block_output
+from .diffusion_presets import component_view, denoiser_name, site_components
 
 logger = logging.getLogger(__name__)
 

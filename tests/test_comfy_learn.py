@@ -54,7 +54,7 @@ def test_learn_save_load_apply_sample_end_to_end(pack, comfy_dirs, clip, kind):
     assert (transport.n_source, transport.n_target) == (8, 8)  # 4 prompts x 2 samples each
     assert transport.model["framework"] == "comfyui" and transport.model["class"] == type(model.model).__name__
     # the metadata lets actsteer's diffusers API translate it (and back) without knowing the model
-    names = importlib.import_module(pack.__name__ + ".hf_integration.comfy_names")
+    names = importlib.import_module(pack.__name__ + ".archs.comfy_names")
     as_diffusers = names.from_comfy(transport, kind)
     assert all(s.startswith("unet." if kind == "sdxl" else "transformer.") for s in as_diffusers.sites)
     if kind == "sdxl":  # FLUX single blocks change layout between the two frameworks (one tensor vs a tuple)

@@ -182,7 +182,7 @@ def test_apply_translates_diffusers_transports(pack, clip, sdxl, flux, caplog):
               "unet.mid_block.attentions.0.norm": 64, "unet.conv_norm_out": 32}
     fitted = _transport(pack, widths, model={"naming": "diffusers", "arch": "sdxl", "unet_layout": layout})
     same = pack.core.Transport({names[s]: fitted[s] for s in fitted}, support="all")
-    assert checks.is_diffusers_transport(fitted) and not checks.is_diffusers_transport(same)
+    assert pack.archs.is_diffusers_transport(fitted) and not pack.archs.is_diffusers_transport(same)
     apply = _node("ActSteerApply").execute
     patched = apply(model=sdxl, transport=fitted, strength=1.0, start_percent=0.0, end_percent=1.0, layers="")[0]
     assert patching.steering_patch(patched).entries[0].transport.sites == list(names.values())

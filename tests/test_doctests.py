@@ -34,9 +34,11 @@ MODULES = [
     "actsteer.hf_integration.presets",
     "actsteer.hf_integration.pipelines",
     "actsteer.hf_integration.pipeline_fit",
-    "actsteer.hf_integration.site_groups",
+    "actsteer.archs.site_groups",
     "actsteer.hf_integration.texts",
-    "actsteer.hf_integration.comfy_names",
+    "actsteer.archs.comfy_names",
+    "actsteer.archs.detect",
+    "actsteer.archs.flux",
     "actsteer.eval",
     "actsteer.eval.clip",
 ]

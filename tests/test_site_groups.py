@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from actsteer.core.transport import Transport, UnitMap
-from actsteer.hf_integration import comfy_names, site_groups
+from actsteer.archs import comfy_names, site_groups
 from actsteer.hf_integration.diffusion_presets import component_view, pipeline_sites, preset_names
 
 SDXL_GROUPS = site_groups.group_names("sdxl")
@@ -73,7 +73,7 @@ def _as_comfy(sites: list[str], arch: str) -> list[str]:
 
 
 def test_site_groups_doctests_run():
-    result = doctest.testmod(importlib.import_module("actsteer.hf_integration.site_groups"))
+    result = doctest.testmod(importlib.import_module("actsteer.archs.site_groups"))
     assert result.attempted > 0 and result.failed == 0
 
 
@@ -82,7 +82,7 @@ def test_site_groups_module_imports_neither_torch_nor_comfy():
             "spec = importlib.util.spec_from_file_location('site_groups', sys.argv[1])\n"
             "module = sys.modules['site_groups'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'comfy', 'diffusers', 'transformers'}))\n")
-    path = importlib.import_module("actsteer.hf_integration.site_groups").__file__
+    path = importlib.import_module("actsteer.archs.site_groups").__file__
     res = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
