@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from ..core.provenance import naming
 from ..core.sites import parse_site
 from ..core.transport import Transport, UnitMap
 from .detect import transport_arch
@@ -211,9 +212,9 @@ _DIFFUSERS_PREFIXES = ("unet.", "transformer.", "text_encoder", "down_blocks.", 
 def is_diffusers_transport(transport: Transport) -> bool:
     """True when the transport's sites are diffusers names (fitted with actsteer's diffusers API): what its
     metadata records, else what its site names look like."""
-    naming = transport.model.get("naming") or transport.model.get("framework")
-    if naming in ("diffusers", "comfyui"):
-        return naming == "diffusers"
+    recorded = naming(transport)
+    if recorded is not None:
+        return recorded == "diffusers"
     return bool(transport.sites) and all(s.startswith(_DIFFUSERS_PREFIXES) for s in transport.sites)
 
 
@@ -243,7 +244,7 @@ def to_comfy(transport: Transport, arch: Arch | None = None) -> Transport:
         KeyError: a site with no known ComfyUI equivalent (e.g. a whole ``down_blocks.0``).
     """
     arch = transport_arch(transport, arch)
-    if transport.model.get("naming") == "comfyui":
+    if naming(transport) == "comfyui":
         raise ValueError("This transport already uses ComfyUI names")
     prefix = _DENOISER_PREFIX[arch] + "."
     layout = transport.model.get("unet_layout") or SDXL_LAYOUT

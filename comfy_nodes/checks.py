@@ -14,6 +14,7 @@ import torch
 from ..archs.comfy_names import is_diffusers_transport, to_comfy
 from ..archs.detect import module_arch
 from ..core.hooks import validate
+from ..core.provenance import fitted_on
 from ..core.sites import infer_width, iter_site_modules
 from ..core.transport import Transport
 from .presets import group_sites
@@ -54,13 +55,6 @@ def diffusion_model(model) -> torch.nn.Module:
     return inner
 
 
-def _fitted_on(transport: Transport) -> str:
-    info = transport.model
-    if info.get("framework") == "comfyui" and info.get("class"):
-        return f"{info['class']} (ComfyUI)"
-    return str(info.get("name_or_path") or info.get("class") or "an unknown model")
-
-
 def site_width(module: torch.nn.Module) -> int | None:
     """Units of a site module's output: norms and linears by their size, FLUX blocks by their hidden size."""
     width = infer_width(module)
@@ -81,7 +75,7 @@ def check_transport(model, transport: Transport) -> None:
         resolved = iter_site_modules(dm, transport.sites)
     except (KeyError, ValueError) as err:
         raise ValueError(for_artist(
-            f"This transport does not match the MODEL: it was fitted on {_fitted_on(transport)}, the MODEL is {kind}. "
+            f"This transport does not match the MODEL: it was fitted on {fitted_on(transport)}, the MODEL is {kind}. "
             + str(err.args[0] if err.args else err), MATCH_ADVICE,
         )) from None
     wrong = [
@@ -91,7 +85,7 @@ def check_transport(model, transport: Transport) -> None:
     ]
     if wrong:
         raise ValueError(
-            f"This transport does not match the MODEL: it was fitted on {_fitted_on(transport)}, the MODEL is {kind}; "
+            f"This transport does not match the MODEL: it was fitted on {fitted_on(transport)}, the MODEL is {kind}; "
             + "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "") + f"; {MATCH_ADVICE}"
         )
 

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 
 from ..core.estimate import method_defaults
+from ..core.provenance import model_record
 from ..core.fit import ForwardContext, fit
 from ..core.fit import logger as fit_logger
 from .checks import diffusion_model
@@ -175,11 +176,10 @@ def _model_info(model, dm: torch.nn.Module) -> dict[str, Any]:
     """Metadata saved with the transport; ``naming``/``arch``/``unet_config`` let `comfy_names.from_comfy`
     translate it to diffusers names."""
     arch = module_arch(dm)
-    info: dict[str, Any] = {
-        "framework": "comfyui", "naming": "comfyui", "class": type(model.model).__name__,
-        "diffusion_model": type(dm).__name__, "family": family(arch),
-        "latent_channels": model.model.latent_format.latent_channels,
-    }
+    info = model_record(
+        model.model, naming="comfyui", diffusion_model=type(dm).__name__, family=family(arch),
+        latent_channels=model.model.latent_format.latent_channels,
+    )
     if arch:
         info["arch"] = arch
     config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}

@@ -37,6 +37,7 @@ from .steering import (
     site_strength,
 )
 from .folded import FoldedMap
+from .provenance import fitted_on_note
 from .transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -351,20 +352,15 @@ def validate(model: torch.nn.Module, transport: Transport) -> None:
         try:
             (_, name, k, module), = iter_site_modules(model, [site])
         except KeyError:
-            raise KeyError(missing_site_message(model, site.split(":")[0]) + _fitted_on(transport)) from None
+            raise KeyError(missing_site_message(model, site.split(":")[0]) + fitted_on_note(transport)) from None
         width = infer_width(module) if k is None else None
         if width is not None and width != unit_map.dim:
             problems.append(f"{site!r}: transport has {unit_map.dim} units, {type(module).__name__} outputs {width}")
     if problems:
         raise ValueError(
             f"Transport does not match {type(model).__name__}: " + "; ".join(problems[:5])
-            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "") + _fitted_on(transport)
+            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "") + fitted_on_note(transport)
         )
-
-
-def _fitted_on(transport: Transport) -> str:
-    hint = transport.model.get("name_or_path") or transport.model.get("class")
-    return f" (the transport was fitted on {str(hint)[:200]!r})" if hint else ""
 
 
 def bind(

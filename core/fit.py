@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .estimate import Support, canonical_method, estimate
 from .pooling import check_pooling
+from .provenance import model_record
 from .record import ForwardContext, Recorder
 from .sites import element, iter_site_modules, replace_element
 from .folded import FoldedMap
@@ -152,7 +153,7 @@ def fit(
         mode="sequential" if sequential else "at-once",
         n_source=len(source),
         n_target=len(target),
-        model=model_info or {"class": type(model).__name__},
+        model=model_info or model_record(model),
         description=description,
         extra={"fit": {**stats, "batch_size": bs, "batches": len(batches)}},
     )

@@ -316,7 +316,9 @@ class Transport(Mapping[str, UnitMap]):
     def __repr__(self) -> str:
         units = sum(m.dim for m in self._maps.values())
         first = ", ".join(list(self._maps)[:3]) + (", ..." if len(self) > 3 else "")
-        hint = self.model.get("name_or_path") or self.model.get("class") or "?"
+        from .provenance import model_name
+
+        hint = model_name(self) or "?"
         return (
             f"Transport(method={self.method!r}, sites={len(self)} [{first}], units={units}, "
             f"pooling={self.pooling!r}, support={self.support!r}, mode={self.mode!r}, "

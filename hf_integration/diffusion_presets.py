@@ -16,6 +16,7 @@ from ..archs import site_groups
 from ..archs.detect import module_arch
 from ..archs.flux import FLUX_DOUBLE_OUTPUT, FLUX_SINGLE_TUPLE, diffusers_version, flux_single_block_output
 from ..archs.site_groups import Arch
+from ..core.provenance import model_record
 from ..core.sites import resolve_sites
 
 DENOISERS = ("unet", "transformer")
@@ -173,16 +174,16 @@ def pipeline_info(pipe: Any) -> dict[str, Any]:
     """Model metadata stored in a pipeline transport: classes, hidden sizes, layout, diffusers version."""
     arch = pipeline_arch(pipe)
     components = site_components(pipe)
-    info: dict[str, Any] = {
-        "class": type(pipe).__name__,
-        "name_or_path": str(getattr(pipe, "name_or_path", "") or ""),
-        "arch": arch,
-        "naming": "diffusers",
-        "denoiser": denoiser_name(pipe),
-        "components": {name: type(m).__name__ for name, m in components.items()},
-        "hidden_sizes": {name: _hidden_size(m) for name, m in components.items()},
-        "diffusers_version": diffusers_version(),
-    }
+    info = model_record(
+        pipe,
+        name_or_path=str(getattr(pipe, "name_or_path", "") or ""),
+        arch=arch,
+        naming="diffusers",
+        denoiser=denoiser_name(pipe),
+        components={name: type(m).__name__ for name, m in components.items()},
+        hidden_sizes={name: _hidden_size(m) for name, m in components.items()},
+        diffusers_version=diffusers_version(),
+    )
     if arch == "sdxl":
         info["unet_layout"] = unet_layout(pipe.unet)
     else:

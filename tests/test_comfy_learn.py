@@ -52,7 +52,7 @@ def test_learn_save_load_apply_sample_end_to_end(pack, comfy_dirs, clip, kind):
     expected_sites = 33 if kind == "sdxl" else 6  # every norm of the tiny UNet / both streams + single blocks
     assert len(transport) == expected_sites and transport.mode == "sequential"
     assert (transport.n_source, transport.n_target) == (8, 8)  # 4 prompts x 2 samples each
-    assert transport.model["framework"] == "comfyui" and transport.model["class"] == type(model.model).__name__
+    assert transport.model["naming"] == "comfyui" and transport.model["class"] == type(model.model).__name__
     # the metadata lets actsteer's diffusers API translate it (and back) without knowing the model
     names = importlib.import_module(pack.__name__ + ".archs.comfy_names")
     as_diffusers = names.from_comfy(transport, kind)

@@ -20,6 +20,7 @@ MODULES = [
     "actsteer.core.hooks",
     "actsteer.core.io",
     "actsteer.core.pooling",
+    "actsteer.core.provenance",
     "actsteer.core.record",
     "actsteer.core.sites",
     "actsteer.core.steering",
