@@ -14,9 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..core.provenance import naming
-from ..core.sites import parse_site
-from ..core.transport import Transport, UnitMap
+from ..core import Transport, UnitMap, naming_of, parse_site
 from .detect import transport_arch
 from .flux import FLUX_SINGLE_CONCAT, FLUX_SINGLE_TUPLE, flux_single_block_output
 from .site_groups import Arch
@@ -212,7 +210,7 @@ _DIFFUSERS_PREFIXES = ("unet.", "transformer.", "text_encoder", "down_blocks.", 
 def is_diffusers_transport(transport: Transport) -> bool:
     """True when the transport's sites are diffusers names (fitted with actsteer's diffusers API): what its
     metadata records, else what its site names look like."""
-    recorded = naming(transport)
+    recorded = naming_of(transport)
     if recorded is not None:
         return recorded == "diffusers"
     return bool(transport.sites) and all(s.startswith(_DIFFUSERS_PREFIXES) for s in transport.sites)
@@ -244,7 +242,7 @@ def to_comfy(transport: Transport, arch: Arch | None = None) -> Transport:
         KeyError: a site with no known ComfyUI equivalent (e.g. a whole ``down_blocks.0``).
     """
     arch = transport_arch(transport, arch)
-    if naming(transport) == "comfyui":
+    if naming_of(transport) == "comfyui":
         raise ValueError("This transport already uses ComfyUI names")
     prefix = _DENOISER_PREFIX[arch] + "."
     layout = transport.model.get("unet_layout") or SDXL_LAYOUT

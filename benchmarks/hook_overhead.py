@@ -1,7 +1,7 @@
 """Hook overhead: one model's forward pass with a Linear-AcT transport attached vs without, eager and compiled.
 
 A random mid-size Llama (default hidden 512, 8 layers, batch 8 x 128 tokens) gets a transport fitted with
-`actsteer.core.fit.fit` on every norm module (``input_layernorm``, ``post_attention_layernorm``, ``norm``),
+`actsteer.core.fit` on every norm module (``input_layernorm``, ``post_attention_layernorm``, ``norm``),
 applied with support "all" (one ``addcmul`` per site) and "observed" (``clamp``, compare, ``lerp`` on top).
 Arms are interleaved in one process (see ``overhead_timing.py``); ratios are paired speed ratios (1.0 = free).
 With ``--compile``, the same three arms also run through ``torch.compile(model)`` (compiled once, BEFORE any
@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import actsteer  # noqa: E402
-from actsteer.core.fit import fit  # noqa: E402
+from actsteer.core import fit  # noqa: E402
 from actsteer.core.sites import resolve_sites  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

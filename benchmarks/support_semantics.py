@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 import actsteer
-from actsteer.core.fit import ForwardContext
+from actsteer.core import ForwardContext
 from actsteer.core.sites import iter_site_modules
 from actsteer.eval import support_coverage, sweep, transport_fidelity
 from actsteer.hf_integration.cli import read_texts

@@ -13,10 +13,7 @@ import torch
 
 from ..archs.comfy_names import is_diffusers_transport, to_comfy
 from ..archs.detect import module_arch
-from ..core.hooks import validate
-from ..core.provenance import fitted_on
-from ..core.sites import infer_width, iter_site_modules
-from ..core.transport import Transport
+from ..core import Transport, fitted_on, infer_width, iter_site_modules, validate
 from .presets import group_sites
 
 
@@ -117,7 +114,7 @@ def check_numbers(transport: Transport, where: str) -> Transport:
     Raises:
         ValueError: one line naming ``where`` and the site, and saying to learn it again.
     """
-    from ..core.validation import check_transport as check_maps
+    from ..core import check_transport as check_maps
 
     try:
         return check_maps(transport, where)

@@ -23,16 +23,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import threading
 import time
 from typing import Any, Literal
 
 import torch
 
-from ..core.estimate import method_defaults
-from ..core.provenance import model_record
-from ..core.fit import ForwardContext, fit
-from ..core.fit import logger as fit_logger
+from ..core import ForwardContext, fit, method_defaults, model_record
 from .checks import diffusion_model
 from .patching import KEY, transformer_options_of
 from ..archs.detect import family, module_arch
@@ -91,19 +87,6 @@ class Timing:
 
 class _StopSampling(Exception):
     """Raised from the collection wrapper after the last pooled step: the rest of the schedule is not needed."""
-
-
-class _NoFitLine(logging.Filter):
-    """Drops the core's "fitted ... in N s" line of THIS thread's fit while a Learn node runs: in ComfyUI that time
-    includes prompt encoding and sampling, so the node logs its own split line (`Timing`) instead. Fits running in
-    other threads meanwhile keep their line."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.thread = threading.get_ident()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.thread != self.thread or not str(record.msg).startswith("actsteer: fitted")
 
 
 def parse_prompts(text: str, what: str) -> list[str]:
@@ -301,17 +284,15 @@ def learn(
             collector.ctx = None
             spent["sample"] += time.perf_counter() - t0
 
-    quiet = _NoFitLine()
-    fit_logger.addFilter(quiet)
-    try:
-        transport = fit(
-            dm, sites, items_source, items_target, run=run, method=method, support=support, pooling=defaults["pooling"],
-            sequential=sequential, batch_size=None if bs >= n_items else bs, one_pass=one_pass, progress=False,
-            model_info=_model_info(model, dm),
-            description=f"{len(source)} source vs {len(target)} target prompts, learned in ComfyUI",
-        )
-    finally:
-        fit_logger.removeFilter(quiet)
+    transport = fit(
+        dm, sites, items_source, items_target, run=run, method=method, support=support, pooling=defaults["pooling"],
+        sequential=sequential, batch_size=None if bs >= n_items else bs, one_pass=one_pass, progress=False,
+        model_info=_model_info(model, dm),
+        description=f"{len(source)} source vs {len(target)} target prompts, learned in ComfyUI",
+        # in ComfyUI the core's one "fitted in N s" figure would include prompt encoding and sampling: this node
+        # logs its own split line (`Timing`) instead
+        log_summary=False,
+    )
     total = time.perf_counter() - started
     timing = Timing(spent["encode"], spent["sample"], max(0.0, total - spent["encode"] - spent["sample"]), spent["calls"])
     logger.info(

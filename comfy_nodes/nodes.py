@@ -11,7 +11,7 @@ import logging
 
 from comfy_api.latest import io, ui
 
-from ..core.estimate import ESTIMATORS
+from ..core import ESTIMATORS
 from .checks import check_numbers, diffusion_model, for_artist, select_group
 from .file_nodes import ActSteerLoad, ActSteerSave
 from .inputs import (

@@ -26,9 +26,7 @@ from typing import Any
 
 import torch
 
-from ..core.engine import SteeringHandle, bind, steer
-from ..core.steering import Steering
-from ..core.transport import Transport
+from ..core import Steering, SteeringHandle, Transport, bind, steer
 from .checks import check_transport, to_comfy_names
 from .presets import filter_sites
 

@@ -14,7 +14,7 @@ import torch
 
 from ..archs import site_groups
 from ..archs.detect import module_arch
-from ..core.sites import resolve_sites
+from ..core import resolve_sites
 
 # The Learn node's `layers` choices: auto, then each family's groups, then a free regex.
 LAYER_PRESETS: tuple[str, ...] = (

@@ -2,8 +2,8 @@
 
 Eagerly, `make_applier` binds ahead everything that does not depend on the call's values (the folded map cast to
 the activation's device and dtype, the shape to expect), so that the common call is a shape check, a counter and
-`masked_affine`: one ``addcmul`` for support "all", plus ``clamp``, an in-place compare and an in-place ``lerp`` for a
-support range, all float ops in the activation's dtype. While torch.compile traces a model, `transport_traced`
+the one formula (`actsteer.core.folding.bind_affine`): one ``addcmul`` for support "all", plus ``clamp``, an
+in-place compare and an in-place ``lerp`` for a support range, all float ops in the activation's dtype. While torch.compile traces a model, `transport_traced`
 does the same work from the handle's folded map directly, with no cache and no counter, so a compiled graph
 reads the current strength's tensors at every call and a strength change never recompiles.
 """
@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from .folded import FoldedMap, masked_affine
+from .folding import FoldedMap, bind_affine
 
 Positions = Callable[[], "tuple[int, int] | None"]
 
@@ -106,37 +106,18 @@ def make_applier(
 
     if fm.rows is not None or apply_to != "all":
         return general
-    # the common case, specialised so that a call is a shape check, a counter and the ops of `masked_affine`
-    # written out (one addcmul; plus clamp, an in-place compare and an in-place lerp for a support range)
-    w, b, lo, hi = fm.weight, fm.bias, fm.lo, fm.hi
-    if w.dtype != x.dtype:  # half precision: the multiply-add in float32, rounded once
-        lo_hi = (lo, hi) if fm.masked else (None, None)
+    # the common case, specialised so that a call is a shape check, a counter and the formula with its tensors bound
+    # (`bind_affine`: one addcmul; plus clamp, an in-place compare and an in-place lerp for a support range)
+    kernel = bind_affine(fm.weight, fm.bias, fm.lo if fm.masked else None, fm.hi if fm.masked else None, x.dtype)
 
-        def fast_half(x: torch.Tensor) -> torch.Tensor:
-            if x.dim() not in (2, 3) or x.shape[-1] != dim:
-                return general(x)
-            calls[site] = calls.get(site, 0) + 1
-            return masked_affine(x, w, b, *lo_hi)
-
-        return fast_half
-    if not fm.masked:
-
-        def fast_all(x: torch.Tensor) -> torch.Tensor:
-            # (B, T, D) or (N, D) token outputs; anything else (4-D spatial, a wrong width) takes the general path
-            if x.dim() not in (2, 3) or x.shape[-1] != dim:
-                return general(x)
-            calls[site] = calls.get(site, 0) + 1
-            return torch.addcmul(b, x, w)
-
-        return fast_all
-
-    def fast_range(x: torch.Tensor) -> torch.Tensor:
+    def fast(x: torch.Tensor) -> torch.Tensor:
+        # (B, T, D) or (N, D) token outputs; anything else (4-D spatial, a wrong width) takes the general path
         if x.dim() not in (2, 3) or x.shape[-1] != dim:
             return general(x)
         calls[site] = calls.get(site, 0) + 1
-        return torch.addcmul(b, x, w).lerp_(x, torch.clamp(x, lo, hi).ne_(x))
+        return kernel(x)
 
-    return fast_range
+    return fast
 
 
 def transport_traced(

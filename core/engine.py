@@ -36,7 +36,7 @@ from .steering import (
     is_zero,
     site_strength,
 )
-from .folded import FoldedMap
+from .folding import FoldedMap
 from .provenance import fitted_on_note
 from .transport import Transport
 

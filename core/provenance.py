@@ -13,7 +13,7 @@ The keys actsteer writes into ``Transport.model`` (any other key is kept as it i
 | ``unet_layout`` / ``unet_config``, ``flux_*``, ``diffusers_version`` | `fit_pipeline` / Learn | what name translation needs |
 
 Files written by earlier versions of the ComfyUI Learn node also carry ``framework`` (the same as ``naming``);
-`naming` reads it.
+`naming_of` reads it.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def model_record(model: Any, **fields: Any) -> dict[str, Any]:
     return {"class": type(model).__name__, **fields}
 
 
-def naming(transport: Transport) -> str | None:
+def naming_of(transport: Transport) -> str | None:
     """``"diffusers"`` or ``"comfyui"`` when the transport records how its sites are named, else None."""
     value = transport.model.get("naming") or transport.model.get(_LEGACY_NAMING)
     return value if value in NAMINGS else None
@@ -69,7 +69,7 @@ def fitted_on(transport: Transport) -> str:
     text = shorten(name, 200)
     if not text.isprintable():
         text = repr(text)[1:-1]
-    return f"{text} (ComfyUI)" if naming(transport) == "comfyui" else text
+    return f"{text} (ComfyUI)" if naming_of(transport) == "comfyui" else text
 
 
 def fitted_on_note(transport: Transport) -> str:

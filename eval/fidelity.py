@@ -14,12 +14,7 @@ from typing import Any
 
 import torch
 
-from ..core.collect import collect
-from ..core.record import ForwardContext
-from ..core.sites import element
-from ..core.hooks import steer
-from ..core.sites import iter_site_modules
-from ..core.transport import Transport
+from ..core import ForwardContext, Transport, collect, element, iter_site_modules, steer
 
 # A unit whose target spread is below this is treated as having this spread, so W1 / std stays finite.
 _MIN_STD = 1e-6

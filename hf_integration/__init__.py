@@ -11,9 +11,7 @@ from typing import Any
 
 import torch
 
-from ..core.hooks import SiteStrength, SteeringHandle, SteeringLike
-from ..core.hooks import attach as _attach_module
-from ..core.hooks import steer as _steer_module
+from ..core import SiteStrength, SteeringHandle, SteeringLike, attach as _attach_module, steer as _steer_module
 from .generation import disable_steering_lm, enable_steering_lm
 from .lm import fit_lm
 from .pipeline_fit import fit_pipeline, strength_grid

@@ -22,8 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..core.io import resolve_path
-from ..core.validation import shorten
+from ..core import resolve_path, shorten
 from .cli_checks import (
     CliError,
     Parser,
@@ -77,7 +76,7 @@ def generate_rows(model, tokenizer, transport, prompts: Sequence[str], strengths
     """Continuations of ``prompts`` (one batched generate per strength); ``rows[s][p]``."""
     import torch
 
-    from ..core.hooks import Steering
+    from ..core import Steering
     from .generation import enable_steering_lm
     from .lm import padding_ready
 
@@ -112,7 +111,7 @@ def print_rows(prompts: Sequence[str], strengths: Sequence[float], rows: list[li
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from ..core.estimate import canonical_method
+    from ..core import canonical_method
     from .lm import fit_lm
 
     # Everything that can be checked without the model is checked first: a fit can take minutes.
@@ -137,7 +136,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from ..core.transport import Transport
+    from ..core import Transport
 
     transport = Transport.load(args.steer)
     strengths = args.sweep if args.sweep is not None else [args.strength]
@@ -165,8 +164,8 @@ def summarize(transport) -> list[dict[str, Any]]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..core.io import read_header
-    from ..core.transport import Transport
+    from ..core import read_header
+    from ..core import Transport
 
     path = resolve_path(args.path)  # like `generate --steer`, the .safetensors suffix may be left out
     transport = Transport.load(path)
@@ -187,7 +186,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..core.transport import Transport
+    from ..core import Transport
     from .default_model import cache_dir
     from .lm import fit_lm
 

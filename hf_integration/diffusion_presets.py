@@ -16,8 +16,7 @@ from ..archs import site_groups
 from ..archs.detect import module_arch
 from ..archs.flux import FLUX_DOUBLE_OUTPUT, FLUX_SINGLE_TUPLE, diffusers_version, flux_single_block_output
 from ..archs.site_groups import Arch
-from ..core.provenance import model_record
-from ..core.sites import resolve_sites
+from ..core import model_record, resolve_sites
 
 DENOISERS = ("unet", "transformer")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..core.hooks import Steering, SteeringHandle, SteeringLike, as_steerings, steer
+from ..core import Steering, SteeringHandle, SteeringLike, as_steerings, steer
 
 _GENERATE_HINT = (
     "pass `steering=` to model.generate only after actsteer.enable_steering(model), or steer the whole call "

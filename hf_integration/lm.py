@@ -10,10 +10,7 @@ from typing import Any
 
 import torch
 
-from ..core.estimate import Support, canonical_method, method_defaults
-from ..core.fit import ForwardContext, fit
-from ..core.provenance import model_record
-from ..core.transport import Transport
+from ..core import ForwardContext, Support, Transport, canonical_method, fit, method_defaults, model_record
 from .presets import lm_sites
 from .texts import check_balance, check_texts
 

@@ -9,10 +9,7 @@ from typing import Any
 
 import torch
 
-from ..core.estimate import Support, canonical_method, method_defaults
-from ..core.fit import ForwardContext, fit
-from ..core.hooks import Steering, as_steerings
-from ..core.transport import Transport
+from ..core import ForwardContext, Steering, Support, Transport, as_steerings, canonical_method, fit, method_defaults
 from .diffusion_presets import (
     component_view,
     denoiser_name,

@@ -19,10 +19,7 @@ from typing import Any, Literal, Union
 
 import torch
 
-from ..core.engine import SteeringHandle, bind, steering_of
-from ..core.provenance import naming
-from ..core.steering import SiteStrength, SteeringLike, as_steerings
-from ..core.transport import Transport
+from ..core import SiteStrength, SteeringHandle, SteeringLike, Transport, as_steerings, bind, naming_of, steering_of
 from ..archs.flux import FLUX_SINGLE_CONCAT, FLUX_SINGLE_TUPLE, diffusers_version, flux_single_block_output
 from .diffusion_presets import component_view, denoiser_name, site_components
 
@@ -158,7 +155,7 @@ def _check_names(pipe: Any, transport: Transport) -> None:
         if not sep or component not in components:
             hint = (
                 "; it uses ComfyUI names: translate it with actsteer.from_comfy(transport, arch)"
-                if naming(transport) == "comfyui" else f"; site names must start with one of: {', '.join(components)}"
+                if naming_of(transport) == "comfyui" else f"; site names must start with one of: {', '.join(components)}"
             )
             raise KeyError(f"Site {site[:200]!r} names no component of {type(pipe).__name__}{hint}")
     _check_single_block_semantics(pipe, transport)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 import actsteer
 from actsteer import Transport, UnitMap
-from actsteer.core.estimate import method_defaults
+from actsteer.core import method_defaults
 from actsteer.core.io import FORMAT, FORMAT_VERSION
 from actsteer.core.validation import MAX_DESCRIPTION, MAX_SITE_NAME, check_transport
 from actsteer.hf_integration.cli import main

@@ -1,4 +1,4 @@
-"""Tests for the hook engine (`actsteer.attach`, `actsteer.steer`, `SteeringHandle`, `core.hooks.validate`).
+"""Tests for the hook engine (`actsteer.attach`, `actsteer.steer`, `SteeringHandle`, `core.validate`).
 
 Every engine test compares against closed forms written here in float64 (ACT_SPEC.md section 4):
 ``T_s(x) = x + s((omega - 1) x + beta)`` on ``lo <= x <= hi``, the identity elsewhere; for ``(B, C, H, W)``
@@ -17,7 +17,7 @@ from torch.testing import assert_close
 
 import actsteer
 from actsteer import Steering, Transport, UnitMap
-from actsteer.core.hooks import validate
+from actsteer.core import validate
 
 F32 = dict(rtol=1e-5, atol=1e-5)
 # bf16/fp16 keep 8/11 mantissa bits; the folded weight and bias are rounded to the activation dtype too.

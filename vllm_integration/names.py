@@ -34,9 +34,7 @@ from typing import Any
 
 import torch
 
-from ..core.provenance import fitted_on_note
-from ..core.sites import parse_site
-from ..core.transport import Transport, UnitMap
+from ..core import Transport, UnitMap, fitted_on_note, parse_site
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",

@@ -19,9 +19,7 @@ from typing import Any
 
 import torch
 
-from ..core.hooks import Steering, SteeringHandle, attach
-from ..core.sites import iter_site_modules
-from ..core.transport import Transport
+from ..core import Steering, SteeringHandle, Transport, attach, iter_site_modules
 from .names import ModelShape
 from .store import RequestSteering, TransportStore, parse_request, transports_dir
 

@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .estimate import Support, canonical_method, estimate
+from .estimators import Support, canonical_method, estimate
 from .pooling import check_pooling
 from .provenance import model_record
 from .record import ForwardContext, Recorder
 from .sites import element, iter_site_modules, replace_element
-from .folded import FoldedMap
+from .folding import FoldedMap
 from .transport import Transport, UnitMap
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def fit(
     model_info: dict[str, Any] | None = None,
     description: str = "",
     estimate_options: dict[str, Any] | None = None,
+    log_summary: bool = True,
 ) -> Transport:
     """Fit one `UnitMap` per site from two collections of inputs.
 
@@ -89,6 +90,8 @@ def fit(
         model_info: hint stored in the transport's metadata (class, name_or_path, hidden size, ...).
         description: free text stored in the metadata.
         estimate_options: extra options for the estimator (e.g. ``{"pair": 0}`` for actadd).
+        log_summary: log the one ``info`` line "fitted ... in N s" (hosts that time the parts of a longer run,
+            e.g. the ComfyUI Learn node, log their own line instead).
 
     Returns:
         A `Transport` whose sites are in execution order. ``transport.extra["fit"]`` records the cost:
@@ -96,7 +99,7 @@ def fit(
 
     Example:
         >>> import torch, actsteer
-        >>> from actsteer.core.fit import fit
+        >>> from actsteer.core import fit
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4)).eval()
         >>> src, tgt = list(torch.randn(16, 4)), list(torch.randn(16, 4) + 1)
         >>> t = fit(model, ["0", "2"], src, tgt, run=lambda items, ctx: model(torch.stack(items)), progress=False)
@@ -140,11 +143,12 @@ def fit(
     finally:
         for module, mode in modes.items():
             module.training = mode
-    logger.info(
-        "actsteer: fitted %s on %d sites (%s) from %d source / %d target inputs in %.1fs, %d forward calls",
-        method, len(order), "sequential" if sequential else "at once", len(source), len(target),
-        time.perf_counter() - t0, stats["forward_calls"],
-    )
+    if log_summary:
+        logger.info(
+            "actsteer: fitted %s on %d sites (%s) from %d source / %d target inputs in %.1fs, %d forward calls",
+            method, len(order), "sequential" if sequential else "at once", len(source), len(target),
+            time.perf_counter() - t0, stats["forward_calls"],
+        )
     return Transport(
         {s: maps[s] for s in order},
         method=method,
