@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from .core._version import __version__
+from .core import __version__
 
 from typing import Any
 

@@ -8,7 +8,7 @@ so that the modules can change behind these names. Who owns what:
 - estimation: `estimate`, `ESTIMATORS`, `method_defaults` (``estimators.py``); pooling (``pooling.py``);
 - steering: `Steering` and strength checks (``steering.py``); `attach`, `steer`, `bind`, `validate`,
   `SteeringHandle` (``engine.py``, with ``dispatch.py`` and ``apply.py`` behind it);
-- recording and fitting: `collect`, `Recorder`, `ForwardContext` (``record.py``); `fit`
+- recording and fitting: `collect`, `record_sites`, `Recorder`, `ForwardContext` (``record.py``); `fit`
   (``fitting.py``);
 - sites: `list_sites`, `resolve_sites`, `infer_width`, ... (``sites.py``);
 - files: `read_header`, `resolve_path` (``io.py``), `check_transport`, `shorten` (``validation.py``);
@@ -26,11 +26,11 @@ from ._version import __version__
 from .engine import SteeringHandle, attach, bind, steer, steering_of, validate
 from .estimators import ESTIMATORS, Support, canonical_method, estimate, method_defaults
 from .fitting import fit
-from .folding import HALF_DTYPES, FoldedMap
+from .folding import HALF_DTYPES, FoldedMap, in_support
 from .io import read_header, resolve_path
 from .pooling import pool
 from .provenance import fitted_on, fitted_on_note, model_name, model_record, naming_of
-from .record import ForwardContext, Recorder, collect
+from .record import ForwardContext, Recorder, collect, record_sites
 from .sites import element, infer_width, iter_site_modules, list_sites, parse_site, resolve_sites
 from .steering import SiteStrength, Steering, SteeringLike, as_steerings, check_strength
 from .transport import Transport, UnitMap
@@ -62,6 +62,7 @@ __all__ = [
     "fit",
     "fitted_on",
     "fitted_on_note",
+    "in_support",
     "infer_width",
     "iter_site_modules",
     "list_sites",
@@ -72,6 +73,7 @@ __all__ = [
     "parse_site",
     "pool",
     "read_header",
+    "record_sites",
     "resolve_path",
     "resolve_sites",
     "shorten",

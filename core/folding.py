@@ -73,7 +73,7 @@ def masked_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lo:
     return bind_affine(weight, bias, lo, hi, x.dtype)(x)
 
 
-def inside(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+def in_support(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """The support test of the formula: True where ``lo <= x <= hi`` (False for NaN), as `bind_affine` decides."""
     return torch.clamp(x, lo, hi) == x
 

@@ -16,6 +16,7 @@ from typing import Any, Union
 import torch
 
 from .folding import FoldedMap, fold
+from .validation import shorten
 
 Strength = Union[float, torch.Tensor]
 
@@ -241,9 +242,13 @@ class Transport(Mapping[str, UnitMap]):
     @classmethod
     def load(cls, path: str | Path) -> Transport:
         """Read a file written by `save` (``.safetensors`` may be left out). Never unpickles anything."""
-        from .io import load_transport
+        from .io import read_transport
 
-        return load_transport(path)
+        path, maps, metadata = read_transport(path, UnitMap)
+        try:
+            return cls(maps, **metadata)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: the transport metadata is invalid ({shorten(str(err), 200)})") from None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Transport):
