@@ -70,12 +70,12 @@ def transport_for(pack, model, preset: str, support: str = "observed"):
     g = torch.Generator().manual_seed(0)
     maps = {}
     for site in sites:
-        d = nodes_pkg.checks.site_width(dm.get_submodule(site.split(":")[0]))
+        d = core.infer_width(dm.get_submodule(site.split(":")[0]))
         bound = 4.0 if support == "observed" else float("inf")
         maps[site] = core.UnitMap(1 + 0.2 * (torch.rand(d, generator=g) - 0.5), 0.1 * torch.randn(d, generator=g),
                                   lo=torch.full((d,), -bound), hi=torch.full((d,), bound),
                                   target_lo=torch.full((d,), -bound), target_hi=torch.full((d,), bound))
-    return core.Transport(maps, model={"framework": "comfyui", "class": type(model.model).__name__})
+    return core.Transport(maps, model={"naming": "comfyui", "class": type(model.model).__name__})
 
 
 def bench(name: str, model, flux: bool, preset: str, args, pack) -> dict:

@@ -13,7 +13,7 @@ import torch
 
 from ..archs.comfy_names import is_diffusers_transport, to_comfy
 from ..archs.detect import module_arch
-from ..core import Transport, fitted_on, infer_width, iter_site_modules, validate
+from ..core import Transport, WidthMismatch, fitted_on, validate
 from .presets import group_sites
 
 
@@ -52,39 +52,22 @@ def diffusion_model(model) -> torch.nn.Module:
     return inner
 
 
-def site_width(module: torch.nn.Module) -> int | None:
-    """Units of a site module's output: norms and linears by their size, FLUX blocks by their hidden size."""
-    width = infer_width(module)
-    if width is None:  # FLUX blocks: DoubleStreamBlock.hidden_size, SingleStreamBlock.hidden_dim
-        for attr in ("hidden_size", "hidden_dim"):
-            value = getattr(module, attr, None)
-            if isinstance(value, int):
-                return value
-    return width
-
-
 def check_transport(model, transport: Transport) -> None:
-    """Raise a one-line ValueError when ``transport`` cannot steer ``model`` (missing sites, wrong widths)."""
+    """Raise a one-line ValueError when ``transport`` cannot steer ``model`` (missing sites, wrong widths: the core's
+    `validate`, said for the graph)."""
     dm = diffusion_model(model)
     kind = f"{type(model.model).__name__} ({type(dm).__name__})"
+    mismatch = f"This transport does not match the MODEL: it was fitted on {fitted_on(transport)}, the MODEL is {kind}"
     try:
         validate(dm, transport)
-        resolved = iter_site_modules(dm, transport.sites)
-    except (KeyError, ValueError) as err:
-        raise ValueError(for_artist(
-            f"This transport does not match the MODEL: it was fitted on {fitted_on(transport)}, the MODEL is {kind}. "
-            + str(err.args[0] if err.args else err), MATCH_ADVICE,
-        )) from None
-    wrong = [
-        f"{site!r} has {transport[site].dim} units, the model {width}"
-        for site, _, _, module in resolved
-        if (width := site_width(module)) is not None and width != transport[site].dim
-    ]
-    if wrong:
+    except WidthMismatch as err:
+        wrong = [f"{site!r} has {units} units, the model {width}" for site, units, width, _ in err.mismatches]
         raise ValueError(
-            f"This transport does not match the MODEL: it was fitted on {fitted_on(transport)}, the MODEL is {kind}; "
-            + "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "") + f"; {MATCH_ADVICE}"
-        )
+            f"{mismatch}; " + "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+            + f"; {MATCH_ADVICE}"
+        ) from None
+    except (KeyError, ValueError) as err:
+        raise ValueError(for_artist(f"{mismatch}. " + str(err.args[0] if err.args else err), MATCH_ADVICE)) from None
 
 
 def to_comfy_names(model, transport: Transport) -> Transport:

@@ -6,11 +6,11 @@ so that the modules can change behind these names. Who owns what:
 
 - maps: `UnitMap`, `Transport` (``transport.py``); folding a strength and the per-call formula (``folding.py``);
 - estimation: `estimate`, `ESTIMATORS`, `method_defaults` (``estimators.py``); pooling (``pooling.py``);
-- steering: `Steering` and strength checks (``steering.py``); `attach`, `steer`, `bind`, `validate`,
-  `SteeringHandle` (``engine.py``, with ``dispatch.py`` and ``apply.py`` behind it);
+- steering: `Steering` and strength checks (``steering.py``); `attach`, `steer`, `bind`, `SteeringHandle`
+  (``engine.py``, with ``dispatch.py`` and ``apply.py`` behind it);
 - recording and fitting: `collect`, `record_sites`, `Recorder`, `ForwardContext` (``record.py``); `fit`
   (``fitting.py``);
-- sites: `list_sites`, `resolve_sites`, `infer_width`, ... (``sites.py``);
+- sites: `list_sites`, `resolve_sites`, the one width rule `infer_width` and the one check `validate` (``sites.py``);
 - files: `read_header`, `resolve_path` (``io.py``), `check_transport`, `shorten` (``validation.py``);
 - provenance: `model_record`, `naming_of`, `fitted_on` (``provenance.py``).
 
@@ -23,7 +23,7 @@ Example:
 """
 
 from ._version import __version__
-from .engine import SteeringHandle, attach, bind, steer, steering_of, validate
+from .engine import SteeringHandle, attach, bind, steer, steering_of
 from .estimators import ESTIMATORS, Support, canonical_method, estimate, method_defaults
 from .fitting import fit
 from .folding import HALF_DTYPES, FoldedMap, in_support
@@ -31,7 +31,17 @@ from .io import read_header, resolve_path
 from .pooling import pool
 from .provenance import fitted_on, fitted_on_note, model_name, model_record, naming_of
 from .record import ForwardContext, Recorder, collect, record_sites
-from .sites import element, infer_width, iter_site_modules, list_sites, parse_site, resolve_sites
+from .sites import (
+    WidthMismatch,
+    element,
+    infer_width,
+    iter_site_modules,
+    list_sites,
+    parse_site,
+    present_sites,
+    resolve_sites,
+    validate,
+)
 from .steering import SiteStrength, Steering, SteeringLike, as_steerings, check_strength
 from .transport import Transport, UnitMap
 from .validation import check_transport, shorten
@@ -49,6 +59,7 @@ __all__ = [
     "Support",
     "Transport",
     "UnitMap",
+    "WidthMismatch",
     "__version__",
     "as_steerings",
     "attach",
@@ -72,6 +83,7 @@ __all__ = [
     "naming_of",
     "parse_site",
     "pool",
+    "present_sites",
     "read_header",
     "record_sites",
     "resolve_path",

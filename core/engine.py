@@ -26,7 +26,7 @@ import torch
 
 from .apply import make_applier, transport_traced
 from .dispatch import CURRENT, DISPATCHERS, LOCK, Frame, dispatcher_of
-from .sites import element, infer_width, iter_site_modules, missing_site_message, replace_element
+from .sites import element, iter_site_modules, replace_element, validate
 from .steering import (
     SiteStrength,
     Steering,
@@ -37,7 +37,6 @@ from .steering import (
     site_strength,
 )
 from .folding import FoldedMap
-from .provenance import fitted_on_note
 from .transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -337,29 +336,6 @@ class SteeringHandle:
         return (
             f"SteeringHandle(scope={self.scope!r}, sites={len(self.sites)}, strength={self.strength!r}, "
             f"attached={self.is_attached})"
-        )
-
-
-def validate(model: torch.nn.Module, transport: Transport) -> None:
-    """Check that every site of ``transport`` exists in ``model`` with the right width, before touching it.
-
-    Raises:
-        KeyError: a site's module is missing (the message names near misses).
-        ValueError: a module's width differs from the transport's (names expected vs actual).
-    """
-    problems = []
-    for site, unit_map in transport.items():
-        try:
-            (_, name, k, module), = iter_site_modules(model, [site])
-        except KeyError:
-            raise KeyError(missing_site_message(model, site.split(":")[0]) + fitted_on_note(transport)) from None
-        width = infer_width(module) if k is None else None
-        if width is not None and width != unit_map.dim:
-            problems.append(f"{site!r}: transport has {unit_map.dim} units, {type(module).__name__} outputs {width}")
-    if problems:
-        raise ValueError(
-            f"Transport does not match {type(model).__name__}: " + "; ".join(problems[:5])
-            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "") + fitted_on_note(transport)
         )
 
 

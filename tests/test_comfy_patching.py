@@ -33,7 +33,7 @@ def _random_transport(pack, model, sites, *, seed: int = 0, scale: float = 0.5):
     maps = {}
     for site in sites:
         module = dm.get_submodule(site.split(":")[0])
-        width = pack.comfy_nodes.checks.site_width(module)
+        width = pack.core.infer_width(module)
         omega = 1 + scale * (torch.rand(width, generator=g) - 0.5)
         beta = scale * torch.randn(width, generator=g)
         maps[site] = core.UnitMap(omega, beta)
