@@ -11,12 +11,16 @@ reads the current strength's tensors at every call and a strength change never r
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 
 from .folding import FoldedMap, bind_affine
 
 Positions = Callable[[], "tuple[int, int] | None"]
+
+
+RowLayout = Literal["exact", "interleaved"]
 
 
 def _check(x: torch.Tensor, fm: FoldedMap, site: str, dim: int) -> int:
@@ -28,11 +32,26 @@ def _check(x: torch.Tensor, fm: FoldedMap, site: str, dim: int) -> int:
             f"Site {site!r}: the transport has {dim} units but the model's output has shape {tuple(x.shape)} "
             f"(units on dim {axis}); the transport was fitted on a different model"
         )
-    if fm.rows is not None and fm.rows.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"Site {site!r}: {fm.rows.shape[0]} per-row strengths given but the batch has {x.shape[0]} rows"
-        )
     return axis
+
+
+def rows_for(fm: FoldedMap, batch: int, site: str, layout: RowLayout) -> FoldedMap:
+    """``fm`` with one strength per row of a batch of ``batch`` rows.
+
+    Per-row strengths (``R`` of them) fit a batch of ``R`` rows; with ``layout="interleaved"`` also a batch of
+    ``k * R`` rows, strength ``j`` going to rows ``j*k .. j*k + k - 1``: the layout of ``generate``'s beams and
+    ``num_return_sequences`` (``repeat_interleave``).
+
+    Raises:
+        ValueError: the batch has another number of rows.
+    """
+    if fm.rows is None or fm.rows.shape[0] == batch:
+        return fm
+    given = fm.rows.shape[0]
+    if layout == "interleaved" and batch % given == 0:
+        return fm.with_rows(fm.rows.repeat_interleave(batch // given))
+    spread = f" or a multiple of it ({given} x k rows)" if layout == "interleaved" else ""
+    raise ValueError(f"Site {site!r}: {given} per-row strengths given but the batch has {batch} rows{spread}")
 
 
 def _apply(fm: FoldedMap, x: torch.Tensor, apply_to: str, where: tuple[int, int] | None) -> torch.Tensor:
@@ -69,6 +88,7 @@ def make_applier(
     apply_to: str,
     positions: Positions,
     calls: dict[str, int],
+    rows: RowLayout = "exact",
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The function that transports ``site``'s outputs shaped, typed and placed like ``x`` (eager calls).
 
@@ -80,6 +100,7 @@ def make_applier(
         apply_to: ``"all"``, ``"prompt"`` or ``"generated"`` tokens; the last two read ``positions()``.
         positions: returns ``(offset, prompt_length)`` of the current call's tokens, or None when unknown.
         calls: counter incremented per transported call (``{site: n}``).
+        rows: how per-row strengths spread over a batch with more rows (`rows_for`).
 
     Returns:
         ``apply(x) -> Tensor``: a new tensor, equal bit for bit to ``base.apply_last`` / ``apply_spatial``.
@@ -99,10 +120,17 @@ def make_applier(
     """
     fm = _cast(base, x, site)
 
+    per_batch: dict[int, FoldedMap] = {}  # batch rows -> the per-row map spread over them, made once
+
     def general(x: torch.Tensor) -> torch.Tensor:
         _check(x, fm, site, dim)
+        fitted = fm
+        if fm.rows is not None:
+            fitted = per_batch.get(x.shape[0])
+            if fitted is None:
+                fitted = per_batch[x.shape[0]] = rows_for(fm, x.shape[0], site, rows)
         calls[site] = calls.get(site, 0) + 1
-        return _apply(fm, x, apply_to, positions() if apply_to != "all" else None)
+        return _apply(fitted, x, apply_to, positions() if apply_to != "all" else None)
 
     if fm.rows is not None or apply_to != "all":
         return general
@@ -128,6 +156,7 @@ def transport_traced(
     dim: int,
     apply_to: str,
     where: tuple[int, int] | None,
+    rows: RowLayout = "exact",
 ) -> torch.Tensor:
     """The per-call work for a graph that torch.compile traces: no cache, no counter, nothing kept.
 
@@ -139,4 +168,4 @@ def transport_traced(
         return x
     fm = _cast(base, x, site)
     _check(x, fm, site, dim)
-    return _apply(fm, x, apply_to, where)
+    return _apply(rows_for(fm, x.shape[0], site, rows), x, apply_to, where)

@@ -18,13 +18,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
 
-from .apply import make_applier, transport_traced
+from .apply import RowLayout, make_applier, transport_traced
 from .dispatch import CURRENT, DISPATCHERS, LOCK, Frame, dispatcher_of
 from .sites import element, iter_site_modules, replace_element, validate
 from .steering import (
@@ -63,6 +62,7 @@ class SteeringHandle:
     Attributes:
         scope: ``"request"`` (from `steer`: calls in the ``with`` block, this thread/task) or ``"model"`` (from
             `attach`: every call until ``remove()``).
+        rows: ``"exact"`` or ``"interleaved"``: how per-row strengths meet a batch with more rows (see `bind`).
         strength: read/write; setting it validates, then re-folds every site (cheap, no forward pass).
         active: set False to pause all steering of this handle without removing anything.
         calls: how many times each site was transported (``{site: int}``); calls at strength 0, of switched-off
@@ -71,9 +71,9 @@ class SteeringHandle:
     ``remove()`` is idempotent; afterwards the model is exactly as before.
     """
 
-    def __init__(self, model: torch.nn.Module, steerings: list[Steering], scope: Scope) -> None:
-        self._model_ref = weakref.ref(model)
+    def __init__(self, model: torch.nn.Module, steerings: list[Steering], scope: Scope, rows: RowLayout = "exact") -> None:
         self.scope = scope
+        self.rows = rows
         self._steerings = list(steerings)
         self._enabled = [True] * len(self._steerings)
         self._folded: dict[tuple[int, str], FoldedMap | None] = {}
@@ -240,7 +240,7 @@ class SteeringHandle:
             x = element(out, k, site)
             where = self._positions if st.apply_to != "all" else None  # never guard on positions needlessly
             new = transport_traced(self._folded[(i, site)], x, site=site, dim=st.transport[site].dim,
-                                   apply_to=st.apply_to, where=where)
+                                   apply_to=st.apply_to, where=where, rows=self.rows)
             if new is not x:
                 out = replace_element(out, k, new)
         return out
@@ -256,7 +256,7 @@ class SteeringHandle:
             return _identity
         st = self._steerings[i]
         return make_applier(base, x, site=site, dim=st.transport[site].dim, apply_to=st.apply_to,
-                            positions=lambda: self._positions, calls=self.calls)
+                            positions=lambda: self._positions, calls=self.calls, rows=self.rows)
 
     # binding ---------------------------------------------------------------------------------------------
     def _bind(self) -> None:
@@ -340,12 +340,20 @@ class SteeringHandle:
 
 
 def bind(
-    model: torch.nn.Module, transport: SteeringLike, strength: SiteStrength = 1.0, *, scope: Scope = "request"
+    model: torch.nn.Module,
+    transport: SteeringLike,
+    strength: SiteStrength = 1.0,
+    *,
+    scope: Scope = "request",
+    rows: RowLayout = "exact",
 ) -> SteeringHandle:
     """Validate, fold and bind a `SteeringHandle` (what `attach` and `steer` are made of, for host layers).
 
     ``scope="request"`` binds to the current thread/task: the caller must ``remove()`` it there (use `steer`
-    unless a host needs the handle across a callback API); ``scope="model"`` is `attach`.
+    unless a host needs the handle across a callback API); ``scope="model"`` is `attach`. ``rows="interleaved"``
+    spreads per-row strengths over a batch of ``k`` times as many rows, ``k`` consecutive rows each (what
+    ``generate`` makes of beams and ``num_return_sequences``; `actsteer.core.apply.rows_for`); ``"exact"`` (the
+    default) refuses a batch with another number of rows.
     """
     if scope not in ("request", "model"):
         raise ValueError(f"`scope` must be 'request' or 'model', got {scope!r}")
@@ -356,7 +364,7 @@ def bind(
     steerings = as_steerings(transport, strength)
     for st in steerings:
         validate(model, st.transport)
-    handle = SteeringHandle(model, steerings, scope)
+    handle = SteeringHandle(model, steerings, scope, rows)
     handle._bind()
     return handle
 

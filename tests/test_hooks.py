@@ -443,6 +443,29 @@ def test_steer_per_row_strength(mlp, tokens):
     assert hook_count(mlp) == 0
 
 
+def test_bind_interleaved_rows_spread_per_row_strengths(mlp, tokens):
+    """``rows="interleaved"``: R strengths over a batch of k*R rows, k consecutive rows each (generate's layout)."""
+    from actsteer.core import bind
+
+    m = unit_map(8, seed=36)
+    s = torch.tensor([0.0, 1.0])
+    batch = tokens[:2].repeat_interleave(2, dim=0)  # rows 0, 0, 1, 1
+    with torch.no_grad():
+        with tap(mlp, ["1"]) as raw:
+            mlp(batch)
+        handle = bind(mlp, Transport({"1": m}), s, rows="interleaved")
+        try:
+            with tap(mlp, ["1"]) as got:
+                mlp(batch)
+            with pytest.raises(ValueError, match=r"2 per-row strengths .* 3 rows or a multiple"):
+                mlp(tokens[:3])
+        finally:
+            handle.remove()
+    assert torch.equal(got["1"][:2], raw["1"][:2])  # strength 0 for the first two rows
+    assert_close(got["1"][2:].double(), closed_form(raw["1"][2:], m, 1.0), **F32)
+    assert hook_count(mlp) == 0
+
+
 # ---------------------------------------------------------------------------------------------- composition
 def test_steer_list_composes_in_order(mlp, tokens):
     a, b = unit_map(8, seed=37, support="all"), unit_map(8, seed=38)
