@@ -114,7 +114,7 @@ def run(arch: str, args) -> dict:
     def arm(name, steering, window):
         def before():
             t0 = time.perf_counter()
-            live.append(attach_pipeline(pipe, steering, timesteps=window))
+            live.append(attach_pipeline(pipe, steering, steps=window))
             attach_s[name].append(time.perf_counter() - t0)
         return before, sample, lambda: live.pop().remove()
 

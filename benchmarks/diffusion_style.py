@@ -114,8 +114,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with actsteer.steer(pipe, transports["linear-act all"], strength=torch.tensor([0.0] * n + [s] * n)):
                 measure("linear-act all, conditional half", "unet", "all", s, gen(prompts))
     for window in ((0.0, 0.25), (0.0, 0.5), (0.5, 1.0)):
-        with actsteer.steer(pipe, transports["linear-act all"], strength=args.window_strength, timesteps=window):
-            measure(f"linear-act all, timesteps {window[0]:g}-{window[1]:g}", "unet", "all", args.window_strength,
+        with actsteer.steer(pipe, transports["linear-act all"], strength=args.window_strength, steps=window):
+            measure(f"linear-act all, steps {window[0]:g}-{window[1]:g}", "unet", "all", args.window_strength,
                     gen(prompts))
     rows += other_styles(pipe, judges, fit_attrs, eval_attrs, reference, args)
     wall = time.time() - start

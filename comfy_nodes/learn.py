@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..core import ForwardContext, fit, method_defaults, model_record
+from ..core import ForwardContext, fit, locate, method_defaults, model_record
 from .checks import diffusion_model
 from .patching import KEY, transformer_options_of
 from ..archs.detect import family, module_arch
@@ -116,9 +116,8 @@ class _Collector:
         comfy.model_management.throw_exception_if_processing_interrupted()
         to = transformer_options_of(args, kwargs)
         ctx = self.ctx
-        sigma = torch.as_tensor(to["sigmas"]).reshape(-1)[0]
-        schedule = torch.as_tensor(to["sample_sigmas"]).to(sigma.device)
-        step = int((schedule[:-1] > sigma * (1 + 1e-5)).sum())
+        schedule = torch.as_tensor(to["sample_sigmas"])
+        step, _ = locate(to["sigmas"], schedule[:-1])  # the one diffusion clock: this call's place in the schedule
         flags = list(to.get("cond_or_uncond", [0]))
         chunk = args[0].shape[0] // max(len(flags), 1)
         positive = [j for j, flag in enumerate(flags) if flag == 0]

@@ -10,6 +10,7 @@ so that the modules can change behind these names. Who owns what:
   (``engine.py``, with ``dispatch.py`` and ``apply.py`` behind it);
 - recording and fitting: `collect`, `record_sites`, `Recorder`, `ForwardContext` (``record.py``); `fit`
   (``fitting.py``);
+- diffusion steps: `StepClock`, `check_steps`, `locate` (``steps.py``, the one clock of fitting and steering);
 - sites: `list_sites`, `resolve_sites`, the one width rule `infer_width` and the one check `validate` (``sites.py``);
 - files: `read_header`, `resolve_path` (``io.py``), `check_transport`, `shorten` (``validation.py``);
 - provenance: `model_record`, `naming_of`, `fitted_on` (``provenance.py``).
@@ -43,6 +44,7 @@ from .sites import (
     validate,
 )
 from .steering import SiteStrength, Steering, SteeringLike, as_steerings, check_strength
+from .steps import StepClock, Steps, Window, check_steps, in_window, locate
 from .transport import Transport, UnitMap
 from .validation import check_transport, shorten
 
@@ -56,15 +58,19 @@ __all__ = [
     "Steering",
     "SteeringHandle",
     "SteeringLike",
+    "StepClock",
+    "Steps",
     "Support",
     "Transport",
     "UnitMap",
     "WidthMismatch",
+    "Window",
     "__version__",
     "as_steerings",
     "attach",
     "bind",
     "canonical_method",
+    "check_steps",
     "check_strength",
     "check_transport",
     "collect",
@@ -74,9 +80,11 @@ __all__ = [
     "fitted_on",
     "fitted_on_note",
     "in_support",
+    "in_window",
     "infer_width",
     "iter_site_modules",
     "list_sites",
+    "locate",
     "method_defaults",
     "model_name",
     "model_record",

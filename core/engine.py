@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 
 from .apply import RowLayout, make_applier, transport_traced
-from .dispatch import CURRENT, DISPATCHERS, LOCK, Frame, dispatcher_of
+from .dispatch import CURRENT, DISPATCHERS, LOCK, PAUSED, Frame, dispatcher_of
 from .sites import element, iter_site_modules, replace_element, validate
 from .steering import (
     SiteStrength,
@@ -81,8 +81,9 @@ class SteeringHandle:
         self._cast: dict[tuple[int, str, torch.dtype, torch.device], Callable[[torch.Tensor], torch.Tensor]] = {}
         self._plans: dict[torch.nn.Module, tuple[tuple[int, str, int | None], ...]] = {}
         self._site_modules: dict[str, torch.nn.Module] = {}
-        self._paused: frozenset[torch.nn.Module] = frozenset()
-        self._under: dict[str, frozenset[torch.nn.Module]] = {}  # set_active's prefix -> modules
+        self._key = object()  # this handle's entry in a context's paused modules (`set_active(under=...)`)
+        self._windowed = False  # set_active(under=...) was used: look up the context's paused modules per call
+        self._under: dict[str, frozenset[int]] = {}  # set_active's prefix -> ids of the modules it names
         self._callbacks: dict[torch.nn.Module, list[CallHook]] = {}
         self._positions: tuple[int, int] | None = None
         self._attached = False
@@ -155,14 +156,23 @@ class SteeringHandle:
 
     def set_active(self, active: bool, *, under: str | None = None) -> None:
         """Pause (False) or resume steering; with ``under``, only of the sites whose name starts with it
-        (e.g. ``"unet."``: the denoiser of a pipeline, outside a timestep window)."""
+        (e.g. ``"unet."``: the denoiser of a pipeline, outside a step window), and only for the calls made in this
+        thread or asyncio task: a step window belongs to one pipeline call, so concurrent calls steered by one
+        model-wide handle never move each other's windows."""
         if under is None:
             self.active = bool(active)
             return
         modules = self._under.get(under)
-        if modules is None:  # hosts switch the same part at every call (timestep windows): look it up once
-            modules = self._under[under] = frozenset(m for site, m in self._site_modules.items() if site.startswith(under))
-        self._paused = frozenset(self._paused - modules if active else self._paused | modules)
+        if modules is None:  # hosts switch the same part at every call (step windows): look it up once
+            modules = self._under[under] = frozenset(
+                id(m) for site, m in self._site_modules.items() if site.startswith(under)
+            )
+        paused = PAUSED.get()
+        now = paused.get(self._key, frozenset())
+        new = now - modules if active else now | modules
+        if new != now:
+            PAUSED.set({**paused, self._key: new})
+        self._windowed = True
 
     def set_positions(self, offset: int, prompt_length: int) -> None:
         """Tell the hooks where the next forward's tokens sit: token ``j`` of the call is at position
@@ -211,7 +221,9 @@ class SteeringHandle:
 
     # the per-call path -----------------------------------------------------------------------------------
     def _run(self, module: torch.nn.Module, output: Any) -> Any:
-        if not (self.active and self._attached) or module in self._paused:
+        if not (self.active and self._attached):
+            return output
+        if self._windowed and id(module) in PAUSED.get().get(self._key, ()):
             return output
         if torch.compiler.is_compiling():
             return self._run_traced(module, output)
@@ -319,6 +331,9 @@ class SteeringHandle:
                     continue
                 d.model_calls = tuple(h for h in d.model_calls if h is not self)
                 d.release("call")
+        paused = PAUSED.get()
+        if self._key in paused:
+            PAUSED.set({k: v for k, v in paused.items() if k is not self._key})
         if self.scope == "request":
             frame = CURRENT.get()
             if any(h is self for h in frame.sites.values()) or any(self in hs for hs in frame.calls.values()):

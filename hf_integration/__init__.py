@@ -63,8 +63,8 @@ def attach(model: Any, transport: SteeringLike, strength: SiteStrength = 1.0, **
     """Steer EVERY call of a torch module or diffusers pipeline, in every thread, until ``handle.remove()``.
 
     Model-wide and long-lived (notebooks, a process that owns the model); to steer one request of a shared model
-    use `steer`. See `actsteer.core.engine.attach`. Pipelines accept ``timesteps=(start, end)``, a window in
-    fractions of the schedule (0 = first step).
+    use `steer`. See `actsteer.core.attach`. Pipelines accept ``steps=(start, end)``, a window in
+    fractions of the schedule (0 = first step; `actsteer.core.steps`).
     """
     if is_pipeline(model):
         return attach_pipeline(model, transport, strength, **options)
@@ -80,7 +80,8 @@ def steer(
     """Steer the calls of a torch module or diffusers pipeline made inside the ``with`` block, in this thread or
     asyncio task only (request-scoped: concurrent calls elsewhere on the same object are not affected).
 
-    Pipelines accept ``timesteps=(start, end)``, a window in fractions of the schedule (0 = first step).
+    Pipelines accept ``steps=(start, end)``, a window in fractions of the schedule (0 = first step;
+    `actsteer.core.steps`).
 
     Example:
         >>> import torch, actsteer

@@ -22,6 +22,7 @@ MODULES = [
     "actsteer.core.record",
     "actsteer.core.sites",
     "actsteer.core.steering",
+    "actsteer.core.steps",
     "actsteer.core.transport",
     "actsteer.core.validation",
     "actsteer.hf_integration",

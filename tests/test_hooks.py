@@ -466,6 +466,31 @@ def test_bind_interleaved_rows_spread_per_row_strengths(mlp, tokens):
     assert hook_count(mlp) == 0
 
 
+def test_set_active_under_pauses_only_this_thread(mlp, tokens):
+    """A step window belongs to one call: a model-wide handle paused in one thread still steers another's calls."""
+    import threading
+
+    m = unit_map(8, seed=36, support="all")
+    with torch.no_grad():
+        plain = mlp(tokens)
+        handle = actsteer.attach(mlp, Transport({"1": m}))
+        try:
+            steered = mlp(tokens)
+            handle.set_active(False, under="1")
+            here = mlp(tokens)
+            there = {}
+            worker = threading.Thread(target=lambda: there.update(out=mlp(tokens)))
+            worker.start()
+            worker.join()
+            handle.set_active(True, under="1")
+            again = mlp(tokens)
+        finally:
+            handle.remove()
+    assert not torch.equal(steered, plain)
+    assert torch.equal(here, plain) and torch.equal(there["out"], steered) and torch.equal(again, steered)
+    assert hook_count(mlp) == 0
+
+
 # ---------------------------------------------------------------------------------------------- composition
 def test_steer_list_composes_in_order(mlp, tokens):
     a, b = unit_map(8, seed=37, support="all"), unit_map(8, seed=38)
