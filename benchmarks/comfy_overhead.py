@@ -13,24 +13,21 @@ ratios (plain time / arm time; 1/ratio is the sampling-time factor), wall and CP
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/comfy_overhead.py --arch sdxl --sdxl-width 320 --size 256 --steps 2 --repeats 3
-    .venv/bin/python benchmarks/comfy_overhead.py --arch flux --flux-hidden 1024 --size 256 --steps 2 --repeats 3
+    .venv/bin/python -m benchmarks.comfy_overhead --arch sdxl --sdxl-width 320 --size 256 --steps 2 --repeats 3
+    .venv/bin/python -m benchmarks.comfy_overhead --arch flux --flux-hidden 1024 --size 256 --steps 2 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import comfy_harness as harness  # noqa: E402  (sets ComfyUI up offline: CPU, stubbed torchvision, tiny CLIP)
-from overhead_timing import interleave, report, summary, write_json  # noqa: E402
+from tests.support import comfy as harness  # noqa: E402  (sets ComfyUI up offline: CPU, stubbed torchvision, tiny CLIP)
+from benchmarks.overhead_timing import interleave, report, summary, write_json  # noqa: E402
 
 
 def sdxl_layout(width: int):

@@ -9,21 +9,18 @@ reference's cost, which this script also measures.
 Pipeline: random-weight SDXL with the SDXL base UNet *layout* (256 norms) at small widths, 32x32 images.
 
 Usage:
-    python benchmarks/diffusion_fit_cost.py [--prompts 4] [--threads 1] [--skip-passes]
+    python -m benchmarks.diffusion_fit_cost [--prompts 4] [--threads 1] [--skip-passes]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch  # noqa: E402
-from diffusers_support import make_sdxl_pipeline  # noqa: E402
-from diffusion_overhead import SDXL_LAYOUT  # noqa: E402  (same directory)
+from tests.support.tiny_pipelines import make_sdxl_pipeline  # noqa: E402
+from benchmarks.diffusion_overhead import SDXL_LAYOUT  # noqa: E402
 
 from actsteer.hf_integration.pipeline_fit import fit_pipeline  # noqa: E402
 

@@ -13,25 +13,22 @@ and two transports composed. Maps are fitted with `fit_pipeline` at small widths
 the per-call cost does not depend on the values.
 
 Usage:
-    python benchmarks/diffusion_overhead.py [--arch sdxl flux] [--repeats 3] [--threads 1]
-    python benchmarks/diffusion_overhead.py --arch sdxl --sdxl-width 320 --steps 2 --repeats 3
-    python benchmarks/diffusion_overhead.py --arch flux --flux-hidden 1024 --steps 2 --repeats 3
+    python -m benchmarks.diffusion_overhead [--arch sdxl flux] [--repeats 3] [--threads 1]
+    python -m benchmarks.diffusion_overhead --arch sdxl --sdxl-width 320 --steps 2 --repeats 3
+    python -m benchmarks.diffusion_overhead --arch flux --flux-hidden 1024 --steps 2 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from diffusers_support import make_flux_pipeline, make_sdxl_pipeline  # noqa: E402
-from overhead_timing import interleave, report, summary, write_json  # noqa: E402
+from tests.support.tiny_pipelines import make_flux_pipeline, make_sdxl_pipeline  # noqa: E402
+from benchmarks.overhead_timing import interleave, report, summary, write_json  # noqa: E402
 
 import actsteer  # noqa: E402
 from actsteer.core import Steering  # noqa: E402

@@ -9,9 +9,9 @@ steering: the dispatcher is traced on the first steered call) and are compared w
 the script checks that compiled outputs match eager ones and that a strength change does not recompile.
 
 Usage:
-    python benchmarks/hook_overhead.py                      # float32 and bfloat16 on CPU
-    python benchmarks/hook_overhead.py --compile --dtypes float32 --reps 9
-    python benchmarks/hook_overhead.py --device cuda --reps 50 --hidden 1024 --layers 16 --compile
+    python -m benchmarks.hook_overhead                      # float32 and bfloat16 on CPU
+    python -m benchmarks.hook_overhead --compile --dtypes float32 --reps 9
+    python -m benchmarks.hook_overhead --device cuda --reps 50 --hidden 1024 --layers 16 --compile
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -31,8 +30,7 @@ import actsteer  # noqa: E402
 from actsteer.core import fit  # noqa: E402
 from actsteer.core.sites import resolve_sites  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead_timing import interleave, report, summary, sync, write_json  # noqa: E402
+from benchmarks.overhead_timing import interleave, report, summary, sync, write_json  # noqa: E402
 
 NORMS = r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)|model\.norm"
 

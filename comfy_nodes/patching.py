@@ -47,10 +47,8 @@ class SteeringEntry:
 
     transport: Transport
     strength: float
-    start_percent: float = 0.0
-    end_percent: float = 1.0
     sigma_start: float = float("inf")
-    sigma_end: float = 0.0
+    sigma_end: float = float("-inf")
 
     def __deepcopy__(self, memo: dict) -> SteeringEntry:
         return self  # immutable; ModelPatcher.clone() deep-copies model_options, never copy tensors
@@ -225,7 +223,7 @@ def apply_steering(
     # the schedule's ends are open: float noise in the first sigma must not drop the first step
     sigma_start = float("inf") if start_percent <= 0.0 else float(sampling.percent_to_sigma(start_percent))
     sigma_end = float("-inf") if end_percent >= 1.0 else float(sampling.percent_to_sigma(end_percent))
-    entry = SteeringEntry(transport, float(strength), start_percent, end_percent, sigma_start, sigma_end)
+    entry = SteeringEntry(transport, float(strength), sigma_start, sigma_end)
     from comfy.patcher_extension import WrappersMP
 
     previous = steering_patch(model)

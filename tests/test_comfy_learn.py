@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 import torch
-from comfy_harness import (  # noqa: F401  (fixtures)
+from support.comfy import (  # noqa: F401  (fixtures)
     clip,
     comfy_dirs,
     encode,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_harness import (  # noqa: F401  (fixtures)
+from support.comfy import (  # noqa: F401  (fixtures)
     clip,
     encode,
     flux,

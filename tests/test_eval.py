@@ -313,12 +313,3 @@ def test_import_actsteer_eval_needs_no_transformers():
     code = "import sys, actsteer.eval; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-
-
-@pytest.mark.parametrize("name", ["actsteer.eval", "actsteer.eval.text", "actsteer.eval.sweep", "actsteer.eval.fidelity"])
-def test_eval_doctests_run(name):
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0, f"{result.failed} doctest(s) failed in {name}"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import actsteer
-from diffusers_support import (
+from support.tiny_pipelines import (
     flux_call_kwargs,
     make_flux_pipeline,
     make_sdxl_pipeline,
