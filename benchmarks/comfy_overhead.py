@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from tests.support import comfy as harness  # noqa: E402  (sets ComfyUI up offline: CPU, stubbed torchvision, tiny CLIP)
-from benchmarks.overhead_timing import interleave, report, summary, write_json  # noqa: E402
+from tests.support import comfy as harness  # (sets ComfyUI up offline: CPU, stubbed torchvision, tiny CLIP)
+from benchmarks.overhead_timing import interleave, report, summary, write_json
 
 
 def sdxl_layout(width: int):

@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
+from tests.support.tiny_pipelines import make_sdxl_pipeline
+from benchmarks.diffusion_overhead import sdxl_layout
 
-import torch  # noqa: E402
-from tests.support.tiny_pipelines import make_sdxl_pipeline  # noqa: E402
-from benchmarks.diffusion_overhead import SDXL_LAYOUT  # noqa: E402
-
-from actsteer.hf_integration.pipeline_fit import fit_pipeline  # noqa: E402
+from actsteer.hf_integration.pipeline_fit import fit_pipeline
 
 PROMPTS = ["a cat", "a dog on grass", "a red car", "a small house", "a tall tree", "a bird in the sky",
            "a bowl of fruit", "a city street"]
@@ -43,7 +42,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     source = PROMPTS[: args.prompts]
     target = [f"watercolor, {p}, soft watercolor painting" for p in source]
-    pipe = make_sdxl_pipeline(**SDXL_LAYOUT)
+    pipe = make_sdxl_pipeline(**{**sdxl_layout(32), "attention_head_dim": (2, 4, 8)})  # SDXL's block layout, width 32
     n_sites = sum(isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) for m in pipe.unet.modules())
     measure(pipe, source, target, modules="fast")  # warm-up
 

@@ -25,17 +25,16 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+from tests.support.tiny_pipelines import make_flux_pipeline, make_sdxl_pipeline
+from benchmarks.overhead_timing import interleave, report, summary, write_json
 
-import torch  # noqa: E402
-from tests.support.tiny_pipelines import make_flux_pipeline, make_sdxl_pipeline  # noqa: E402
-from benchmarks.overhead_timing import interleave, report, summary, write_json  # noqa: E402
-
-import actsteer  # noqa: E402
-from actsteer.core import Steering  # noqa: E402
-from actsteer.core.sites import infer_width, parse_site  # noqa: E402
-from actsteer.hf_integration.diffusion_presets import component_view, pipeline_sites  # noqa: E402
-from actsteer.hf_integration.pipeline_fit import fit_pipeline  # noqa: E402
-from actsteer.hf_integration.pipelines import attach_pipeline  # noqa: E402
+import actsteer
+from actsteer.core import Steering
+from actsteer.core.sites import infer_width, parse_site
+from actsteer.hf_integration.diffusion_presets import component_view, pipeline_sites
+from actsteer.hf_integration.pipeline_fit import fit_pipeline
+from actsteer.hf_integration.pipelines import attach_pipeline
 
 SOURCE = ["a cat", "a dog on grass", "a red car", "a small house", "a tall tree", "a bird in the sky"]
 TARGET = [f"watercolor, {s}, soft watercolor painting" for s in SOURCE]

@@ -196,7 +196,7 @@ def learn(
         source, target: prompts (at least 2 each).
         sites: site names of ``model.model.diffusion_model`` (see `presets.preset_sites`).
         method, support: passed to `actsteer.estimate`; ``support`` None (or ``"method default"``) takes the
-            method's own (`actsteer.core.estimate.method_defaults`), which also sets the pooling: the mean over
+            method's own (`actsteer.core.method_defaults`), which also sets the pooling: the mean over
             tokens/pixels, the max for AurA.
         fit_mode: ``"sequential"`` (one call with ``collect_steps == 1``, one call per site otherwise) or ``"at-once"``.
         batch_size: items per sampler call; 0 = all items in one call (cheapest).

@@ -7,7 +7,7 @@ How it works (COMFYUI_NOTES.md section 3):
   (transport, strength, sigma window). A second Apply node on that clone replaces the pair with one holding
   both entries: the engine steers a module through ONE handle per binding, so composition is a list.
 - OUTER_SAMPLE (once per sampling run): bind the entries to the diffusion model as request-scoped steering
-  (`actsteer.core.engine.bind`: only calls made in this sampling run's thread are steered) with
+  (`actsteer.core.bind`: only calls made in this sampling run's thread are steered) with
   ``active=False``; the per-strength folding happens here, once. The handle is removed in ``finally`` (also on
   Cancel).
 - APPLY_MODEL (every model call): read the call's sigma (only when some entry has a window: reading it syncs

@@ -62,7 +62,7 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def make_runner(model: torch.nn.Module, tokenizer: Any, max_length: int):
-    """``run(texts, ctx)`` for `actsteer.core.fit.fit`: tokenize with padding, mask, forward without cache."""
+    """``run(texts, ctx)`` for `actsteer.core.fit`: tokenize with padding, mask, forward without cache."""
     device = next(model.parameters()).device
     params = inspect.signature(model.forward).parameters
     takes_positions = "position_ids" in params
