@@ -3,9 +3,10 @@
 Eagerly, `make_applier` binds ahead everything that does not depend on the call's values (the folded map cast to
 the activation's device and dtype, the shape to expect), so that the common call is a shape check, a counter and
 the one formula (`actsteer.core.folding.bind_affine`): one ``addcmul`` for support "all", plus ``clamp``, an
-in-place compare and an in-place ``lerp`` for a support range, all float ops in the activation's dtype. While torch.compile traces a model, `transport_traced`
-does the same work from the handle's folded map directly, with no cache and no counter, so a compiled graph
-reads the current strength's tensors at every call and a strength change never recompiles.
+in-place compare and an in-place ``lerp`` for a support range, all float ops in the activation's dtype. While
+torch.compile traces a model, `transport_traced` does the same work from the handle's folded map directly, with no
+cache and no counter, so a compiled graph reads the current strength's tensors at every call and a strength
+change never recompiles.
 """
 
 from __future__ import annotations

@@ -71,7 +71,9 @@ class SteeringHandle:
     ``remove()`` is idempotent; afterwards the model is exactly as before.
     """
 
-    def __init__(self, model: torch.nn.Module, steerings: list[Steering], scope: Scope, rows: RowLayout = "exact") -> None:
+    def __init__(
+        self, model: torch.nn.Module, steerings: list[Steering], scope: Scope, rows: RowLayout = "exact"
+    ) -> None:
         self.scope = scope
         self.rows = rows
         self._steerings = list(steerings)

@@ -247,7 +247,7 @@ def fold(unit_map: UnitMap, strength: Any = 1.0, *, device: torch.device | str |
 
     Example:
         >>> import torch, actsteer
-        >>> m = actsteer.UnitMap(torch.tensor([2.0]), torch.tensor([1.0]), lo=torch.tensor([0.0]), hi=torch.tensor([1.0]))
+        >>> m = actsteer.UnitMap(torch.tensor([2.0]), torch.tensor([1.0]), lo=torch.zeros(1), hi=torch.ones(1))
         >>> f = fold(m, 0.5)
         >>> f.weight, f.bias, f.masked
         (tensor([1.5000]), tensor([0.5000]), True)
@@ -296,7 +296,8 @@ def _fold_rows(unit_map: UnitMap, values: tuple[float, ...], rows: torch.Tensor,
     return tables.with_rows(rows)
 
 
-def _fold_scalar(unit_map: UnitMap, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+def _fold_scalar(unit_map: UnitMap, s: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(weight, bias, lo, hi, masked)`` of ``unit_map`` at the scalar strength ``s`` (float64 math, float32 out)."""
     omega, beta = unit_map.omega.double(), unit_map.beta.double()
     if s >= 0:
         weight, bias, lo, hi = 1 + s * (omega - 1), s * beta, unit_map.lo, unit_map.hi

@@ -3,14 +3,14 @@ description of that model which every error message uses.
 
 The keys actsteer writes into ``Transport.model`` (any other key is kept as it is):
 
-| key | written by | meaning |
-|---|---|---|
-| ``class`` | every fit | the class of the fitted model (a pipeline's class for `fit_pipeline`, ComfyUI's model class for Learn) |
-| ``name_or_path`` | `fit_lm`, `fit_pipeline` | the checkpoint the model was loaded from (may be empty) |
-| ``naming`` | `fit_pipeline`, Learn, `to_comfy`/`from_comfy` | how the sites are named: ``"diffusers"`` or ``"comfyui"`` |
-| ``arch`` | `fit_pipeline`, Learn | the site-group architecture: ``"sdxl"`` or ``"flux"`` (`actsteer.archs`) |
-| ``model_type``, ``hidden_size``, ``num_hidden_layers``, ... | `fit_lm` | the LM's config fields |
-| ``unet_layout`` / ``unet_config``, ``flux_*``, ``diffusers_version`` | `fit_pipeline` / Learn | what name translation needs |
+- ``class``: the class of the fitted model (every fit; a pipeline's class for `fit_pipeline`, ComfyUI's model
+  class for the Learn node);
+- ``name_or_path``: the checkpoint the model was loaded from (`fit_lm`, `fit_pipeline`; may be empty);
+- ``naming``: how the sites are named, ``"diffusers"`` or ``"comfyui"`` (`fit_pipeline`, Learn, `to_comfy`,
+  `from_comfy`);
+- ``arch``: the site-group architecture, ``"sdxl"`` or ``"flux"`` (`actsteer.archs`);
+- ``model_type``, ``hidden_size``, ``num_hidden_layers``, ...: the LM's config fields (`fit_lm`);
+- ``unet_layout`` / ``unet_config``, ``flux_*``, ``diffusers_version``: what name translation needs.
 
 Files written by earlier versions of the ComfyUI Learn node also carry ``framework`` (the same as ``naming``);
 `naming_of` reads it.

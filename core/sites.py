@@ -232,7 +232,8 @@ def validate(model: torch.nn.Module, transport: Transport) -> None:
         if width is not None and width != unit_map.dim:
             mismatches.append((site, unit_map.dim, width, type(module).__name__))
     if mismatches:
-        problems = [f"{site!r}: transport has {units} units, {cls} outputs {width}" for site, units, width, cls in mismatches]
+        problems = [f"{site!r}: transport has {units} units, {cls} outputs {width}"
+                    for site, units, width, cls in mismatches]
         raise WidthMismatch(
             f"Transport does not match {type(model).__name__}: " + "; ".join(problems[:5])
             + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "") + fitted_on_note(transport),

@@ -135,7 +135,8 @@ def _check_names(pipe: Any, transport: Transport) -> None:
         if not sep or component not in components:
             hint = (
                 "; it uses ComfyUI names: translate it with actsteer.from_comfy(transport, arch)"
-                if naming_of(transport) == "comfyui" else f"; site names must start with one of: {', '.join(components)}"
+                if naming_of(transport) == "comfyui"
+                else f"; site names must start with one of: {', '.join(components)}"
             )
             raise KeyError(f"Site {site[:200]!r} names no component of {type(pipe).__name__}{hint}")
     _check_single_block_semantics(pipe, transport)
