@@ -4,8 +4,10 @@
   handle (sites) and module -> handles with per-call callbacks.
 - `Dispatcher` (one per module, kept in `DISPATCHERS`) holds the module's model-wide handle and installs the
   `Hook` (a forward hook, and a forward pre-hook when a callback needs it) while any binding uses the module.
-- Deep copies share the hook object, which ignores them (dispatch is by module identity) and removes itself from a
-  copy at its first call or when the original's last binding leaves; a pickled hook is a standard-library no-op.
+- Deep copies share the hook object, which ignores them (dispatch is by module identity) and removes itself (and
+  only itself: a copy steered in its own right keeps its own dispatcher) from a copy at the copy's first call or when
+  the original's last binding leaves, with the compile marker the copy inherited. A pickled hook is a
+  standard-library no-op; binding a module drops the no-ops an earlier pickle left there, so they never pile up.
 
 Internal to `actsteer.core.engine`; hosts use `bind`/`attach`/`steer` and `SteeringHandle`.
 """
@@ -102,6 +104,7 @@ class Dispatcher:
         module = self.module_ref()
         if self.users[kind] == 0:
             if not self.handles:
+                _drop_pickled(module)
                 self.marker = _mark_for_compile(module)
             if kind == "site":
                 self.handles[kind] = module.register_forward_hook(Hook(self, pre=False))
@@ -119,17 +122,22 @@ class Dispatcher:
             for copy in list(self.copies):
                 _drop(copy, hook_id)
             if not self.handles:
+                for copy in list(self.copies):
+                    _forget_marker(copy)
                 self.copies.clear()
                 if module is not None and module.__dict__.get("forward") is self.marker is not None:
                     del module.__dict__["forward"]
                 self.marker = None
 
     def forget_copy(self, copy: torch.nn.Module) -> None:
-        for hook_id in [i for i, h in (*copy._forward_hooks.items(), *copy._forward_pre_hooks.items()) if isinstance(h, Hook)]:
+        """Remove this dispatcher's hooks (only these) and the compile marker it left from a deep copy of its module.
+
+        The copy may be steered in its own right (its own `Dispatcher`, whose hooks and marker stay)."""
+        for hook_id in [i for i, h in (*copy._forward_hooks.items(), *copy._forward_pre_hooks.items())
+                        if isinstance(h, Hook) and h.dispatcher is self]:
             _drop(copy, hook_id)
         self.copies.discard(copy)
-        if _is_marker(copy):
-            del copy.__dict__["forward"]
+        _forget_marker(copy)
 
 
 def _mark_for_compile(module: torch.nn.Module) -> Callable[..., Any] | None:
@@ -152,6 +160,25 @@ def _is_marker(module: torch.nn.Module) -> bool:
     copy or a pickle of a steered model carried over)."""
     f = module.__dict__.get("forward")
     return isinstance(f, types.MethodType) and f.__self__ is module and f.__func__ is type(module).forward
+
+
+def _forget_marker(copy: torch.nn.Module) -> None:
+    """Delete the compile marker a deep copy inherited, unless the copy's own dispatcher put one there since."""
+    own = DISPATCHERS.get(copy)
+    if _is_marker(copy) and (own is None or own.marker is not copy.__dict__["forward"]):
+        del copy.__dict__["forward"]
+
+
+def _is_pickled(hook: object) -> bool:
+    """True for what `Hook.__reduce__` unpickles to: ``nullcontext().__exit__``, a standard-library no-op."""
+    return (isinstance(hook, types.MethodType) and isinstance(hook.__self__, contextlib.nullcontext)
+            and hook.__func__ is contextlib.nullcontext.__exit__)
+
+
+def _drop_pickled(module: torch.nn.Module) -> None:
+    """Remove the no-op hooks that a pickle of a steered model left on ``module``."""
+    for hook_id in [i for i, h in (*module._forward_hooks.items(), *module._forward_pre_hooks.items()) if _is_pickled(h)]:
+        _drop(module, hook_id)
 
 
 def _drop(module: torch.nn.Module, hook_id: int) -> None:

@@ -9,8 +9,10 @@
 The first binding that needs a module installs ONE dispatcher on it (`actsteer.core.dispatch`: a forward hook, plus
 a forward pre-hook where a binding asked for a per-call callback); the last binding to leave removes it. Calls without steering pay a
 context-variable read and a dict lookup while it is installed, nothing once it is gone. A deep copy of a model made
-meanwhile is never steered (dispatch is by module identity) and loses the dispatcher at its first call or when the
-original's steering ends; pickling writes a standard-library no-op in its place, so no actsteer state is saved.
+meanwhile is not steered by the original's bindings (dispatch is by module identity) but can be steered in its own
+right like any model; it loses the original's dispatcher at its first call or when the original's steering ends.
+Pickling writes a standard-library no-op in its place, so no actsteer state is saved (steering the loaded model
+again removes those no-ops).
 """
 
 from __future__ import annotations
