@@ -12,7 +12,8 @@ so that the modules can change behind these names. Who owns what:
   (``fitting.py``);
 - diffusion steps: `StepClock`, `check_steps`, `locate` (``steps.py``, the one clock of fitting and steering);
 - sites: `list_sites`, `resolve_sites`, the one width rule `infer_width` and the one check `validate` (``sites.py``);
-- files: `read_header`, `resolve_path` (``io.py``), `check_transport`, `shorten` (``validation.py``);
+- files: `read_header`, `resolve_path` (``io.py``), `check_transport`, `shorten`, `printable` (``validation.py``: what a
+  usable file is, and the one way to show text that came from one);
 - provenance: `model_record`, `naming_of`, `fitted_on` (``provenance.py``).
 
 Example:
@@ -46,7 +47,7 @@ from .sites import (
 from .steering import SiteStrength, Steering, SteeringLike, as_steerings, check_strength
 from .steps import StepClock, Steps, Window, check_steps, in_window, locate
 from .transport import Transport, UnitMap
-from .validation import check_transport, shorten
+from .validation import check_transport, printable, shorten
 
 __all__ = [
     "ESTIMATORS",
@@ -92,6 +93,7 @@ __all__ = [
     "parse_site",
     "pool",
     "present_sites",
+    "printable",
     "read_header",
     "record_sites",
     "resolve_path",
