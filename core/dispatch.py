@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import threading
 import types
 import weakref
@@ -23,9 +24,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.torch_version import TorchVersion
 
 if TYPE_CHECKING:
     from .engine import SteeringHandle
+
+
+logger = logging.getLogger(__name__)
 
 
 class Frame:
@@ -40,10 +45,39 @@ class Frame:
 
 EMPTY = Frame()
 CURRENT: contextvars.ContextVar[Frame] = contextvars.ContextVar("actsteer_steering", default=EMPTY)
+# torch.compile traces ``ContextVar.get`` (guarding on what it returns) from torch 2.14 on; before, every read of
+# CURRENT in a compiled model breaks the graph there (`current`)
+_TRACES_CONTEXTVARS = TorchVersion(torch.__version__) >= "2.14"
+_WARNED: list[bool] = [False]
 # Per context: a handle's key -> ids of its modules paused for the calls made there (`SteeringHandle.set_active`
 # with ``under``: a pipeline call's step window). Copied on write, never changed in place.
 PAUSED: contextvars.ContextVar[dict[object, frozenset[int]]] = contextvars.ContextVar("actsteer_paused", default={})
 LOCK = threading.RLock()  # guards dispatcher installation and model-wide bindings
+
+
+def read(var: contextvars.ContextVar[Any]) -> Any:
+    """``var.get()`` on the per-call path (`CURRENT`, `PAUSED`).
+
+    Read only where a binding may need it (a model steered only model-wide, without step windows, never reads a
+    context variable). Under torch.compile on a torch before 2.14, whose dynamo cannot trace ``ContextVar.get``,
+    this read breaks the compiled graph at every steered module: outputs stay right, the speed-up is lost; a
+    warning says so once.
+    """
+    if not _TRACES_CONTEXTVARS and torch.compiler.is_compiling():
+        _warn_graph_breaks()
+    return var.get()
+
+
+def _warn_graph_breaks() -> None:
+    if not _WARNED[0]:
+        _WARNED[0] = True
+        logger.warning(
+            "actsteer: steering that depends on the calling thread or task (steer(), generate(steering=...), "
+            "pipeline step windows) of a torch.compile'd model needs torch >= 2.14 to compile whole: torch %s "
+            "cannot trace ContextVar.get, so every steered module breaks the graph (outputs are still right, the "
+            "compiled speed-up is lost). Upgrade torch, or steer compiled models model-wide with attach() and no "
+            "step window, which compiles whole on this torch.", torch.__version__,
+        )
 
 
 class Hook:
@@ -82,6 +116,7 @@ class Dispatcher:
         self.model_handle: SteeringHandle | None = None  # model-wide handle steering this module's output
         self.model_calls: tuple[SteeringHandle, ...] = ()  # model-wide handles with a per-call callback here
         self.users = {"site": 0, "call": 0}
+        self.requests = 0  # request-scoped bindings (sites or callbacks) of this module, in any context
         self.handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self.copies: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
         self.marker: Callable[..., Any] | None = None  # see _mark_for_compile
@@ -91,16 +126,18 @@ class Dispatcher:
         handle = self.model_handle
         if handle is not None:
             out = handle._run(module, out)
-        handle = CURRENT.get().sites.get(module)
-        if handle is not None:
-            out = handle._run(module, out)
+        if self.requests:  # else no context can hold a binding of this module: never read it (see `read`)
+            handle = read(CURRENT).sites.get(module)
+            if handle is not None:
+                out = handle._run(module, out)
         return None if out is output else out
 
     def before(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        for handle in self.model_calls + CURRENT.get().calls.get(module, ()):
+        for handle in self.model_calls + (read(CURRENT).calls.get(module, ()) if self.requests else ()):
             handle._before(module, args, kwargs)
 
-    def acquire(self, kind: str) -> None:
+    def acquire(self, kind: str, *, request: bool = False) -> None:
+        self.requests += request
         module = self.module_ref()
         if self.users[kind] == 0:
             if not self.handles:
@@ -112,7 +149,8 @@ class Dispatcher:
                 self.handles[kind] = module.register_forward_pre_hook(Hook(self, pre=True), with_kwargs=True)
         self.users[kind] += 1
 
-    def release(self, kind: str) -> None:
+    def release(self, kind: str, *, request: bool = False) -> None:
+        self.requests -= request
         self.users[kind] -= 1
         if self.users[kind] == 0:
             hook_id = self.handles.pop(kind).id

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from .apply import RowLayout, make_applier, transport_traced
-from .dispatch import CURRENT, DISPATCHERS, LOCK, PAUSED, Frame, dispatcher_of
+from .dispatch import CURRENT, DISPATCHERS, LOCK, PAUSED, Frame, dispatcher_of, read
 from .sites import element, iter_site_modules, replace_element, validate
 from .steering import (
     SiteStrength,
@@ -193,7 +193,7 @@ class SteeringHandle:
             self._callbacks.setdefault(module, []).append(callback)
             if first:
                 d = dispatcher_of(module)
-                d.acquire("call")
+                d.acquire("call", request=self.scope == "request")
                 if self.scope == "model":
                     d.model_calls = d.model_calls + (self,)
         if first and self.scope == "request":
@@ -227,7 +227,7 @@ class SteeringHandle:
     def _run(self, module: torch.nn.Module, output: Any) -> Any:
         if not (self.active and self._attached):
             return output
-        if self._windowed and id(module) in PAUSED.get().get(self._key, ()):
+        if self._windowed and id(module) in read(PAUSED).get(self._key, ()):
             return output
         if torch.compiler.is_compiling():
             return self._run_traced(module, output)
@@ -238,9 +238,12 @@ class SteeringHandle:
                 continue
             x = out if k is None and isinstance(out, torch.Tensor) else element(out, k, site)
             apply = cast.get((i, site, x.dtype, x.device))
-            if apply is None:
+            if apply is None:  # the first call of this fold, dtype and device: check what it gives once
                 apply = self._transport(i, site, x)
-            new = apply(x)
+                new = apply(x)
+                _check_finite(self, i, site, x, new)
+            else:
+                new = apply(x)
             if new is not x:
                 out = new if k is None else replace_element(out, k, new)
         return out
@@ -298,7 +301,7 @@ class SteeringHandle:
                         )
             for module in self._plans:
                 d = dispatcher_of(module)
-                d.acquire("site")
+                d.acquire("site", request=self.scope == "request")
                 if self.scope == "model":
                     d.model_handle = self
             self._attached = True
@@ -328,13 +331,13 @@ class SteeringHandle:
                     continue
                 if d.model_handle is self:
                     d.model_handle = None
-                d.release("site")
+                d.release("site", request=self.scope == "request")
             for module in self._callbacks:
                 d = DISPATCHERS.get(module)
                 if d is None:
                     continue
                 d.model_calls = tuple(h for h in d.model_calls if h is not self)
-                d.release("call")
+                d.release("call", request=self.scope == "request")
         paused = PAUSED.get()
         if self._key in paused:
             PAUSED.set({k: v for k, v in paused.items() if k is not self._key})
@@ -356,6 +359,30 @@ class SteeringHandle:
             f"SteeringHandle(scope={self.scope!r}, sites={len(self.sites)}, strength={self.strength!r}, "
             f"attached={self.is_attached})"
         )
+
+
+def _check_finite(handle: SteeringHandle, i: int, site: str, x: torch.Tensor, new: torch.Tensor) -> None:
+    """Refuse a fold whose first call turns finite activations into inf/NaN (beyond the dtype's range): a model
+    would otherwise run on, silently producing NaN logits or black images. One host sync per fold, dtype and
+    device (never per call); skipped while a CUDA graph is captured. A model whose own output was already
+    non-finite is not blamed. The applier is forgotten, so every later call is refused too.
+
+    Raises:
+        ValueError: naming the site, the strength and what to do.
+    """
+    if new is x or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    if bool(torch.isfinite(new).all()) or not bool(torch.isfinite(x).all()):
+        return
+    handle._cast.pop((i, site, x.dtype, x.device), None)
+    st = handle._steerings[i]
+    strength = site_strength(st.strength, site)
+    shown = f"{strength:g}" if isinstance(strength, float) else "the per-row strengths"
+    raise ValueError(
+        f"Site {site!r}: at strength {shown} the transport sends this call's finite activations beyond the range of "
+        f"{x.dtype} (+-{torch.finfo(x.dtype).max:.3g}: inf/NaN outputs); run the model in float32 (if it runs in half "
+        "precision) or use a smaller strength, or check the transport's omega and beta (actsteer inspect FILE)"
+    )
 
 
 def bind(

@@ -26,6 +26,10 @@ MAX_DEPTH = 32  # nesting of the metadata JSON (real files: 4 levels)
 MAX_DIGITS = 32  # digits of a number in the metadata (real files: counts, sizes and seeds, 20 digits at most)
 MAX_METADATA_CHARS = 16 * 2**20  # the whole ``transport`` JSON of a header
 SHOWN_CHARS = 80  # how much of a long name or text goes into a message
+# |omega| and |beta| of a usable map. Fitted maps stay many orders below (omega is a ratio of spreads, dead units
+# are mean shifts; beta is on the activations' scale); a value beyond this is damage, and would overflow float32
+# activations a layer later (1e38 x 1e2 is inf) where no check of the steered site sees it.
+MAX_MAP_VALUE = 1e12
 
 
 def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
@@ -72,14 +76,19 @@ def check_site_name(site: object) -> str | None:
 
 
 def check_unit_map(unit_map: UnitMap) -> str | None:
-    """What is wrong with a map's numbers (None when it is usable): NaN/Inf in ``omega``/``beta``, NaN bounds
-    (bounds may be +-inf), or a lower bound above its upper bound."""
+    """What is wrong with a map's numbers (None when it is usable): NaN/Inf in ``omega``/``beta``, magnitudes above
+    `MAX_MAP_VALUE` there, NaN bounds (bounds may be +-inf), or a lower bound above its upper bound."""
     if unit_map.dim == 0:
         return "it has 0 units"
     for field in ("omega", "beta"):
-        bad = ~torch.isfinite(getattr(unit_map, field))
+        value = getattr(unit_map, field)
+        bad = ~torch.isfinite(value)
         if bad.any():
             return f"`{field}` has {int(bad.sum())} NaN/Inf value(s) of {unit_map.dim} (first at unit {int(bad.nonzero()[0])})"
+        worst = float(value.abs().max())
+        if worst > MAX_MAP_VALUE:
+            return (f"`{field}` has values of magnitude up to {worst:.3g} (no fit gives more than {MAX_MAP_VALUE:.0e}: "
+                    "steered activations would overflow)")
     for field in ("lo", "hi", "target_lo", "target_hi"):
         bad = torch.isnan(getattr(unit_map, field))
         if bad.any():
