@@ -7,7 +7,8 @@ so that the modules can change behind these names. Who owns what:
 - maps: `UnitMap`, `Transport` (``transport.py``); folding a strength and the per-call formula (``folding.py``);
 - estimation: `estimate`, `ESTIMATORS`, `method_defaults` (``estimators.py``); pooling (``pooling.py``);
 - steering: `Steering` and strength checks (``steering.py``); `attach`, `steer`, `bind`, `SteeringHandle`
-  (``engine.py``, with ``dispatch.py`` and ``apply.py`` behind it);
+  (``engine.py``, with ``dispatch.py`` and ``apply.py`` behind it); `keep_context` for streamed generators
+  (``streams.py``);
 - recording and fitting: `collect`, `record_sites`, `Recorder`, `ForwardContext` (``record.py``); `fit`
   (``fitting.py``);
 - diffusion steps: `StepClock`, `check_steps`, `locate` (``steps.py``, the one clock of fitting and steering);
@@ -45,6 +46,7 @@ from .sites import (
     validate,
 )
 from .steering import SiteStrength, Steering, SteeringLike, as_steerings, check_strength
+from .streams import keep_context
 from .steps import StepClock, Steps, Window, check_steps, in_window, locate
 from .transport import Transport, UnitMap
 from .validation import check_transport, printable, shorten
@@ -84,6 +86,7 @@ __all__ = [
     "in_window",
     "infer_width",
     "iter_site_modules",
+    "keep_context",
     "list_sites",
     "locate",
     "method_defaults",

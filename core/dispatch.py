@@ -129,6 +129,7 @@ class Dispatcher:
         if self.requests:  # else no context can hold a binding of this module: never read it (see `read`)
             handle = read(CURRENT).sites.get(module)
             if handle is not None:
+                handle.seen = True  # its binding saw a call (`SteeringHandle.close_request`)
                 out = handle._run(module, out)
         return None if out is output else out
 

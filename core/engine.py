@@ -92,6 +92,7 @@ class SteeringHandle:
         self._positions: tuple[int, int] | None = None
         self._attached = False
         self.active = True
+        self.seen = False  # a call of the model reached this (request-scoped) binding
         self.calls: dict[str, int] = {}
         plans: dict[torch.nn.Module, list[tuple[int, str, int | None]]] = {}
         for i, st in enumerate(self._steerings):
@@ -348,6 +349,29 @@ class SteeringHandle:
                 calls = {m: tuple(h for h in hs if h is not self) for m, hs in frame.calls.items()}
                 CURRENT.set(Frame(sites, {m: hs for m, hs in calls.items() if hs}))
 
+    def close_request(self) -> None:
+        """Remove a request-scoped handle at the end of its ``with`` block (`steer`), first warning where steering
+        was silently lost: the block ended in another thread/task than it began (a generator pulled item by item
+        by a server), or no call of the model ever reached it (the calls ran in other threads or tasks)."""
+        if self._attached and self.scope == "request":
+            frame = CURRENT.get()
+            if not any(h is self for h in frame.sites.values()):
+                logger.warning(
+                    "actsteer: a steer() block ended in another thread or task than the one it began in (a generator "
+                    "pulled item by item by a server, as Starlette's StreamingResponse does, runs each item in a "
+                    "fresh context): the calls made after its first item were NOT steered. Wrap the generator in "
+                    "actsteer.keep_context(...), or steer inside each item (README: 'Streaming servers')"
+                )
+            elif not self.seen:
+                logger.warning(
+                    "actsteer: a steer() block ended without steering any call of its model (sites %s): calls made "
+                    "in other threads or tasks (loop.run_in_executor, a Thread running generate() for a "
+                    "TextIteratorStreamer, a server's thread pool) were NOT steered. Pass steering= to generate() in "
+                    "that thread, or run the work in contextvars.copy_context().run (README: 'Streaming servers')",
+                    ", ".join(self.sites[:3]) + (", ..." if len(self.sites) > 3 else ""),
+                )
+        self.remove()
+
     def __enter__(self) -> SteeringHandle:
         return self
 
@@ -460,7 +484,10 @@ def steer(model: torch.nn.Module, transport: SteeringLike, strength: SiteStrengt
 
     Other threads and tasks using the same model object at the same time are not affected; hooks are removed
     on exit, also when the body raises. Work handed to another thread inside the block is not steered unless
-    it runs in a copy of this context (``contextvars.copy_context().run``, ``asyncio.to_thread``).
+    it runs in a copy of this context (``contextvars.copy_context().run``, ``asyncio.to_thread``); a generator
+    that opens the block and is pulled item by item in fresh contexts (a server's streamed response) needs
+    `actsteer.keep_context`. A block that ends without steering any call of the model, or in another thread or
+    task than it began in, logs a warning that says so (steering was lost).
 
     Example:
         >>> import torch, actsteer
@@ -475,8 +502,10 @@ def steer(model: torch.nn.Module, transport: SteeringLike, strength: SiteStrengt
     handle = bind(model, transport, strength, scope="request")
     try:
         yield handle
-    finally:
+    except BaseException:
         handle.remove()
+        raise
+    handle.close_request()
 
 
 def steering_of(module: torch.nn.Module) -> list[SteeringHandle]:

@@ -256,8 +256,10 @@ def steer_pipeline(
     try:
         setup(handle)
         yield handle
-    finally:
+    except BaseException:
         handle.remove()
+        raise
+    handle.close_request()  # warns where steering was lost (calls in other threads/tasks)
 
 
 def is_pipeline_steered(pipe: Any) -> bool:
