@@ -100,7 +100,7 @@ def test_queue_rejects_bad_values_with_one_clear_line(pack, comfy_dirs, node, in
     assert "\n" not in details[0] and "list_sites" not in details[0]
 
 
-def test_save_runs_again_when_queued_again_and_says_what_it_did(pack, comfy_dirs):
+def test_save_is_reused_until_its_files_change_and_says_what_it_did(pack, comfy_dirs):
     _transport(pack, seed=0).save(comfy_dirs / "a.safetensors")
     _transport(pack, seed=1).save(comfy_dirs / "b.safetensors")
     session = Session()
@@ -116,15 +116,22 @@ def test_save_runs_again_when_queued_again_and_says_what_it_did(pack, comfy_dirs
 
     session.run(save_graph("a.safetensors"))
     assert shown() == "saved copy.safetensors (2 layers)"
-    session.run(save_graph("a.safetensors"))  # queued again, nothing changed
+    # queued again, nothing changed: Save is reused like any node (its own new file is no change), and so is what
+    # follows it (a graph that takes the transport from Save does not sample again)
+    session.run(save_graph("a.safetensors"))
     (cached,) = session.events("execution_cached")
-    assert "1" in cached["nodes"] and "2" not in cached["nodes"]  # Load is reused, Save runs
-    assert shown().startswith("not saved again: copy.safetensors already holds this transport")
+    assert sorted(cached["nodes"]) == ["1", "2"]
+    assert shown() == "saved copy.safetensors (2 layers)"  # ComfyUI sends a cached output node's text again
+    assert sorted(p.name for p in comfy_dirs.glob("copy*")) == ["copy.safetensors"]
     session.run(save_graph("b.safetensors"))  # another transport: "add number" adds
     assert shown() == "saved copy_00001.safetensors (2 layers)"
     (comfy_dirs / "copy_00001.safetensors").unlink()  # deleted by hand: queuing again saves it again
     session.run(save_graph("b.safetensors"))
     assert shown() == "saved copy_00001.safetensors (2 layers)"
+    assert sorted(p.name for p in comfy_dirs.glob("copy*")) == ["copy.safetensors", "copy_00001.safetensors"]
+    session = Session()  # ComfyUI's cache gone (e.g. another workflow ran): Save runs and writes no duplicate
+    session.run(save_graph("b.safetensors"))
+    assert shown().startswith("not saved again: copy_00001.safetensors already holds this transport")
     assert sorted(p.name for p in comfy_dirs.glob("copy*")) == ["copy.safetensors", "copy_00001.safetensors"]
 
 
