@@ -88,7 +88,7 @@ def save_transport(base: Path, name: str = "sdxl_watercolor") -> Path:
     return path
 
 
-def launch(base: Path, port: int, front: Path, log: Path) -> subprocess.Popen:
+def launch(base: Path, port: int, front: Path, log: Path, pack_source: Path = REPO) -> subprocess.Popen:
     """Start ``main.py --cpu`` from a folder of links to the tree (see tests/test_comfy_server.py for why)."""
     tree = comfyui_tree()
     launch_dir = base / "launch"
@@ -103,7 +103,7 @@ def launch(base: Path, port: int, front: Path, log: Path) -> subprocess.Popen:
     pack.parent.mkdir(parents=True, exist_ok=True)
     if pack.is_symlink() or pack.exists():
         pack.unlink()
-    pack.symlink_to(REPO, target_is_directory=True)
+    pack.symlink_to(pack_source, target_is_directory=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, str(launch_dir / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                "--base-directory", str(base), "--front-end-root", str(front), "--disable-api-nodes",
@@ -136,6 +136,9 @@ def main() -> None:
                         help="empty files under the model names the example workflows load")
     parser.add_argument("--transport", action="store_true",
                         help="save a small SDXL-shaped transport as act_transports/sdxl_watercolor.safetensors")
+    parser.add_argument("--pack", default=str(REPO),
+                        help="the checkout to install as custom_nodes/actsteer (default: this one; e.g. an older one "
+                             "for before/after screenshots)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for the server to answer")
     args = parser.parse_args()
     base = Path(args.base).resolve()
@@ -145,7 +148,7 @@ def main() -> None:
     if args.transport:
         print("transport:", save_transport(base), flush=True)
     log = base / "server.log"
-    process = launch(base, args.port, frontend_root(args.frontend_root), log)
+    process = launch(base, args.port, frontend_root(args.frontend_root), log, Path(args.pack).resolve())
     url = f"http://127.0.0.1:{args.port}"
     stop = lambda *_: process.terminate()  # noqa: E731
     signal.signal(signal.SIGTERM, stop)
