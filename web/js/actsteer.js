@@ -63,7 +63,7 @@ function showNodeErrors(nodeErrors) {
   for (const [id, entry] of Object.entries(nodeErrors ?? {})) {
     if (!String(entry?.class_type ?? "").startsWith(PACK_PREFIX)) continue;
     const text = errorText(entry);
-    if (text) showOnNode(app.graph?.getNodeById?.(id), `Not queued: ${text}`, true);
+    if (text) showOnNode(app.graph?.getNodeById?.(id), `Not run: ${text}`, true);
   }
 }
 
