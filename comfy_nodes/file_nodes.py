@@ -15,6 +15,7 @@ import logging
 
 from comfy_api.latest import io, ui
 
+from ..core import fitted_on, naming_of
 from . import files
 from .inputs import CATEGORY, TRANSPORT_OUT_TIP, Transport, input_check
 
@@ -103,10 +104,9 @@ class ActSteerLoad(io.ComfyNode):
     def execute(cls, transport_name, version="this file") -> io.NodeOutput:
         name = _resolve(transport_name, version)
         transport = files.load(name)
-        if transport.model.get("framework") == "diffusers" or transport.model.get("naming") == "diffusers":
+        if naming_of(transport) == "diffusers":
             logger.info("actsteer: %s was fitted with diffusers; its layer names are translated when applied", name)
-        fitted_on = transport.model.get("class") or transport.model.get("arch") or "?"
-        summary = f"{len(transport)} layers, {transport.method}, learned on {fitted_on}"
+        summary = f"{len(transport)} layers, {transport.method}, learned on {fitted_on(transport)}"
         if name != transport_name:
             summary = f"newest copy: {name}\n{summary}"
         return io.NodeOutput(transport, ui=ui.PreviewText(summary))

@@ -20,6 +20,9 @@ import os
 import sys
 from typing import Any
 
+from ..archs.detect import checkpoint_arch
+from ..archs.site_groups import ARCHS
+
 logger = logging.getLogger(__name__)
 
 _PROMPT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("actsteer_queued_prompt", default=None)
@@ -30,9 +33,8 @@ LOADERS: dict[str, tuple[str, str]] = {
     "unCLIPCheckpointLoader": ("checkpoints", "ckpt_name"),
     "UNETLoader": ("diffusion_models", "unet_name"),
 }
-FAMILY_NAMES = {"unet": "SDXL", "flux": "FLUX"}
 _MAX_HOPS = 64
-_HEADERS: dict[tuple[str, int, int], str | None] = {}  # (path, mtime, size) -> family
+_HEADERS: dict[tuple[str, int, int], str | None] = {}  # (path, mtime, size) -> architecture
 
 
 def remember_prompt(json_data: Any) -> Any:
@@ -70,28 +72,9 @@ def _linked(prompt: dict, node: dict, name: str) -> dict | None:
     return None
 
 
-def family_from_keys(keys: list[str]) -> str | None:
-    """``"unet"`` or ``"flux"`` from a checkpoint's tensor names (original or diffusers layout), else None.
-
-    Example:
-        >>> family_from_keys(["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.down.0"])
-        'unet'
-        >>> family_from_keys(["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"])
-        'flux'
-    """
-    prefix = "model.diffusion_model."
-    if any(k.startswith(prefix) for k in keys):
-        keys = [k[len(prefix):] for k in keys if k.startswith(prefix)]
-    tops = {k.split(".", 1)[0] for k in keys}
-    if {"double_blocks", "single_blocks"} <= tops or "single_transformer_blocks" in tops:
-        return "flux"
-    if "input_blocks" in tops or "down_blocks" in tops:
-        return "unet"
-    return None
-
-
-def file_family(folder: str, name: Any) -> str | None:
-    """The family of a model file listed in a ComfyUI models folder (reads its safetensors header once)."""
+def file_arch(folder: str, name: Any) -> str | None:
+    """The architecture (``"sdxl"``, ``"flux"``) of a model file listed in a ComfyUI models folder, from its
+    safetensors header (read once per file version; `actsteer.archs.detect.checkpoint_arch`)."""
     import folder_paths
 
     try:
@@ -107,15 +90,15 @@ def file_family(folder: str, name: Any) -> str | None:
             from safetensors import safe_open
 
             with safe_open(path, framework="pt") as f:
-                _HEADERS[key] = family_from_keys(list(f.keys()))
+                _HEADERS[key] = checkpoint_arch(f.keys())
         except Exception as err:  # not a readable safetensors file: the loader reports it when it runs
             logger.debug("actsteer: cannot read the header of %s: %s", path, err)
             _HEADERS[key] = None
     return _HEADERS[key]
 
 
-def model_family(prompt: dict, node: dict, name: str = "model") -> tuple[str, str] | None:
-    """``(family, file name)`` of the MODEL fed into ``node``'s input ``name``: follows MODEL -> MODEL nodes
+def model_arch(prompt: dict, node: dict, name: str = "model") -> tuple[str, str] | None:
+    """``(architecture, file name)`` of the MODEL fed into ``node``'s input ``name``: follows MODEL -> MODEL nodes
     (LoRA loaders, AcT Apply, ...) through their ``model`` input up to a core loader."""
     current = _linked(prompt, node, name)
     for _ in range(_MAX_HOPS):
@@ -125,14 +108,14 @@ def model_family(prompt: dict, node: dict, name: str = "model") -> tuple[str, st
         if loader is not None:
             folder, field = loader
             file = current.get("inputs", {}).get(field)
-            family = file_family(folder, file)
-            return (family, str(file)) if family else None
+            arch = file_arch(folder, file)
+            return (arch, str(file)) if arch else None
         current = _linked(prompt, current, "model")
     return None
 
 
-def transport_family(prompt: dict, node: dict) -> tuple[str, str] | None:
-    """``(family, where from)`` of the transport fed into ``node``: the AcT Load file's header, or the MODEL an
+def transport_arch(prompt: dict, node: dict) -> tuple[str, str] | None:
+    """``(architecture, where from)`` of the transport fed into ``node``: the AcT Load file's header, or the MODEL an
     AcT Learn node (through AcT Save) learns on."""
     current = _linked(prompt, node, "transport")
     for _ in range(_MAX_HOPS):
@@ -140,32 +123,32 @@ def transport_family(prompt: dict, node: dict) -> tuple[str, str] | None:
         if kind == "ActSteerSave":
             current = _linked(prompt, current, "transport")
         elif kind == "ActSteerLearn":
-            return model_family(prompt, current)
+            return model_arch(prompt, current)
         elif kind == "ActSteerLoad":
             name = current.get("inputs", {}).get("transport_name")
-            family = _transport_file_family(name)
-            return (family, str(name)) if family else None
+            arch = _transport_file_arch(name)
+            return (arch, str(name)) if arch else None
         else:
             return None
     return None
 
 
-def _transport_file_family(name: Any) -> str | None:
-    from ..core.io import read_header
+def _transport_file_arch(name: Any) -> str | None:
+    """The architecture a transport file records (``Transport.model["arch"]``); None when it records none."""
+    from ..core import read_header
     from .files import full_path
 
     try:
         info = json.loads(read_header(full_path(name)).get("transport", "{}")).get("model") or {}
     except (OSError, ValueError, AttributeError):
         return None  # a missing or unreadable file is reported by AcT Load's own check
-    arch = info.get("arch") or {"SDXL": "sdxl", "Flux": "flux"}.get(info.get("class"))
-    return {"sdxl": "unet", "flux": "flux"}.get(arch) or (info.get("family") if info.get("family") in FAMILY_NAMES else None)
+    return info.get("arch") if info.get("arch") in ARCHS else None
 
 
 def describe(found: tuple[str, str]) -> str:
     """``"SDXL (sd_xl_base_1.0.safetensors)"``."""
-    family, source = found
-    return f"{FAMILY_NAMES.get(family, family)} ({source})"
+    arch, source = found
+    return f"{arch.upper()} ({source})"
 
 
 def queue_problem(node_cls: type, class_type: str, option: str, group: Any, choices: tuple[str, ...],
@@ -182,14 +165,13 @@ def queue_problem(node_cls: type, class_type: str, option: str, group: Any, choi
     if found is None:
         return None
     prompt, node = found
-    model = model_family(prompt, node)
+    model = model_arch(prompt, node)
     if model is None:
         return None
-    arch = {"unet": "sdxl", "flux": "flux"}.get(model[0])
-    problem = family_problem(option, group, arch, describe(model), choices) if isinstance(group, str) else None
+    problem = family_problem(option, group, model[0], describe(model), choices) if isinstance(group, str) else None
     if problem or not with_transport:
         return problem
-    transport = transport_family(prompt, node)
+    transport = transport_arch(prompt, node)
     if transport is not None and transport[0] != model[0]:
         return (f"The transport was learned on {describe(transport)} and the MODEL is {describe(model)}: a transport "
                 "steers only the model family it was learned on; connect a matching MODEL or transport")

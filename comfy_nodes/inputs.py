@@ -15,7 +15,7 @@ from typing import Any
 
 from comfy_api.latest import io
 
-from ..core.validation import shorten
+from ..core import shorten
 from .presets import APPLY_GROUPS, GROUP_TOOLTIP
 
 CATEGORY = "model_patches/steering (AcT)"

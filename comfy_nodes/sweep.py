@@ -20,6 +20,7 @@ from .inputs import (
 )
 from .graph import queue_problem
 from .presets import APPLY_GROUPS
+from .steer import steer_model
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +97,6 @@ class ActSteerSweep(io.ComfyNode):
         import comfy.model_management
         import comfy.utils
         import latent_preview
-
-        from .nodes import steer_model
 
         values = parse_strengths(strengths)
         # build every patched clone first: a mismatching transport fails before any sampling

@@ -11,7 +11,7 @@ import contextvars
 
 import pytest
 import torch
-from comfy_harness import (  # noqa: F401  (fixtures)
+from support.comfy import (  # noqa: F401  (fixtures)
     Session,
     comfy_dirs,
     one_thread,
@@ -149,7 +149,7 @@ def test_unknown_models_are_not_guessed(pack, comfy_dirs, model_files):
     prompt = _graph("sdxl", _learn("blocks"))
     prompt["1"]["inputs"]["ckpt_name"] = "empty.safetensors"
     assert _validate_as_the_server_does(pack, prompt) == {}
-    graph = pack.comfy_nodes.graph
-    assert graph.family_from_keys(["joint_blocks.0.x_block.attn.qkv.weight"]) is None  # SD3: not SDXL, not FLUX
-    assert graph.family_from_keys(["transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.norm.linear.weight"]) == "flux"
-    assert graph.family_from_keys(["down_blocks.0.resnets.0.norm1.weight", "mid_block.resnets.0.norm1.weight"]) == "unet"
+    checkpoint_arch = pack.archs.detect.checkpoint_arch
+    assert checkpoint_arch(["joint_blocks.0.x_block.attn.qkv.weight"]) is None  # SD3: not SDXL, not FLUX
+    assert checkpoint_arch(["transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.norm.linear.weight"]) == "flux"
+    assert checkpoint_arch(["down_blocks.0.resnets.0.norm1.weight", "mid_block.resnets.0.norm1.weight"]) == "sdxl"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from comfy_harness import (  # noqa: F401  (fixtures)
+from support.comfy import (  # noqa: F401  (fixtures)
     Session,
     comfy_dirs,
     fresh_learn_cache,

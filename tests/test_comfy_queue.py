@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from comfy_harness import (  # noqa: F401  (fixtures)
+from support.comfy import (  # noqa: F401  (fixtures)
     Session,
     comfy_dirs,
     fresh_learn_cache,

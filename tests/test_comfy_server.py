@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfy_harness import REPO, comfyui_path
+from support.comfy import REPO, comfyui_path
 
 pytestmark = pytest.mark.slow
 aiohttp = pytest.importorskip("aiohttp")
@@ -69,7 +69,7 @@ def _model_files(models: Path) -> None:
 
 def _template_prompt(name: str) -> dict:
     """An example workflow as the browser queues it (real loaders and file names), built with the pack loaded here."""
-    from comfy_harness import load_pack, load_workflow, workflow_to_prompt
+    from support.comfy import load_pack, load_workflow, workflow_to_prompt
 
     load_pack()
     return workflow_to_prompt(load_workflow(name), swap_loaders=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from comfy_harness import (  # noqa: F401  (fixtures)
+from support.comfy import (  # noqa: F401  (fixtures)
     REPO,
     comfy_dirs,
     fresh_learn_cache,
@@ -125,7 +125,7 @@ def test_example_workflows_open_fitted_to_the_window_without_overlaps():
 def test_example_workflows_fail_fast_on_a_bad_file_name(pack, comfy_dirs):
     # a bad name on the node that writes or reads the transport must refuse the WHOLE graph when it is queued:
     # ComfyUI runs every output that does not depend on a failing node (Learn for minutes, nothing saved)
-    from comfy_harness import Session
+    from support.comfy import Session
 
     for name, node_type, inputs in ((STYLE, "ActSteerSave", {"filename": "../outside"}),
                                     (FLUX, "ActSteerSave", {"filename": "con"}),
