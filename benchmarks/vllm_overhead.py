@@ -69,7 +69,9 @@ class Server:
         args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
                 served, "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "512", "--seed", "0",
                 "--max-num-seqs", "16", "--disable-log-stats"]
-        args += ["--dtype", "float32"] if device == "cpu" else ["--gpu-memory-utilization", "0.4"]
+        # on the CPU build --gpu-memory-utilization is the share of RAM the server reserves
+        args += ["--dtype", "float32", "--gpu-memory-utilization", "0.1"] if device == "cpu" else [
+            "--gpu-memory-utilization", "0.4"]
         self.log = log
         self.t0 = time.perf_counter()
         with open(log, "w") as fh:

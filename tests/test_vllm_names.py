@@ -225,7 +225,7 @@ def test_transport_store_loads_translates_caches_and_names_misses(llama, tmp_pat
     assert transports_dir({"actsteer": {"transports": "/srv/t"}}).as_posix() == "/srv/t"
 
 
-@pytest.mark.parametrize("name", ["names", "store", "plugin"])
+@pytest.mark.parametrize("name", ["names", "store", "stacked", "plugin"])
 def test_vllm_integration_docstring_examples_run(name):
     import doctest
     import importlib

@@ -16,7 +16,7 @@ strengths in a worker), `plugin` (the wrappers vLLM gets). Only `plugin` and `wo
 from __future__ import annotations
 
 from .names import SUPPORTED_ARCHITECTURES, ModelShape, to_vllm
-from .store import ENV_VAR, KEY_STRENGTH, KEY_TRANSPORT, RequestSteering, TransportStore, parse_request
+from .store import ENV_VAR, KEY_STRENGTH, KEY_TRANSPORT, RequestSteering, Settings, TransportStore, parse_request
 
 
 def register() -> None:
@@ -33,6 +33,7 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "ModelShape",
     "RequestSteering",
+    "Settings",
     "TransportStore",
     "parse_request",
     "register",

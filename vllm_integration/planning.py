@@ -30,8 +30,6 @@ def plan_engine(config: Any) -> Settings | None:
     settings = Settings.from_config(config.additional_config)
     if settings.folder is None:
         return None
-    from .plugin import served_names
-
     model_config = config.model_config
     shape = ModelShape.from_config(model_config.hf_config, tp_size=config.parallel_config.tensor_parallel_size)
     store = TransportStore(settings.folder, shape, served=served_names(model_config), settings=settings)
@@ -63,3 +61,11 @@ def plan_engine(config: Any) -> Settings | None:
     for name, why in refused.items():
         logger.warning("actsteer: transport %r left out: %s", name, why)
     return Settings.from_config(config.additional_config)
+
+
+def served_names(model_config: Any) -> tuple[str, ...]:
+    """The names the served model goes by: its path or hub id, and ``--served-model-name``."""
+    names = [getattr(model_config, "model", None)]
+    served = getattr(model_config, "served_model_name", None)
+    names.extend(served if isinstance(served, (list, tuple)) else [served])
+    return tuple(str(n) for n in names if n)

@@ -111,6 +111,7 @@ def _create_engine_config(original: Any, self: Any, *args: Any, **kwargs: Any) -
 def _frontend_store(processor: Any) -> Any:
     """The `TransportStore` of a front end's ``InputProcessor``, kept on it (a new one if its config changes)."""
     from .names import ModelShape
+    from .planning import served_names
     from .store import Settings, TransportStore
 
     vllm_config = processor.vllm_config
@@ -125,14 +126,6 @@ def _frontend_store(processor: Any) -> Any:
         store = TransportStore(settings.folder, shape, served=served_names(model_config), settings=settings)
     processor._actsteer_store = (vllm_config, store)
     return store
-
-
-def served_names(model_config: Any) -> tuple[str, ...]:
-    """The names the served model goes by: its path or hub id, and ``--served-model-name``."""
-    names = [getattr(model_config, "model", None)]
-    served = getattr(model_config, "served_model_name", None)
-    names.extend(served if isinstance(served, (list, tuple)) else [served])
-    return tuple(str(n) for n in names if n)
 
 
 def check_request(processor: Any, extra_args: Any) -> str | None:
@@ -159,6 +152,10 @@ def check_request(processor: Any, extra_args: Any) -> str | None:
             )
         if spec is None:
             return None
+        if store.settings.plan is None:  # the workers put steering only on planned sites: without a plan, none
+            reason = "steering_off"
+            raise ValueError("steering is not prepared in this engine: the actsteer plugin was not loaded when vLLM "
+                             "made its engine config (is actsteer installed in the server's environment?)")
         reason = "transport"
         return store.check(spec, processor.vllm_config.model_config.dtype)
     except (KeyError, ValueError, TypeError, OSError) as err:
