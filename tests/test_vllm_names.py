@@ -394,6 +394,6 @@ def test_transport_store_refuses_sites_outside_the_plan_and_maps_that_are_not_af
 
     t = _random_transport({"s": 4})
     odd = actsteer.Transport({"s": QuantileMap(t["s"].omega, t["s"].beta)})
-    with pytest.raises(ValueError, match="kind 'quantile'.*affine maps only"):
+    with pytest.raises(ValueError, match="a QuantileMap \\(kind 'quantile'\\), not a per-unit affine"):
         check_affine("odd", odd)
     check_affine("fine", t)

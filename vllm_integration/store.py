@@ -371,11 +371,12 @@ def check_affine(name: str, transport: Transport) -> None:
         ValueError: a site whose map is another kind (named, with what to use instead).
     """
     for site, unit_map in transport.items():
-        kind = getattr(unit_map, "kind", "affine")
-        if type(unit_map) is not UnitMap or kind != "affine":
+        if type(unit_map) is not UnitMap:
+            kind = getattr(unit_map, "kind", None)
+            what = type(unit_map).__name__ + (f" (kind {kind!r})" if isinstance(kind, str) else "")
             raise ValueError(
-                f"Transport {name!r}, site {site!r}: its map is of kind {kind!r} ({type(unit_map).__name__}); "
-                "steering in vLLM runs per-unit affine maps only (Linear-AcT, Mean-AcT, LinEAS): fit one of those"
+                f"Transport {name!r}, site {site!r}: its map is a {what}, not a per-unit affine UnitMap; steering in "
+                "vLLM runs affine maps only (Linear-AcT, Mean-AcT, LinEAS...): fit one of those for serving"
             )
 
 
