@@ -7,7 +7,8 @@ the plugin server with no request steered ("none"), and the plugin server with e
 ("half"); the order of the three rotates from round to round, and only one server is busy at a time. Each request
 generates exactly ``--new-tokens`` tokens (``ignore_eos``); tokens/s counts generated tokens over the wall time of
 the burst. Ratios are paired per round (none/stock, half/stock in the same round), then the median and range over
-rounds are printed. Start-up: each server's time from launch to a healthy ``/health``, started one after the other
+rounds are printed, for wall time and for CPU time (the CPU seconds the serving processes spent per generated
+token: the steadier clock on a shared machine). Start-up: each server's time from launch to a healthy ``/health``, started one after the other
 (``--cold``: each with an empty vLLM compile cache of its own, the worst case; otherwise vLLM's cache is used).
 
     python benchmarks/vllm_overhead.py [--concurrency 8 16] [--requests 48] [--new-tokens 32] [--rounds 4]
@@ -24,6 +25,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -94,6 +96,20 @@ class Server:
                 raise SystemExit(f"{self.name} server did not start:\n{self.log.read_text()[-4000:]}")
             time.sleep(1)
 
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the server and its children (API server, engine core, workers)."""
+        import psutil
+
+        total = 0.0
+        root = psutil.Process(self.proc.pid)
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                pass
+        return total
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -110,8 +126,9 @@ def _complete(url: str, body: dict) -> dict:
 
 
 def burst(server: Server, served: str, prompts: list[str], steer: list[dict | None], concurrency: int,
-          new_tokens: int) -> tuple[float, list[str]]:
-    """Send every prompt (with its steering) at ``concurrency``; generated tokens/s and the texts."""
+          new_tokens: int) -> tuple[float, float, list[str]]:
+    """Send every prompt (with its steering) at ``concurrency``: generated tokens per wall second and per CPU
+    second of the server, and the texts."""
     def one(i: int) -> dict:
         body = {"model": served, "prompt": prompts[i], "max_tokens": new_tokens, "temperature": 0,
                 "ignore_eos": True}
@@ -119,12 +136,18 @@ def burst(server: Server, served: str, prompts: list[str], steer: list[dict | No
             body["vllm_xargs"] = steer[i]
         return _complete(server.url, body)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), server.cpu_seconds()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         replies = list(pool.map(one, range(len(prompts))))
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, server.cpu_seconds() - c0
     tokens = sum(r["usage"]["completion_tokens"] for r in replies)
-    return tokens / seconds, [r["choices"][0]["text"] for r in replies]
+    return tokens / seconds, tokens / cpu, [r["choices"][0]["text"] for r in replies]
+
+
+def _engine_init(log: Path) -> str:
+    """vLLM's own start-up figure: "init engine (profile, create kv cache, warmup model) took N s"."""
+    found = re.search(r"init engine .*? took ([0-9.]+) s", log.read_text())
+    return f"{float(found[1]):.0f} s" if found else "?"
 
 
 def _spread(values: list[float]) -> str:
@@ -170,7 +193,7 @@ def main() -> None:
                  "half": ("plugin", [steer if i % 2 == 0 else None for i in range(len(prompts))])}
         texts = {}
         for kind, (srv, st) in kinds.items():  # warm-up, and the check that steering is live
-            texts[kind] = burst(servers[srv], served, prompts, st, max(args.concurrency), args.new_tokens)[1]
+            texts[kind] = burst(servers[srv], served, prompts, st, max(args.concurrency), args.new_tokens)[2]
         changed = sum(a != b for a, b in zip(texts["none"], texts["half"]))
         same = sum(a == b for a, b in zip(texts["stock"], texts["none"]))
         if changed == 0:
@@ -181,17 +204,23 @@ def main() -> None:
         kinds_order = list(kinds)
         for concurrency in args.concurrency:
             rates: dict[str, list[float]] = {k: [] for k in kinds}
+            per_cpu: dict[str, list[float]] = {k: [] for k in kinds}
             for r in range(args.rounds):
                 order = kinds_order[r % 3:] + kinds_order[:r % 3]
                 for kind in order:
                     srv, st = kinds[kind]
-                    rates[kind].append(burst(servers[srv], served, prompts, st, concurrency, args.new_tokens)[0])
-            none = [n / s for n, s in zip(rates["none"], rates["stock"])]
-            half = [h / s for h, s in zip(rates["half"], rates["stock"])]
-            print(f"concurrency {concurrency}: stock {statistics.median(rates['stock']):.1f} tokens/s (median); "
-                  f"none/stock {_spread(none)}; half/stock {_spread(half)}", flush=True)
-        print(f"start-up ({'cold compile cache' if args.cold else 'vLLM compile cache as found'}): stock "
-              f"{servers['stock'].startup:.0f} s, plugin {servers['plugin'].startup:.0f} s")
+                    wall, cpu, _ = burst(servers[srv], served, prompts, st, concurrency, args.new_tokens)
+                    rates[kind].append(wall)
+                    per_cpu[kind].append(cpu)
+            for clock, values in (("wall", rates), ("cpu", per_cpu)):
+                none = [n / s for n, s in zip(values["none"], values["stock"])]
+                half = [h / s for h, s in zip(values["half"], values["stock"])]
+                unit = "tokens/s" if clock == "wall" else "tokens per CPU s"
+                print(f"concurrency {concurrency}, {clock}: stock {statistics.median(values['stock']):.1f} {unit} "
+                      f"(median); none/stock {_spread(none)}; half/stock {_spread(half)}", flush=True)
+        print(f"start-up ({'cold compile cache' if args.cold else 'vLLM compile cache as found'}), launch to healthy: "
+              f"stock {servers['stock'].startup:.0f} s, plugin {servers['plugin'].startup:.0f} s; engine init as vLLM "
+              f"logs it: stock {_engine_init(servers['stock'].log)}, plugin {_engine_init(servers['plugin'].log)}")
     finally:
         for server in servers.values():
             server.stop()
