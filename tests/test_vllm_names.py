@@ -321,6 +321,7 @@ def test_bank_hooks_steer_per_token_and_a_compiled_graph_follows_new_strengths_w
             bank.set_tokens(rows, amount, used=2)
 
         compiled = torch.compile(model, dynamic=True, fullgraph=True)
+        graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # other tests compile too
         for strengths in ([(0.8, 0), (0, 0), (1.0, 0.5), (-0.5, 0), (0, -1.0)],
                           [(0.2, 0.2), (0, 0), (0, 0), (0, 0), (2.0, 0)],
                           [(0, 0), (0, 0), (0.3, 0)]):
@@ -333,7 +334,9 @@ def test_bank_hooks_steer_per_token_and_a_compiled_graph_follows_new_strengths_w
             unsteered = [i for i, pair in enumerate(strengths) if pair == (0, 0)]
             assert torch.equal(compiled(x[:n])[unsteered], unsteered_compiled[unsteered])
             assert torch.equal(model(x[:n])[unsteered], plain[:n][unsteered])
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # one graph, maybe one dynamic recompile
+        # one graph (torch may compile once more when it first sees the size dynamic): new strengths, slots and
+        # token counts are data
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before <= 2
         bank.clear_tokens()
         bank.used = 0
         assert torch.equal(model(x), plain)
