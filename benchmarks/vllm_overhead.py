@@ -11,7 +11,7 @@ rounds are printed, for wall time and for CPU time (the CPU seconds the serving 
 token: the steadier clock on a shared machine). Start-up: each server's time from launch to a healthy ``/health``, started one after the other
 (``--cold``: each with an empty vLLM compile cache of its own, the worst case; otherwise vLLM's cache is used).
 
-    python benchmarks/vllm_overhead.py [--concurrency 8 16] [--requests 48] [--new-tokens 32] [--rounds 4]
+    python -m benchmarks.vllm_overhead [--concurrency 8 16] [--requests 48] [--new-tokens 32] [--rounds 4]
                                        [--transports DIR] [--device cpu|cuda] [--cold]
 
 Needs the vLLM venv (``bash scripts/test_vllm.sh`` builds ``.venv-vllm``). Without ``--transports`` it fits an

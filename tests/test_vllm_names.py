@@ -225,19 +225,9 @@ def test_transport_store_loads_translates_caches_and_names_misses(llama, tmp_pat
     assert transports_dir({"actsteer": {"transports": "/srv/t"}}).as_posix() == "/srv/t"
 
 
-@pytest.mark.parametrize("name", ["names", "store", "stacked", "plugin"])
-def test_vllm_integration_docstring_examples_run(name):
-    import doctest
-    import importlib
-
-    module = importlib.import_module(f"actsteer.vllm_integration.{name}")
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0 and (result.attempted > 0 or name == "plugin")
-
-
 # the stacked per-token formula and the in-graph bank (no vLLM needed) --------------------------------------------
 def _stack(maps):
-    from actsteer.vllm_integration.stacked import stack_directions
+    from actsteer.core import stack_directions
 
     d = maps[0].dim
     tables = [stack_directions(m) for m in maps]
@@ -246,7 +236,7 @@ def _stack(maps):
 
 
 def test_stacked_affine_matches_each_rows_own_folded_maps_composed_in_order():
-    from actsteer.vllm_integration.stacked import stacked_affine
+    from actsteer.core import stacked_affine
 
     torch.manual_seed(0)
     d = 48
@@ -266,7 +256,7 @@ def test_stacked_affine_matches_each_rows_own_folded_maps_composed_in_order():
 
 
 def test_stacked_affine_in_half_precision_rounds_once_and_keeps_untouched_rows():
-    from actsteer.vllm_integration.stacked import stacked_affine
+    from actsteer.core import stacked_affine
 
     m = _random_transport({"s": 16}, seed=5, support="all")["s"]
     x = torch.randn(3, 16).to(torch.bfloat16)

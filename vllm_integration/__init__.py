@@ -11,8 +11,8 @@ fitted with `actsteer.fit_lm` on the Hugging Face model apply without refitting 
 Steering runs inside vLLM's compiled graph (and its CUDA graphs): vLLM keeps its mode.
 
 Modules: `names` (HF -> vLLM sites), `store` (settings, request keys, the transports folder), `planning` (the
-sites prepared at start-up, the start-up log line), `stacked` (the per-token formula over stacked transports),
-`bank` (its buffers and hooks in the model), `worker` (per-token slots and strengths in a worker), `metrics`
+sites prepared at start-up, the start-up log line), `bank` (the buffers and hooks that run the core's per-token
+formula over stacked transports in the model), `worker` (per-token slots and strengths in a worker), `metrics`
 (Prometheus counters), `plugin` (the wrappers vLLM gets). Only `plugin` and `worker` import vLLM.
 """
 

@@ -2,7 +2,7 @@
 
 At start-up the worker puts one forward hook on each steerable site of the model (the sites of the transports
 found in the folder), before vLLM compiles it. The hook runs `stacked_affine` on the site's output with tensors
-that never move:
+that never move (the core's per-token formula, `actsteer.core.stacked_affine`):
 
 - per site, the maps of ``slots`` resident transports stacked like vLLM's LoRA slots: table row 0 is the
   identity, row ``2k - 1`` the forward map of slot ``k`` and row ``2k`` its reverse map (negative strengths);
@@ -22,9 +22,15 @@ from typing import Any
 
 import torch
 
-from ..core.sites import element, iter_site_modules, parse_site, replace_element
-from .stacked import stack_directions, stacked_affine
-from ..core.transport import Transport
+from ..core import (
+    Transport,
+    element,
+    iter_site_modules,
+    parse_site,
+    replace_element,
+    stack_directions,
+    stacked_affine,
+)
 
 logger = logging.getLogger("vllm." + __name__)  # under "vllm", so that vLLM's logging config applies
 

@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.sites import iter_site_modules
-from ..core.transport import Transport
+from ..core import Transport, infer_width, iter_site_modules
 from .bank import Bank, install
 from .names import ModelShape, site_width
 from .store import RequestSteering, Settings, TransportStore, parse_request
@@ -28,18 +27,6 @@ logger = logging.getLogger("vllm." + __name__)  # under "vllm", so that vLLM's l
 
 Slot = tuple[str, str]  # (transport name, file version)
 _Resolved = tuple[tuple[Slot, ...], tuple[float, ...]]
-
-
-def _module_width(module: torch.nn.Module) -> int | None:
-    """The output width of a vLLM module on this rank, where the module says it."""
-    for attr in ("output_size_per_partition", "embedding_dim"):
-        value = getattr(module, attr, None)
-        if isinstance(value, int):
-            return value
-    weight = getattr(module, "weight", None)
-    if type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor) and weight.dim() == 1:
-        return weight.shape[0]
-    return None
 
 
 class WorkerSteering:
@@ -113,7 +100,7 @@ class WorkerSteering:
                     continue
                 raise
             width = site_width(site, self.shape)
-            found = _module_width(module)
+            found = infer_width(module)  # the core's one width rule
             if found is not None and found != width:
                 raise ValueError(f"actsteer: site {site!r} has {found} units in vLLM's model, {width} expected")
             widths[site] = width

@@ -1,6 +1,6 @@
 """The stacked per-token formula: several transports resident at once, each token picking its own, in one graph.
 
-The per-call formula (`actsteer.core.folded.masked_affine`) applies one folded map to a whole tensor. A server that
+The per-call formula (`masked_affine`, ``folding.py``) applies one folded map to a whole tensor. A server that
 batches requests with different transports and strengths needs the map chosen per token, with tensors whose
 shapes and addresses never change (compiled graphs, CUDA graphs). Each transport's maps are stacked as table rows
 (`stack_directions`: a forward row for positive strengths, a reverse row for negative ones), and each token
@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from ..core.transport import _MIN_INVERTIBLE_OMEGA, UnitMap
+from typing import TYPE_CHECKING
+
+from .folding import inverse_affine
+
+if TYPE_CHECKING:
+    from .transport import UnitMap
 
 Tables = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -30,10 +35,7 @@ def stack_directions(unit_map: UnitMap, *, device: torch.device | str | None = N
         ([[1.0], [-0.5]], [[1.0], [-0.5]])
     """
     omega, beta = unit_map.omega.double(), unit_map.beta.double()
-    invertible = omega > _MIN_INVERTIBLE_OMEGA
-    safe = torch.where(invertible, omega, torch.ones_like(omega))
-    inv_omega = torch.where(invertible, 1.0 / safe, torch.ones_like(omega))
-    inv_beta = torch.where(invertible, -beta / safe, torch.zeros_like(beta))
+    inv_omega, inv_beta = inverse_affine(omega, beta)
     delta = torch.stack([omega - 1, inv_omega - 1]).float()
     bias = torch.stack([beta, inv_beta]).float()
     lo = torch.stack([unit_map.lo, unit_map.target_lo]).float()
