@@ -5,6 +5,8 @@ This package is the one face of the core: the host layers (``hf_integration``, `
 so that the modules can change behind these names. Who owns what:
 
 - maps: `UnitMap`, `Transport` (``transport.py``); folding a strength and the per-call formula (``folding.py``);
+  the per-token formula over stacked transports, for servers (`stacked_affine`, `stack_directions`,
+  ``stacked.py``);
 - estimation: `estimate`, `ESTIMATORS`, `method_defaults` (``estimators.py``); pooling (``pooling.py``);
 - steering: `Steering` and strength checks (``steering.py``); `attach`, `steer`, `bind`, `SteeringHandle`
   (``engine.py``, with ``dispatch.py`` and ``apply.py`` behind it); `keep_context` for streamed generators
@@ -42,9 +44,11 @@ from .sites import (
     list_sites,
     parse_site,
     present_sites,
+    replace_element,
     resolve_sites,
     validate,
 )
+from .stacked import stack_directions, stacked_affine
 from .steering import SiteStrength, Steering, SteeringLike, as_steerings, check_strength
 from .streams import keep_context
 from .steps import StepClock, Steps, Window, check_steps, in_window, locate
@@ -78,6 +82,7 @@ __all__ = [
     "check_transport",
     "collect",
     "element",
+    "replace_element",
     "estimate",
     "fit",
     "fitted_on",
@@ -102,6 +107,8 @@ __all__ = [
     "resolve_path",
     "resolve_sites",
     "shorten",
+    "stack_directions",
+    "stacked_affine",
     "steer",
     "steering_of",
     "validate",

@@ -275,6 +275,24 @@ def to_vllm(transport: Transport, shape: ModelShape) -> Transport:
     return transport.replace(maps, extra=extra)
 
 
+def site_width(site: str, shape: ModelShape) -> int:
+    """Units of a vLLM site on this rank: the fused q/k/v and gate/up outputs are column-parallel shards, the
+    others (norms, embeddings, all-reduced outputs) are the hidden size.
+
+    Example:
+        >>> s = ModelShape("LlamaForCausalLM", num_layers=2, hidden_size=8, intermediate_size=16, num_heads=2,
+        ...                num_kv_heads=1, head_dim=4, tp_size=2)
+        >>> site_width("model.layers.0.mlp.gate_up_proj:0", s), site_width("model.norm:0", s)
+        (16, 8)
+    """
+    last = parse_site(site)[0].rsplit(".", 1)[-1]
+    if last == "qkv_proj":
+        return shape.qkv_width
+    if last == "gate_up_proj":
+        return shape.gate_up_width
+    return shape.hidden_size
+
+
 def _hf_width(site: str, shape: ModelShape) -> int:
     """Units of the HF site's output (the whole model, not a TP shard)."""
     name, _ = parse_site(site)
