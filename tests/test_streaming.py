@@ -192,7 +192,13 @@ def test_streaming_text_iterator_streamer(lm, caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="actsteer"):
         assert _streamed(model, tok, ids, steering=steering) == steered  # the recipe: steering= in the thread
+        handle = actsteer.attach(model, transport, strength=STRENGTH)  # or an explicit, model-wide handle
+        try:
+            assert _streamed(model, tok, ids) == steered
+        finally:
+            handle.remove()
     assert not _lost(caplog)
+    assert _streamed(model, tok, ids) == plain  # and plain once the handle is removed
 
 
 # A real streaming HTTP server -------------------------------------------------------------------------------------
