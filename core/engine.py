@@ -93,6 +93,7 @@ class SteeringHandle:
         self._attached = False
         self.active = True
         self.seen = False  # a call of the model reached this (request-scoped) binding
+        self._checked: str | None = None  # the last site whose first steered call stayed finite (`_check_finite`)
         self.calls: dict[str, int] = {}
         plans: dict[torch.nn.Module, list[tuple[int, str, int | None]]] = {}
         for i, st in enumerate(self._steerings):
@@ -153,6 +154,7 @@ class SteeringHandle:
                 folded[(i, site)] = None if is_zero(s) else unit_map.fold(s, device=device)
         self._folded = folded
         self._cast = {k: v for k, v in self._cast.items() if k[0] not in indices}
+        self._checked = None  # every first call is checked again, in execution order
 
     # switches -----------------------------------------------------------------------------------------
     def set_enabled(self, index: int, enabled: bool) -> None:
@@ -388,20 +390,34 @@ class SteeringHandle:
 def _check_finite(handle: SteeringHandle, i: int, site: str, x: torch.Tensor, new: torch.Tensor) -> None:
     """Refuse a fold whose first call turns finite activations into inf/NaN (beyond the dtype's range): a model
     would otherwise run on, silently producing NaN logits or black images. One host sync per fold, dtype and
-    device (never per call); skipped while a CUDA graph is captured. A model whose own output was already
-    non-finite is not blamed. The applier is forgotten, so every later call is refused too.
+    device (never per call); skipped while a CUDA graph is captured. Activations that reach a steered site
+    already non-finite are blamed on steering only where an earlier steered site of this handle stayed finite
+    (steered values that fit the dtype can still overflow the layers between two sites, e.g. the product of an
+    MLP's steered gate and up projections); a model whose own activations were non-finite before any steered site
+    is not blamed. The applier is forgotten, so every later call is refused too.
 
     Raises:
         ValueError: naming the site, the strength and what to do.
     """
     if new is x or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    if bool(torch.isfinite(new).all()) or not bool(torch.isfinite(x).all()):
+    if bool(torch.isfinite(new).all()):
+        handle._checked = site
         return
+    upstream, reached = handle._checked, bool(torch.isfinite(x).all())
+    if not reached and (upstream is None or upstream == site):
+        return  # the model's own activations were not finite before steering touched them
     handle._cast.pop((i, site, x.dtype, x.device), None)
     st = handle._steerings[i]
     strength = site_strength(st.strength, site)
     shown = f"{strength:g}" if isinstance(strength, float) else "the per-row strengths"
+    if not reached:
+        raise ValueError(
+            f"Site {site!r}: at strength {shown} the activations reaching it are inf/NaN: steering at {upstream!r} "
+            f"(upstream) stays within {x.dtype} but the layers in between overflow its range "
+            f"(+-{torch.finfo(x.dtype).max:.3g}); run the model in float32 (if it runs in half precision) or use a "
+            "smaller strength, or check the transport's omega and beta (actsteer inspect FILE)"
+        )
     raise ValueError(
         f"Site {site!r}: at strength {shown} the transport sends this call's finite activations beyond the range of "
         f"{x.dtype} (+-{torch.finfo(x.dtype).max:.3g}: inf/NaN outputs); run the model in float32 (if it runs in half "

@@ -222,6 +222,29 @@ def test_overflow_in_half_precision_is_refused_naming_the_site(half_llama, omega
     assert _hooks(model) == 0 and torch.equal(model.generate(**ids, max_new_tokens=4, do_sample=False), plain)
 
 
+def test_overflow_between_two_steered_sites_is_refused_naming_both(half_llama):
+    """Steered values that each fit float16 can overflow the layers between two sites: here the MLP multiplies its
+    steered gate and up projections (fit_lm's default sites), and the down projection receives inf. The issue's
+    case: an all-reals map at an accepted strength gave NaN logits and token 0 repeated, without a word."""
+    model, ids = half_llama
+    sites = ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]
+    widths = {s: getattr(model.get_submodule(s), "out_features") for s in sites}
+    t = Transport({s: _all_reals(widths[s], 60.0, 0.0) for s in sites})
+    plain = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    match = (r"Site 'model\.layers\.0\.mlp\.down_proj': at strength 1000 the activations reaching it are inf/NaN: "
+             r"steering at 'model\.layers\.0\.mlp\.up_proj' \(upstream\).*float32.*smaller strength")
+    actsteer.enable_steering(model)
+    with pytest.raises(ValueError, match=match):
+        model.generate(**ids, max_new_tokens=4, do_sample=False, steering=actsteer.Steering(t, 1000.0))
+    with actsteer.attach(model, t, strength=1000.0), torch.no_grad():
+        for _ in range(2):  # every call, not only the first
+            with pytest.raises(ValueError, match=match):
+                model(**ids)
+    with actsteer.steer(model, t, strength=0.001), torch.no_grad():  # a strength that fits runs, finite
+        assert torch.isfinite(model(**ids).logits).all()
+    assert _hooks(model) == 0 and torch.equal(model.generate(**ids, max_new_tokens=4, do_sample=False), plain)
+
+
 def test_overflow_of_a_float32_map_with_a_huge_omega_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
     from safetensors import safe_open
