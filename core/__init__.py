@@ -9,12 +9,14 @@ so that the modules can change behind these names. Who owns what:
   ``stacked.py``);
 - estimation: `estimate`, `ESTIMATORS`, `method_defaults` (``estimators.py``); pooling (``pooling.py``);
 - steering: `Steering` and strength checks (``steering.py``); `attach`, `steer`, `bind`, `SteeringHandle`
-  (``engine.py``, with ``dispatch.py`` and ``apply.py`` behind it);
+  (``engine.py``, with ``dispatch.py`` and ``apply.py`` behind it); `keep_context` for streamed generators
+  (``streams.py``);
 - recording and fitting: `collect`, `record_sites`, `Recorder`, `ForwardContext` (``record.py``); `fit`
   (``fitting.py``);
 - diffusion steps: `StepClock`, `check_steps`, `locate` (``steps.py``, the one clock of fitting and steering);
 - sites: `list_sites`, `resolve_sites`, the one width rule `infer_width` and the one check `validate` (``sites.py``);
-- files: `read_header`, `resolve_path` (``io.py``), `check_transport`, `shorten` (``validation.py``);
+- files: `read_header`, `resolve_path` (``io.py``), `check_transport`, `shorten`, `printable` (``validation.py``: what a
+  usable file is, and the one way to show text that came from one);
 - provenance: `model_record`, `naming_of`, `fitted_on` (``provenance.py``).
 
 Example:
@@ -48,9 +50,10 @@ from .sites import (
 )
 from .stacked import stack_directions, stacked_affine
 from .steering import SiteStrength, Steering, SteeringLike, as_steerings, check_strength
+from .streams import keep_context
 from .steps import StepClock, Steps, Window, check_steps, in_window, locate
 from .transport import Transport, UnitMap
-from .validation import check_transport, shorten
+from .validation import check_transport, printable, shorten
 
 __all__ = [
     "ESTIMATORS",
@@ -88,6 +91,7 @@ __all__ = [
     "in_window",
     "infer_width",
     "iter_site_modules",
+    "keep_context",
     "list_sites",
     "locate",
     "method_defaults",
@@ -97,6 +101,7 @@ __all__ = [
     "parse_site",
     "pool",
     "present_sites",
+    "printable",
     "read_header",
     "record_sites",
     "resolve_path",

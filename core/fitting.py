@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .engine import steering_of
 from .estimators import Support, canonical_method, estimate
 from .pooling import check_pooling
 from .provenance import model_record
@@ -50,6 +51,19 @@ def _select_source_rows(x: torch.Tensor, ctx: ForwardContext, is_source: torch.T
     new = x.clone()
     new[idx] = fm.apply_spatial(part) if x.dim() == 4 else fm.apply_last(part)
     return new
+
+
+def _refuse_steered(model: torch.nn.Module) -> None:
+    """A fit records the model's own activations: refuse a model that a call made here would steer."""
+    handles = steering_of(model)
+    if handles:
+        sites = [s for h in handles for s in h.sites]
+        raise RuntimeError(
+            f"The model is being steered ({', '.join(sites[:3])}{', ...' if len(sites) > 3 else ''}: "
+            f"{' and '.join(sorted({'attach()' if h.scope == 'model' else 'steer()' for h in handles}))}); remove its "
+            "steering (leave the steer() block, or handle.remove()) before fitting: a fit records the model's own "
+            "activations"
+        )
 
 
 def fit(
@@ -97,6 +111,10 @@ def fit(
         A `Transport` whose sites are in execution order. ``transport.extra["fit"]`` records the cost:
         ``forward_calls`` (runner calls) and ``forward_equivalents`` (calls weighted by how far they ran).
 
+    Raises:
+        KeyError: a site's module does not exist. ValueError: fewer than 2 inputs a side, a bad batch size.
+        RuntimeError: the model is being steered here (`steer`/`attach`): the fit would record steered activations.
+
     Example:
         >>> import torch, actsteer
         >>> from actsteer.core import fit
@@ -118,6 +136,7 @@ def fit(
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size}")
     iter_site_modules(model, sites)  # KeyError with near misses on a bad name, before anything runs
+    _refuse_steered(model)
     items = source + target
     labels = torch.tensor([True] * len(source) + [False] * len(target))
     bs = len(items) if batch_size is None else min(batch_size, len(items))

@@ -115,8 +115,9 @@ class FoldedMap:
         half-precision ``x``.
 
         Raises:
-            ValueError: in half precision, when the map sends a finite end of its support beyond the dtype's range
-                (checked eagerly; while torch.compile traces, the check is left to the eager calls).
+            ValueError: in half precision, when the map sends a finite end of its support (all reals: 0 or 1)
+                beyond the dtype's range (checked eagerly; while torch.compile traces, the check is left to the
+                eager calls).
         """
         rows = None if self.rows is None else self.rows.to(device=device)
         if dtype not in HALF_DTYPES:
@@ -136,9 +137,13 @@ class FoldedMap:
     def _cast_half(self, device: torch.device | str | None, dtype: torch.dtype, *, check: bool) -> tuple:
         weight, bias = self.weight.to(device=device, dtype=torch.float32), self.bias.to(device=device, dtype=torch.float32)
         lo, hi = self.lo.to(device=device, dtype=torch.float32), self.hi.to(device=device, dtype=torch.float32)
-        if self.masked and check:
+        if check:
             limit = torch.finfo(dtype).max
-            for end in (lo, hi):
+            # a ranged map: where it sends the finite ends of its support; an all-reals map: where it sends 0 (its
+            # offset) and 1 (a slope beyond the range overflows every activation of size 1 or more). Outputs of the
+            # first call are checked too (`actsteer.core.engine`), for all-reals maps on real activations.
+            ends = (lo, hi) if self.masked else (torch.zeros_like(bias), torch.ones_like(bias))
+            for end in ends:
                 finite = torch.isfinite(end)
                 mapped = torch.where(finite, torch.addcmul(bias, end, weight), torch.zeros_like(bias))
                 if bool((mapped.abs() > limit).any()):

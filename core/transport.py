@@ -16,7 +16,7 @@ from typing import Any, Union
 import torch
 
 from .folding import FoldedMap, fold
-from .validation import shorten
+from .validation import printable, shorten
 
 Strength = Union[float, torch.Tensor]
 
@@ -266,7 +266,7 @@ class Transport(Mapping[str, UnitMap]):
         first = ", ".join(list(self._maps)[:3]) + (", ..." if len(self) > 3 else "")
         from .provenance import model_name
 
-        hint = model_name(self) or "?"
+        hint = printable(model_name(self) or "?", 120)
         return (
             f"Transport(method={self.method!r}, sites={len(self)} [{first}], units={units}, "
             f"pooling={self.pooling!r}, support={self.support!r}, mode={self.mode!r}, "

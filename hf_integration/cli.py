@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..core import resolve_path, shorten
+from ..core import printable, resolve_path
 from .cli_checks import (
     CliError,
     Parser,
@@ -156,15 +156,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     header = read_header(path)
     meta = transport.metadata()
     meta.pop("sites")
-    print(f"{path} (format v{header.get('format_version')}, written by actsteer {shorten(header.get('actsteer_version', '?'), 40)})")
+    # every text below came from the file: shown through `printable`, so it cannot drive the terminal
+    print(f"{printable(path, 400)} (format v{printable(header.get('format_version'), 12)}, written by actsteer "
+          f"{printable(header.get('actsteer_version', '?'), 40)})")
     for key, value in meta.items():
         if value not in ({}, "", None):
             text = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else str(value)
-            print(f"  {key}: {shorten(' '.join(text.split()), 200)}")
+            print(f"  {key}: {printable(' '.join(text.split()), 200)}")
     print(f"  sites: {len(transport)}, units: {sum(m.dim for m in transport.values())}")
     print(f"\n  {'site':<48} {'units':>6} {'mean|beta|':>11} {'omega range':>17} {'ranged':>7} {'dead':>5}")
     for row in summarize(transport):
-        print(f"  {shorten(row['site']):<48} {row['units']:>6} {row['mean_abs_beta']:>11.4f} "
+        print(f"  {printable(row['site']):<48} {row['units']:>6} {row['mean_abs_beta']:>11.4f} "
               f"{row['omega_min']:>8.3f}..{row['omega_max']:<7.3f} {row['ranged']:>6.0%} {row['dead']:>5}")
     return 0
 
