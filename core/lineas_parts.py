@@ -1,0 +1,199 @@
+"""The parts of a LinEAS fit (`actsteer.core.lineas`): differentiable site hooks, the distributional loss, and the
+proximal Adam step that makes the maps sparse.
+
+Parameters are dimensionless: per site a ``(2, D)`` tensor ``theta``, and the map
+``T(a) = a + theta[0] (a - center) + theta[1] scale`` (``center`` = the unsteered source mean, ``scale`` = the
+target's std per unit): ``theta[0]`` scales around the source mean and ``theta[1]`` shifts it, which decouples the
+two (better conditioned than ``omega``/``beta``), one learning rate and one penalty fit every site whatever its
+activations' scale, and ``theta = 0`` is the identity. As a `UnitMap`: ``omega = 1 + theta[0]``,
+``beta = theta[1] scale - theta[0] center``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .pooling import pool
+from .record import ForwardContext
+from .sites import element, replace_element
+
+
+class StopForward(Exception):
+    """Raised by a site hook once the last site a pass needs was recorded: the rest of the forward is not needed."""
+
+
+class SiteMaps:
+    """Forward hooks that apply each site's affine map (differentiably) and pool each site's activations.
+
+    ``theta`` None applies nothing (the target pass). ``record="output"`` pools what the site passes on (after its
+    own map, for the loss), ``"input"`` what the map receives (for the support ranges). Each pooled site is the mean
+    of its active calls in the pass (``ctx.active``, ``ctx.rows``, ``ctx.mask`` as for `Recorder`).
+    """
+
+    def __init__(self, resolved: Sequence[tuple], pooling: str, ctx: ForwardContext) -> None:
+        self.resolved = list(resolved)
+        self.pooling = pooling
+        self.ctx = ctx
+        self.theta: dict[str, torch.Tensor] | None = None
+        self.scale: dict[str, torch.Tensor] = {}
+        self.center: dict[str, torch.Tensor] = {}
+        self.record = "output"
+        self.stop_after: str | None = None
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.order: list[str] = []
+        self._handles: list = []
+
+    def __enter__(self) -> SiteMaps:
+        plans: dict[int, tuple[torch.nn.Module, list[tuple[str, int | None]]]] = {}
+        for site, _, k, module in self.resolved:
+            plans.setdefault(id(module), (module, []))[1].append((site, k))
+        for module, plan in plans.values():
+            self._handles.append(module.register_forward_hook(self._hook(plan)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in reversed(self._handles):
+            h.remove()
+        self._handles.clear()
+
+    def reset(self) -> None:
+        self.sums, self.counts = {}, {}
+
+    def pooled(self) -> dict[str, torch.Tensor]:
+        return {s: self.sums[s] / self.counts[s] for s in self.sums}
+
+    def _hook(self, plan: list[tuple[str, int | None]]):
+        def hook(module, args, output):
+            out = output
+            for site, k in plan:
+                x = element(out, k, site)
+                if self.record == "input":
+                    self._add(site, x)
+                theta = None if self.theta is None else self.theta.get(site)
+                if theta is not None:
+                    x = steer_affine(x, theta, self.center[site], self.scale[site])
+                    out = replace_element(out, k, x)
+                if self.record == "output":
+                    self._add(site, x)
+                if site == self.stop_after:
+                    raise StopForward
+            return None if out is output else out
+
+        return hook
+
+    def _add(self, site: str, x: torch.Tensor) -> None:
+        ctx = self.ctx
+        if not ctx.active:
+            return
+        if ctx.rows is not None:
+            x = x[ctx.rows.to(x.device)]
+        mask = ctx.mask
+        if mask is not None and ctx.rows is not None and mask.shape[0] != x.shape[0]:
+            mask = mask[ctx.rows.to(mask.device)]
+        pooled = pool(x, mask=mask, how=self.pooling)  # float32, differentiable
+        if site not in self.sums:
+            self.sums[site], self.counts[site] = pooled, 1
+            if site not in self.order:
+                self.order.append(site)
+        else:
+            self.sums[site] = self.sums[site] + pooled
+            self.counts[site] += 1
+
+
+def steer_affine(x: torch.Tensor, theta: torch.Tensor, center: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x + theta[0] (x - center) + theta[1] scale`` on the unit axis, in float32, rounded once to ``x``'s dtype;
+    on ``(B, C, H, W)`` the spatial mean is transported and the deviations kept (ACT_SPEC.md section 6)."""
+    delta, beta = theta[0], theta[1] * scale - theta[0] * center
+    if x.dim() == 4:
+        mu = x.float().mean(dim=(2, 3))
+        return (x.float() + (mu * delta + beta)[:, :, None, None]).to(x.dtype)
+    xf = x.float()
+    return torch.addcmul(xf + beta, xf, delta).to(x.dtype)
+
+
+def coupling(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The monotone coupling of n and m sorted samples: ``(source index, target index, weight)`` per piece (K,)."""
+    ends = torch.unique(torch.cat([torch.arange(1, n + 1) * m, torch.arange(1, m + 1) * n]))
+    starts = torch.cat([torch.zeros(1, dtype=ends.dtype), ends[:-1]])
+    return starts // m, starts // n, (ends - starts).double() / (n * m)
+
+
+class W2Loss:
+    """The squared 1-D Wasserstein distance per unit between steered source rows and the target rows of one site,
+    divided by the target's variance (scale-free) and averaged over units.
+
+    ``W2^2 = sum_k w_k (a_(i_k) - b_(j_k))^2`` over the monotone coupling of the sorted samples (exact for n != m).
+    """
+
+    def __init__(self, target: torch.Tensor) -> None:
+        self.target = target.sort(dim=0).values.float()
+        var = target.double().var(dim=0) if target.shape[0] > 1 else torch.zeros(target.shape[1], dtype=torch.float64)
+        floor = 1e-6 * (var.mean() + target.double().mean(dim=0).pow(2).mean()).clamp_min(1e-12)
+        self.inv_var = (1.0 / var.clamp_min(float(floor))).float()
+        self._couplings: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, source: torch.Tensor) -> torch.Tensor:
+        n = source.shape[0]
+        if n not in self._couplings:
+            ia, ib, w = coupling(n, self.target.shape[0])
+            self._couplings[n] = (ia, ib, w.float())
+        ia, ib, w = (t.to(source.device) for t in self._couplings[n])
+        target = self.target.to(source.device)
+        diff = source.sort(dim=0).values[ia] - target[ib]  # (K, D)
+        return (w.unsqueeze(1) * diff.pow(2)).sum(dim=0).mul(self.inv_var.to(source.device)).mean()
+
+
+class ProximalAdam:
+    """Adam steps followed by the proximal steps of ``l1 * mean|theta| + group * mean over sites of RMS(theta_site)``.
+
+    The proximal operators use Adam's diagonal metric ``P = sqrt(v_hat) + eps``: soft-thresholding by
+    ``lr * c / P`` per coordinate (L1), then shrinking each site's whole ``theta`` towards 0 by
+    ``lr * c_site / (mean(P) * ||theta||)`` (group lasso; exactly 0 when below the threshold), as in LinEAS's
+    Algorithm 1 (Rodriguez et al., NeurIPS 2025) with Adam's preconditioning.
+    """
+
+    def __init__(self, thetas: dict[str, torch.Tensor], *, lr: float, l1: float, group: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-12) -> None:
+        self.thetas = thetas
+        self.lr, self.betas, self.eps = lr, betas, eps
+        total = sum(t.numel() for t in thetas.values())
+        self.c1 = l1 / total
+        self.cg = {s: group / (len(thetas) * math.sqrt(t.numel())) for s, t in thetas.items()}
+        self.m = {s: torch.zeros_like(t) for s, t in thetas.items()}
+        self.v = {s: torch.zeros_like(t) for s, t in thetas.items()}
+        self.t = 0
+
+    def penalty(self) -> float:
+        """The value of the sparsity penalty at the current parameters."""
+        l1 = sum(float(t.abs().sum()) for t in self.thetas.values()) * self.c1
+        return l1 + sum(float(t.norm()) * self.cg[s] for s, t in self.thetas.items())
+
+    @torch.no_grad()
+    def step(self, grads: dict[str, torch.Tensor], lr_factor: float = 1.0) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        lr = self.lr * lr_factor
+        for s, theta in self.thetas.items():
+            g = grads[s]
+            self.m[s].mul_(b1).add_(g, alpha=1 - b1)
+            self.v[s].mul_(b2).addcmul_(g, g, value=1 - b2)
+            p = (self.v[s] / (1 - b2 ** self.t)).sqrt_().add_(self.eps)
+            theta.addcdiv_(self.m[s] / (1 - b1 ** self.t), p, value=-lr)
+            if self.c1 > 0:
+                theta.copy_(theta.sign() * (theta.abs() - lr * self.c1 / p).clamp_min(0))
+            if self.cg[s] > 0:
+                norm = theta.norm()
+                shrink = (1 - lr * self.cg[s] / (p.mean() * norm.clamp_min(1e-30))).clamp_min(0)
+                theta.mul_(shrink)
+
+
+def schedule(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``: the learning-rate factor."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
