@@ -81,17 +81,22 @@ class LineasConfig:
 def grad_enabled(model: torch.nn.Module, resolved: Sequence[tuple]) -> Iterator[None]:
     """Turn autograd on inside ``model`` (and inside the components holding the sites) for the forward calls made in
     the block, whatever the host does around them: diffusers pipelines run under ``torch.no_grad()`` and ComfyUI
-    under ``torch.inference_mode()``. Nothing else changes, and every hook is removed on exit."""
+    under ``torch.inference_mode()``; tensors that such a host made in inference mode (a module's inputs) are
+    cloned into ordinary ones where they enter, since autograd cannot save inference tensors. Nothing else changes,
+    and every hook is removed on exit."""
     names = {name.split(".")[0] for _, name, _, _ in resolved if name}
     modules = [model] + [m for n, m in model.named_children() if n in names]
     saved: list[tuple[bool, Any]] = []
 
-    def before(module, args):
+    def before(module, args, kwargs):
         cm = torch.inference_mode(False) if torch.is_inference_mode_enabled() else None
         if cm is not None:
             cm.__enter__()
         saved.append((torch.is_grad_enabled(), cm))
         torch.set_grad_enabled(True)
+        if any(_is_inference(v) for v in (*args, *kwargs.values())):
+            return tuple(_ordinary(v) for v in args), {k: _ordinary(v) for k, v in kwargs.items()}
+        return None
 
     def after(module, args, output):
         grad, cm = saved.pop()
@@ -102,13 +107,21 @@ def grad_enabled(model: torch.nn.Module, resolved: Sequence[tuple]) -> Iterator[
     handles = []
     try:
         for m in modules:
-            handles.append(m.register_forward_pre_hook(before))
+            handles.append(m.register_forward_pre_hook(before, with_kwargs=True))
             handles.append(m.register_forward_hook(after, always_call=True))
         with torch.enable_grad():
             yield
     finally:
         for h in reversed(handles):
             h.remove()
+
+
+def _is_inference(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_inference()
+
+
+def _ordinary(value: Any) -> Any:
+    return value.clone() if _is_inference(value) else value
 
 
 def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -229,7 +242,7 @@ def _train(model, resolved, maps, run, ctx, train, val, source, targets, centers
         for step in bar:
             loss = _loss(_pass(maps, run, ctx, train, stats), losses)
             grads = dict(zip(thetas, torch.autograd.grad(loss, list(thetas.values()))))
-            loss = float(loss)
+            loss = float(loss.detach())
             stats["backward_calls"] += 1
             opt.step(grads, schedule(step, cfg.steps, warmup))
             if (step + 1) % cfg.eval_every and step + 1 != cfg.steps:

@@ -153,11 +153,13 @@ class ProximalAdam:
     The proximal operators use Adam's diagonal metric ``P = sqrt(v_hat) + eps``: soft-thresholding by
     ``lr * c / P`` per coordinate (L1), then shrinking each site's whole ``theta`` towards 0 by
     ``lr * c_site / (mean(P) * ||theta||)`` (group lasso; exactly 0 when below the threshold), as in LinEAS's
-    Algorithm 1 (Rodriguez et al., NeurIPS 2025) with Adam's preconditioning.
+    Algorithm 1 (Rodriguez et al., NeurIPS 2025) with Adam's preconditioning. A fixed point satisfies the plain
+    optimality condition ``0 in grad + penalty subgradient`` whatever the metric; ``v`` forgets fast (``beta2 = 0.99``)
+    so that ``P`` follows the current gradients and coordinates that stop paying reach exactly 0.
     """
 
     def __init__(self, thetas: dict[str, torch.Tensor], *, lr: float, l1: float, group: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-12) -> None:
+                 betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-12) -> None:
         self.thetas = thetas
         self.lr, self.betas, self.eps = lr, betas, eps
         total = sum(t.numel() for t in thetas.values())
