@@ -169,6 +169,7 @@ class ProximalAdam:
         self.v = {s: torch.zeros_like(t) for s, t in thetas.items()}
         self.t = 0
 
+    @torch.no_grad()
     def penalty(self) -> float:
         """The value of the sparsity penalty at the current parameters."""
         l1 = sum(float(t.abs().sum()) for t in self.thetas.values()) * self.c1
