@@ -8,9 +8,11 @@ distance per unit between the steered source activations and the (unsteered) tar
 pay for themselves. The result is an ordinary affine `Transport`: every host applies it unchanged.
 
 Semantics (decided here, ACT_SPEC.md sections 1 and 3): the loss compares POOLED activations, one sample per input
-(the transport's ``pooling``, the mean over real tokens by default), like the AcT estimators; the maps are trained on
-all reals and applied per token. The ``support`` ranges are set afterwards from the pooled source activations that
-reach each site with the trained maps upstream, as for sequential Linear-AcT.
+(the transport's ``pooling``, the mean over real tokens by default), like the AcT estimators; the maps act per token,
+in training as when steering. With a ``support`` other than all reals they move, in training too, only the tokens
+inside each site's range (set by the support rule from the pooled training inputs reaching the site at that step),
+so the maps are trained for the way the engine applies them; the saved ranges come from all source inputs reaching
+each site with the trained maps upstream, as for sequential Linear-AcT.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class LineasConfig:
     group: float = 0.02
     held_out: float = 0.25
     eval_every: int = 5
-    patience: int = 6
+    patience: int = 10
     warmup: float = 0.05
     seed: int = 0
 
@@ -231,15 +233,16 @@ def _train(model, resolved, maps, run, ctx, train, val, source, targets, centers
     maps.center = {s: centers[s].float().to(devices[s]) for s in order}
     thetas = {s: torch.zeros(2, targets[s].shape[1], device=devices[s], requires_grad=True) for s in order}
     opt = ProximalAdam(thetas, lr=cfg.lr, l1=cfg.l1, group=cfg.group)
-    maps.theta, maps.record = thetas, "output"
+    maps.theta, maps.record, maps.support = thetas, "output", support
     maps.stop_after = order[-1] if once else None
     warmup = max(1, round(cfg.warmup * cfg.steps))
-    best = {"loss": float("inf"), "step": 0, "theta": {s: t.detach().clone() for s, t in thetas.items()}}
+    best = {"loss": float("inf"), "step": 0, "theta": {s: t.detach().clone() for s, t in thetas.items()}, "ranges": {}}
     history: list[dict[str, float]] = []
     bad_evals = 0
     bar = tqdm(range(cfg.steps), desc="actsteer: LinEAS", disable=not progress, leave=False)
     with grad_enabled(model, resolved):
         for step in bar:
+            maps.update_ranges = True  # the support follows the training inputs as the maps change them
             loss = _loss(_pass(maps, run, ctx, train, stats), losses)
             grads = dict(zip(thetas, torch.autograd.grad(loss, list(thetas.values()))))
             loss = float(loss.detach())
@@ -247,6 +250,7 @@ def _train(model, resolved, maps, run, ctx, train, val, source, targets, centers
             opt.step(grads, schedule(step, cfg.steps, warmup))
             if (step + 1) % cfg.eval_every and step + 1 != cfg.steps:
                 continue
+            maps.update_ranges = False
             if val:
                 with torch.no_grad():
                     held = float(_loss(_pass(maps, run, ctx, val, stats), losses))
@@ -255,7 +259,8 @@ def _train(model, resolved, maps, run, ctx, train, val, source, targets, centers
             history.append({"step": step + 1, "train": loss, "held_out": held, "penalty": opt.penalty()})
             bar.set_postfix(train=f"{loss:.3f}", held_out=f"{held:.3f}")
             if not history[:-1] or held < best["loss"] - 1e-6 * abs(best["loss"]):
-                best = {"loss": held, "step": step + 1, "theta": {s: t.detach().clone() for s, t in thetas.items()}}
+                best = {"loss": held, "step": step + 1, "theta": {s: t.detach().clone() for s, t in thetas.items()},
+                        "ranges": dict(maps.ranges)}
                 bad_evals = 0
             else:
                 bad_evals += 1
@@ -265,6 +270,7 @@ def _train(model, resolved, maps, run, ctx, train, val, source, targets, centers
     steps_run = step + 1
     # support ranges: pooled source activations reaching each site with the trained maps upstream (no grad)
     maps.theta, maps.record, maps.stop_after = best["theta"], "input", (order[-1] if once else None)
+    maps.ranges, maps.update_ranges = best["ranges"], not best["ranges"]
     with torch.no_grad():
         inputs = _pass(maps, run, ctx, source, stats)
     unit_maps: dict[str, UnitMap] = {}

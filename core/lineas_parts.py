@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -31,6 +32,10 @@ class SiteMaps:
     ``theta`` None applies nothing (the target pass). ``record="output"`` pools what the site passes on (after its
     own map, for the loss), ``"input"`` what the map receives (for the support ranges). Each pooled site is the mean
     of its active calls in the pass (``ctx.active``, ``ctx.rows``, ``ctx.mask`` as for `Recorder`).
+
+    With a ``support`` rule other than all reals, maps move only the activations inside ``[lo, hi]``, as the
+    engine will apply them: with ``update_ranges`` each call's ``lo``/``hi`` come from the pooled inputs of that
+    call's rows (the training source inputs) by the support rule, else the last ones are reused (held-out passes).
     """
 
     def __init__(self, resolved: Sequence[tuple], pooling: str, ctx: ForwardContext) -> None:
@@ -40,6 +45,9 @@ class SiteMaps:
         self.theta: dict[str, torch.Tensor] | None = None
         self.scale: dict[str, torch.Tensor] = {}
         self.center: dict[str, torch.Tensor] = {}
+        self.support: Any = "all"
+        self.update_ranges = True
+        self.ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.record = "output"
         self.stop_after: str | None = None
         self.sums: dict[str, torch.Tensor] = {}
@@ -75,7 +83,8 @@ class SiteMaps:
                     self._add(site, x)
                 theta = None if self.theta is None else self.theta.get(site)
                 if theta is not None:
-                    x = steer_affine(x, theta, self.center[site], self.scale[site])
+                    bounds = self._bounds(site, x) if self.support != "all" else None
+                    x = steer_affine(x, theta, self.center[site], self.scale[site], bounds)
                     out = replace_element(out, k, x)
                 if self.record == "output":
                     self._add(site, x)
@@ -84,6 +93,20 @@ class SiteMaps:
             return None if out is output else out
 
         return hook
+
+    def _bounds(self, site: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.update_ranges or site not in self.ranges:
+            from .estimate import _support_range
+
+            with torch.no_grad():
+                rows, mask = self.ctx.rows, self.ctx.mask
+                picked = x if rows is None else x[rows.to(x.device)]
+                if mask is not None and rows is not None and mask.shape[0] != picked.shape[0]:
+                    mask = mask[rows.to(mask.device)]
+                pooled = pool(picked.detach(), mask=mask, how=self.pooling)
+                lo, hi = _support_range(pooled.double().sort(dim=0).values, self.support)
+            self.ranges[site] = (lo.float().to(x.device), hi.float().to(x.device))
+        return self.ranges[site]
 
     def _add(self, site: str, x: torch.Tensor) -> None:
         ctx = self.ctx
@@ -104,15 +127,23 @@ class SiteMaps:
             self.counts[site] += 1
 
 
-def steer_affine(x: torch.Tensor, theta: torch.Tensor, center: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def steer_affine(x: torch.Tensor, theta: torch.Tensor, center: torch.Tensor, scale: torch.Tensor,
+                 bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``x + theta[0] (x - center) + theta[1] scale`` on the unit axis, in float32, rounded once to ``x``'s dtype;
-    on ``(B, C, H, W)`` the spatial mean is transported and the deviations kept (ACT_SPEC.md section 6)."""
+    on ``(B, C, H, W)`` the spatial mean is transported and the deviations kept (ACT_SPEC.md section 6). With
+    ``bounds`` (lo, hi), values outside ``[lo, hi]`` (the spatial means, for 4-D) are left alone."""
     delta, beta = theta[0], theta[1] * scale - theta[0] * center
     if x.dim() == 4:
         mu = x.float().mean(dim=(2, 3))
-        return (x.float() + (mu * delta + beta)[:, :, None, None]).to(x.dtype)
+        shift = mu * delta + beta
+        if bounds is not None:
+            shift = torch.where((mu >= bounds[0]) & (mu <= bounds[1]), shift, torch.zeros_like(shift))
+        return (x.float() + shift[:, :, None, None]).to(x.dtype)
     xf = x.float()
-    return torch.addcmul(xf + beta, xf, delta).to(x.dtype)
+    moved = torch.addcmul(xf + beta, xf, delta)
+    if bounds is not None:
+        moved = torch.where((xf >= bounds[0]) & (xf <= bounds[1]), moved, xf)
+    return moved.to(x.dtype)
 
 
 def coupling(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
