@@ -6,7 +6,7 @@ none steered, half steered (per-token strengths: the mixed-batch path), all stee
 row). Each request generates exactly ``--new-tokens`` tokens (``ignore_eos``); tokens/s counts generated
 tokens over the wall time of the whole ``generate`` call (prefill included). Target: half steered >= 0.90x.
 
-    python benchmarks/vllm_overhead.py [--batch 16] [--new-tokens 64] [--reps 3] [--transports DIR]
+    python -m benchmarks.vllm_overhead [--batch 16] [--new-tokens 64] [--reps 3] [--transports DIR]
 
 Needs the vLLM venv (``bash scripts/test_vllm.sh`` builds ``.venv-vllm``). Without ``--transports`` it fits an
 "ocean" transport on all of SmolLM2's norms (61 sites) first and keeps it in benchmarks/out/vllm_transports.

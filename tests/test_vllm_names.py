@@ -195,16 +195,6 @@ def test_transport_store_loads_translates_caches_and_names_misses(llama, tmp_pat
     assert transports_dir({"actsteer": {"transports": "/srv/t"}}).as_posix() == "/srv/t"
 
 
-@pytest.mark.parametrize("name", ["names", "store", "plugin"])
-def test_vllm_integration_docstring_examples_run(name):
-    import doctest
-    import importlib
-
-    module = importlib.import_module(f"actsteer.vllm_integration.{name}")
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0 and (result.attempted > 0 or name == "plugin")
-
-
 def test_worker_layout_subsequence_keeps_each_request_order():
     from actsteer.vllm_integration.worker import _subsequence
 

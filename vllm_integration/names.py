@@ -34,8 +34,7 @@ from typing import Any
 
 import torch
 
-from ..core.sites import parse_site
-from ..core.transport import Transport, UnitMap
+from ..core import Transport, UnitMap, fitted_on_note, parse_site
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -264,7 +263,7 @@ def to_vllm(transport: Transport, shape: ModelShape) -> Transport:
         if unit_map.dim != expected:
             raise ValueError(
                 f"Site {site!r}: the transport has {unit_map.dim} units but {shape.architecture} outputs {expected} "
-                f"there; the transport was fitted on a different model{_fitted_on(transport)}"
+                f"there; the transport was fitted on a different model{fitted_on_note(transport)}"
             )
         for piece in plan:
             pieces.setdefault(piece.vllm_site, []).append((piece, unit_map, site))
@@ -310,8 +309,3 @@ def _merge(vllm_site: str, parts: list[tuple[_Piece, UnitMap, str]]) -> UnitMap:
         for field, value in unit_map.to_tensors().items():
             fields[field][dest] = value[piece.source_units]
     return UnitMap(**fields)
-
-
-def _fitted_on(transport: Transport) -> str:
-    hint = transport.model.get("name_or_path") or transport.model.get("class")
-    return f" (it was fitted on {str(hint)[:200]!r})" if hint else ""

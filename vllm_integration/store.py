@@ -21,9 +21,7 @@ from typing import Any
 
 import torch
 
-from ..core.folded import _HALF
-from ..core.steering import check_strength
-from ..core.transport import Transport
+from ..core import HALF_DTYPES, Transport, check_strength
 from .names import ModelShape, to_vllm
 
 logger = logging.getLogger(__name__)
@@ -201,7 +199,7 @@ class TransportStore:
         parts = []
         for name, strength in zip(request.names, request.strengths):
             version, transport = self.get(name)
-            if dtype in _HALF and strength != 0.0:  # only half precision can refuse a fold (`FoldedMap.to`)
+            if dtype in HALF_DTYPES and strength != 0.0:  # only half precision can refuse a fold (`FoldedMap.to`)
                 memo = (name, version, strength, dtype)
                 with self._lock:
                     known = memo in self._checked

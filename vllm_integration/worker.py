@@ -19,9 +19,7 @@ from typing import Any
 
 import torch
 
-from ..core.hooks import Steering, SteeringHandle, attach
-from ..core.sites import iter_site_modules
-from ..core.transport import Transport
+from ..core import Steering, SteeringHandle, Transport, attach, present_sites, validate
 from .names import ModelShape
 from .store import RequestSteering, TransportStore, parse_request, transports_dir
 
@@ -44,18 +42,6 @@ def _subsequence(wanted: tuple[Slot, ...], layout: list[Slot]) -> list[int] | No
         found.append(j)
         j += 1
     return found
-
-
-def _module_width(module: torch.nn.Module) -> int | None:
-    """The output width of a vLLM module on this rank, where the module says it."""
-    for attr in ("output_size_per_partition", "embedding_dim"):
-        value = getattr(module, attr, None)
-        if isinstance(value, int):
-            return value
-    weight = getattr(module, "weight", None)
-    if type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor) and weight.dim() == 1:
-        return weight.shape[0]
-    return None
 
 
 class WorkerSteering:
@@ -151,22 +137,11 @@ class WorkerSteering:
         logger.info("actsteer: steering layout is now %s", [name for name, _ in layout])
 
     def _local(self, transport: Transport) -> Transport:
-        """The sites of a translated transport that live on this rank, checked against the real modules."""
-        keep, problems = [], []
-        for site in transport:
-            try:
-                ((_, name, _, module),) = iter_site_modules(self.model, [site])
-            except KeyError:
-                if self.pipeline:  # another pipeline stage holds this layer
-                    continue
-                raise
-            width = _module_width(module)
-            if width is not None and width != transport[site].dim:
-                problems.append(f"{site!r}: transport {transport[site].dim} units, {type(module).__name__} {width}")
-            keep.append(site)
-        if problems:
-            raise ValueError("actsteer: translated transport does not match the vLLM model: " + "; ".join(problems[:3]))
-        return transport.select(keep)
+        """The sites of a translated transport that live on this rank, checked against the real modules (the core's
+        `validate`: another pipeline stage holds the missing layers)."""
+        local = transport.select(present_sites(self.model, transport)) if self.pipeline else transport
+        validate(self.model, local)
+        return local
 
     # forward ---------------------------------------------------------------------------------------------
     def prepare(self, num_rows: int) -> bool:
