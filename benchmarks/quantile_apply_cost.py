@@ -6,7 +6,7 @@ Interleaved in one process (the machine is shared: only ratios are meaningful), 
 torch.compile'd (inductor) for the chosen forms, at SmolLM2 sizes (D = 576): a prefill batch (8 x 64 tokens) and a
 decode step (8 x 1).
 
-Run (about 1-2 min): ``python benchmarks/quantile_apply_cost.py``
+Run (about 1-2 min): ``python -m benchmarks.quantile_apply_cost``
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import time
 import torch
 
 import actsteer
-from actsteer.core.quantile import estimate_quantile
 
 
 def hinge_sum(x, knots, invw, dy, y0):
@@ -59,7 +58,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     source, target = torch.randn(256, d, generator=g), torch.randn(256, d, generator=g).exp()
     affine = actsteer.estimate(source, target, support="observed")
-    quantile = estimate_quantile(source, target, support="observed", knots=k)
+    quantile = actsteer.estimate(source, target, method="quantile", support="observed", knots=k)
     fa, fq = affine.fold(1.0), quantile.fold(1.0)
     knots, values = quantile.knots, quantile.values
     width = (knots[1:] - knots[:-1]).clamp_min(1e-12)

@@ -7,27 +7,24 @@ score is the normalised 1-D Wasserstein distance to the held-out target half (``
 over sites and splits. ``floor`` is the distance between the two target halves themselves (the best any map can do
 on samples this small); ``none`` leaves the source as it is.
 
-Run (about 1 min on 2 shared cores):
-    python benchmarks/quantile_fidelity.py --concepts food,sports --modules all-norms --splits 20
+Run (about 2 min on 2 shared cores):
+    python -m benchmarks.quantile_fidelity --concepts food,sports --modules all-norms --splits 10
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import actsteer
+from actsteer.core import collect
+from actsteer.eval.fidelity import normalised_w1
+from actsteer.hf_integration.lm import make_runner, padding_ready
+from actsteer.hf_integration.presets import lm_sites
 
-import actsteer  # noqa: E402
-from actsteer.core.collect import collect  # noqa: E402
-from actsteer.core.quantile import estimate_quantile  # noqa: E402
-from actsteer.eval.fidelity import normalised_w1  # noqa: E402
-from actsteer.hf_integration.lm import make_runner, padding_ready  # noqa: E402
-from actsteer.hf_integration.presets import lm_sites  # noqa: E402
+from benchmarks.concept_induction import concept_data, load_model
 
 
 def pooled(model, tok, sites, texts):
@@ -48,8 +45,6 @@ def main() -> None:
     parser.add_argument("--support", default="all")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("ACTSTEER_THREADS", "1")))
-    from concept_induction import concept_data, load_model
-
     model, tok = load_model()
     sites = lm_sites(model, args.modules)
     knots = [int(k) for k in args.knots.split(",")]
@@ -73,7 +68,7 @@ def main() -> None:
                 m = actsteer.estimate(a[fs], b[ft], method="linear-act", support=args.support)
                 totals["linear-act"] += normalised_w1(m(held_s.float()).double(), held_t)
                 for k in knots:
-                    m = estimate_quantile(a[fs], b[ft], support=args.support, knots=k)
+                    m = actsteer.estimate(a[fs], b[ft], method="quantile", support=args.support, knots=k)
                     totals[f"quantile/{k}"] += normalised_w1(m(held_s.float()).double(), held_t)
         n = args.splits * len(sites)
         print(f"| {concept} | {args.modules} ({len(sites)}) | " + " | ".join(f"{totals[m] / n:.3f}" for m in methods)

@@ -5,7 +5,10 @@ This package is the one face of the core: the host layers (``hf_integration``, `
 so that the modules can change behind these names. Who owns what:
 
 - maps: `UnitMap`, `Transport` (``transport.py``); folding a strength and the per-call formula (``folding.py``);
+  the exact 1-D map `QuantileMap` (``quantile.py``) and its folding and formula (``quantile_folding.py``); one
+  strength per token from static tables, `token_tables`/`apply_per_token` (``per_token.py``);
 - estimation: `estimate`, `ESTIMATORS`, `method_defaults` (``estimators.py``); pooling (``pooling.py``);
+  LinEAS, all sites trained jointly through the model: `LineasConfig` (``lineas.py``, ``lineas_parts.py``);
 - steering: `Steering` and strength checks (``steering.py``); `attach`, `steer`, `bind`, `SteeringHandle`
   (``engine.py``, with ``dispatch.py`` and ``apply.py`` behind it);
 - recording and fitting: `collect`, `record_sites`, `Recorder`, `ForwardContext` (``record.py``); `fit`
@@ -25,11 +28,15 @@ Example:
 
 from ._version import __version__
 from .engine import SteeringHandle, attach, bind, steer, steering_of
-from .estimators import ESTIMATORS, Support, canonical_method, estimate, method_defaults
+from .estimators import ESTIMATORS, FIT_METHODS, Support, canonical_method, estimate, method_defaults
 from .fitting import fit
 from .folding import HALF_DTYPES, FoldedMap, in_support
 from .io import read_header, resolve_path
+from .lineas import LineasConfig
+from .per_token import TokenTables, apply_per_token, token_tables
 from .pooling import pool
+from .quantile import QuantileMap
+from .quantile_folding import FoldedQuantile
 from .provenance import fitted_on, fitted_on_note, model_name, model_record, naming_of
 from .record import ForwardContext, Recorder, collect, record_sites
 from .sites import (
@@ -50,6 +57,13 @@ from .validation import check_transport, shorten
 
 __all__ = [
     "ESTIMATORS",
+    "FIT_METHODS",
+    "FoldedQuantile",
+    "LineasConfig",
+    "QuantileMap",
+    "TokenTables",
+    "apply_per_token",
+    "token_tables",
     "HALF_DTYPES",
     "FoldedMap",
     "ForwardContext",

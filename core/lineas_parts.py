@@ -11,15 +11,16 @@ activations' scale, and ``theta = 0`` is the identity. As a `UnitMap`: ``omega =
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from .pooling import pool
-from .record import ForwardContext
-from .sites import element, replace_element
+from .record import ForwardContext, record_sites
+from .sites import parse_site
 
 
 class StopForward(Exception):
@@ -38,8 +39,9 @@ class SiteMaps:
     call's rows (the training source inputs) by the support rule, else the last ones are reused (held-out passes).
     """
 
-    def __init__(self, resolved: Sequence[tuple], pooling: str, ctx: ForwardContext) -> None:
-        self.resolved = list(resolved)
+    def __init__(self, model: torch.nn.Module, sites: Sequence[str], pooling: str, ctx: ForwardContext) -> None:
+        self.model = model
+        self.sites = list(sites)
         self.pooling = pooling
         self.ctx = ctx
         self.theta: dict[str, torch.Tensor] | None = None
@@ -52,51 +54,55 @@ class SiteMaps:
         self.stop_after: str | None = None
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
+        self.inputs: dict[str, torch.Tensor] = {}  # pooled inputs of the maps (detached), with record="output" too
+        self.input_counts: dict[str, int] = {}
         self.order: list[str] = []
-        self._handles: list = []
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> SiteMaps:
-        plans: dict[int, tuple[torch.nn.Module, list[tuple[str, int | None]]]] = {}
-        for site, _, k, module in self.resolved:
-            plans.setdefault(id(module), (module, []))[1].append((site, k))
-        for module, plan in plans.values():
-            self._handles.append(module.register_forward_hook(self._hook(plan)))
+        # no ctx here: maps apply at every call (as when steering); `_add` records only the active ones
+        self._stack.enter_context(record_sites(self.model, self.sites, self._on_output))
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in reversed(self._handles):
-            h.remove()
-        self._handles.clear()
+        self._stack.close()
 
     def reset(self) -> None:
-        self.sums, self.counts = {}, {}
+        self.sums, self.counts, self.inputs, self.input_counts = {}, {}, {}, {}
 
     def pooled(self) -> dict[str, torch.Tensor]:
         return {s: self.sums[s] / self.counts[s] for s in self.sums}
 
-    def _hook(self, plan: list[tuple[str, int | None]]):
-        def hook(module, args, output):
-            out = output
-            for site, k in plan:
-                x = element(out, k, site)
-                if self.record == "input":
-                    self._add(site, x)
-                theta = None if self.theta is None else self.theta.get(site)
-                if theta is not None:
-                    bounds = self._bounds(site, x) if self.support != "all" else None
-                    x = steer_affine(x, theta, self.center[site], self.scale[site], bounds)
-                    out = replace_element(out, k, x)
-                if self.record == "output":
-                    self._add(site, x)
-                if site == self.stop_after:
-                    raise StopForward
-            return None if out is output else out
+    def pooled_inputs(self) -> dict[str, torch.Tensor]:
+        return {s: self.inputs[s] / self.input_counts[s] for s in self.inputs}
 
-        return hook
+    def set_ranges(self, inputs: dict[str, torch.Tensor]) -> None:
+        """The support ranges from pooled map inputs ``{site: (N, D)}`` (all the training inputs of a step)."""
+        from .estimators import _support_range
+
+        for site, pooled in inputs.items():
+            lo, hi = _support_range(pooled.detach().double().cpu().sort(dim=0).values, self.support)
+            self.ranges[site] = (lo.float().to(pooled.device), hi.float().to(pooled.device))
+
+    def _on_output(self, site: str, x: torch.Tensor) -> torch.Tensor | None:
+        if self.record == "input":
+            self._add(site, x)
+        elif self.theta is not None and self.support != "all":
+            self._add(site, x.detach(), self.inputs, self.input_counts)
+        theta = None if self.theta is None else self.theta.get(site)
+        new = None
+        if theta is not None:
+            bounds = self._bounds(site, x) if self.support != "all" else None
+            new = steer_affine(x, theta, self.center[site], self.scale[site], bounds)
+        if self.record == "output":
+            self._add(site, x if new is None else new)
+        if site == self.stop_after:
+            raise StopForward
+        return new
 
     def _bounds(self, site: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.update_ranges or site not in self.ranges:
-            from .estimate import _support_range
+            from .estimators import _support_range
 
             with torch.no_grad():
                 rows, mask = self.ctx.rows, self.ctx.mask
@@ -108,7 +114,9 @@ class SiteMaps:
             self.ranges[site] = (lo.float().to(x.device), hi.float().to(x.device))
         return self.ranges[site]
 
-    def _add(self, site: str, x: torch.Tensor) -> None:
+    def _add(self, site: str, x: torch.Tensor, sums: dict | None = None, counts: dict | None = None) -> None:
+        sums = self.sums if sums is None else sums
+        counts = self.counts if counts is None else counts
         ctx = self.ctx
         if not ctx.active:
             return
@@ -118,13 +126,13 @@ class SiteMaps:
         if mask is not None and ctx.rows is not None and mask.shape[0] != x.shape[0]:
             mask = mask[ctx.rows.to(mask.device)]
         pooled = pool(x, mask=mask, how=self.pooling)  # float32, differentiable
-        if site not in self.sums:
-            self.sums[site], self.counts[site] = pooled, 1
+        if site not in sums:
+            sums[site], counts[site] = pooled, 1
             if site not in self.order:
                 self.order.append(site)
         else:
-            self.sums[site] = self.sums[site] + pooled
-            self.counts[site] += 1
+            sums[site] = sums[site] + pooled
+            counts[site] += 1
 
 
 def steer_affine(x: torch.Tensor, theta: torch.Tensor, center: torch.Tensor, scale: torch.Tensor,
@@ -231,3 +239,50 @@ def schedule(step: int, steps: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@contextlib.contextmanager
+def grad_enabled(model: torch.nn.Module, sites: Sequence[str]) -> Iterator[None]:
+    """Turn autograd on inside ``model`` (and inside the components holding the sites) for the forward calls made in
+    the block, whatever the host does around them: diffusers pipelines run under ``torch.no_grad()`` and ComfyUI
+    under ``torch.inference_mode()``; tensors that such a host made in inference mode (a module's inputs) are
+    cloned into ordinary ones where they enter, since autograd cannot save inference tensors. Nothing else changes,
+    and every hook is removed on exit."""
+    names = {parse_site(site)[0].split(".")[0] for site in sites}
+    modules = [model] + [m for n, m in model.named_children() if n in names]
+    saved: list[tuple[bool, Any]] = []
+
+    def before(module, args, kwargs):
+        cm = torch.inference_mode(False) if torch.is_inference_mode_enabled() else None
+        if cm is not None:
+            cm.__enter__()
+        saved.append((torch.is_grad_enabled(), cm))
+        torch.set_grad_enabled(True)
+        if any(_is_inference(v) for v in (*args, *kwargs.values())):
+            return tuple(_ordinary(v) for v in args), {k: _ordinary(v) for k, v in kwargs.items()}
+        return None
+
+    def after(module, args, output):
+        grad, cm = saved.pop()
+        torch.set_grad_enabled(grad)
+        if cm is not None:
+            cm.__exit__(None, None, None)
+
+    handles = []
+    try:
+        for m in modules:
+            handles.append(m.register_forward_pre_hook(before, with_kwargs=True))
+            handles.append(m.register_forward_hook(after, always_call=True))
+        with torch.enable_grad():
+            yield
+    finally:
+        for h in reversed(handles):
+            h.remove()
+
+
+def _is_inference(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_inference()
+
+
+def _ordinary(value: Any) -> Any:
+    return value.clone() if _is_inference(value) else value

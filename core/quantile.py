@@ -9,15 +9,11 @@ names as future work. Estimation runs in float64 on pooled activations, like the
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 import torch
 
-from .quantile_apply import FoldedQuantile, fold_pieces
-from .transport import Strength, UnitMap
+from .quantile_folding import FoldedQuantile, fold_quantile, stack_quantile
+from .transport import UnitMap
 
-# Units whose omega (tail slope) is this small cannot be inverted for the reverse transport (as for UnitMap).
-_MIN_INVERTIBLE_OMEGA = 1e-6
 DEFAULT_KNOTS = 16
 
 
@@ -82,59 +78,12 @@ class QuantileMap(UnitMap):
                         "the map must be monotone")
         return None
 
-    def fold(self, strength: Strength = 1.0, *, device: torch.device | str | None = None) -> FoldedQuantile:
-        """The map at ``strength`` ready for the per-call path (float32, cached per strength and device).
+    def _fold_scalar(self, value: float) -> FoldedQuantile:
+        """This map at one scalar strength, uncached (`actsteer.core.folding.fold` checks and caches)."""
+        return fold_quantile(self, value)
 
-        ``strength`` may be a tensor of shape ``(R,)`` (one per batch row); see `UnitMap.fold`.
-        """
-        return super().fold(strength, device=device)  # type: ignore[return-value]
-
-    def _fold_value(self, value: float, device: torch.device | None = None) -> FoldedQuantile:
-        from .folded import _fold_cache, _remember
-
-        cache = _fold_cache(self)
-        folded = cache.get((value, device))
-        if folded is None:
-            folded = self._fold_scalar_quantile(value)
-            if device is not None:
-                folded = folded.to(device)
-            folded = _remember(cache, (value, device), folded)
-        return folded
-
-    def _fold_rows(self, values: tuple[float, ...], rows: torch.Tensor, device: torch.device | None = None):
-        from .folded import _fold_cache, _remember
-
-        cache = _fold_cache(self)
-        tables = cache.get((values, device))
-        if tables is None:
-            folds = [self._fold_value(v, device) for v in values]
-            forward = [f for f, v in zip(folds, values) if v > 0]
-            backward = [f for f, v in zip(folds, values) if v < 0]
-            # rows at 0 are the identity whatever knots they look up (their support is empty)
-            knots = (backward or forward or folds)[0].knots if not (forward and backward) else forward[0].knots
-            reverse = backward[0].knots if forward and backward else None
-            negative = torch.tensor([v < 0 for v in values], device=device) if reverse is not None else None
-            stacked = [torch.stack(ts) for ts in zip(*(f.tensors()[1:] for f in folds))]
-            tables = _remember(cache, (values, device), FoldedQuantile(
-                knots, *stacked, any(f.masked for f in folds), None, reverse, negative))
-        return tables.with_rows(rows)
-
-    def _fold_scalar_quantile(self, s: float) -> FoldedQuantile:
-        knots, values, omega = self.knots.double(), self.values.double(), self.omega.double()
-        if s >= 0:
-            tail, lo, hi = omega, self.lo.double(), self.hi.double()
-        else:
-            s = -s
-            knots, values = values, knots  # the inverse map: through (target quantile, source quantile)
-            invertible = omega > _MIN_INVERTIBLE_OMEGA
-            tail = torch.where(invertible, 1.0 / torch.where(invertible, omega, torch.ones_like(omega)),
-                               torch.ones_like(omega))
-            lo, hi = self.target_lo.double(), self.target_hi.double()
-        pieces = fold_pieces(knots, values, tail, s)
-        if s == 0:  # the identity, bit for bit: NaN bounds put every value (even +-inf) outside the support
-            lo, hi = torch.full_like(lo, float("nan")), torch.full_like(hi, float("nan"))
-        masked = s == 0 or bool(torch.isfinite(lo).any() or torch.isfinite(hi).any())
-        return FoldedQuantile(*(t.float() for t in pieces), lo.float(), hi.float(), masked)
+    def _stack_folds(self, folds: list[FoldedQuantile], values: tuple[float, ...]) -> FoldedQuantile:
+        return stack_quantile(folds, values)
 
     def to_affine(self) -> UnitMap:
         """The affine summary (Linear-AcT fit of the same data) as a plain `UnitMap`."""
@@ -193,26 +142,3 @@ def quantile_map(
     x, y = torch.cummax(x.float(), dim=0).values, torch.cummax(y.float(), dim=0).values
     return QuantileMap(omega=torch.where(dead, torch.ones_like(omega), omega), beta=beta, dead=dead,
                        knots=x, values=y, **bounds)
-
-
-def quantile_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The options `quantile_map` takes from `actsteer.estimate`'s ``**options`` (``knots``); refuses others."""
-    unknown = sorted(set(options) - {"knots"})
-    if unknown:
-        raise ValueError(f"Unknown option(s) {unknown} for method 'quantile'; it takes `knots` (an integer >= 2)")
-    return {"knots": options.get("knots", DEFAULT_KNOTS)}
-
-
-def estimate_quantile(source: torch.Tensor, target: torch.Tensor, support: Any = "observed", **options: Any) -> QuantileMap:
-    """`quantile_map` from raw ``(n, D)``/``(m, D)`` inputs with `actsteer.estimate`'s checks and support rules."""
-    from .estimate import ESTIMATORS, _check_inputs, _support_range
-
-    opts = quantile_options(options)
-    a, b = _check_inputs("source", source), _check_inputs("target", target)
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"`source` has {a.shape[1]} units but `target` has {b.shape[1]}; they must come from the same site")
-    omega, beta, dead = ESTIMATORS["linear-act"](a, b)
-    lo, hi = _support_range(a.sort(dim=0).values, support)
-    target_lo, target_hi = _support_range(b.sort(dim=0).values, support)
-    bounds = {"lo": lo, "hi": hi, "target_lo": target_lo, "target_hi": target_hi}
-    return quantile_map(a, b, omega=omega, beta=beta, dead=dead, bounds=bounds, **opts)

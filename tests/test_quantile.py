@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 import actsteer
-from actsteer.core.quantile import QuantileMap, estimate_quantile
+from actsteer.core.quantile import QuantileMap
 from actsteer.eval.fidelity import wasserstein_1d
 
 
@@ -17,7 +17,7 @@ def gen() -> torch.Generator:
 
 
 def _fit(source, target, **kw) -> QuantileMap:
-    return estimate_quantile(source, target, **kw)
+    return actsteer.estimate(source, target, method="quantile", **kw)
 
 
 def test_quantile_gaussian_map_is_the_affine_ot_map(gen):

@@ -1,4 +1,4 @@
-"""The per-call formula of a monotone piecewise-linear map per unit (`QuantileMap`), folded for a strength.
+"""Folding a `QuantileMap` (a monotone piecewise-linear map per unit) for a strength, and its per-call formula.
 
 Per unit, a folded map has ``K`` knots (sorted) and ``K + 1`` pieces: the left tail, the ``K - 1`` segments between
 knots, the right tail. Piece ``j`` is the line through its anchor ``(anchor_x[j], anchor_y[j])`` with slope
@@ -12,10 +12,17 @@ measures this against the affine map and a uniform-grid lookup.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 
-_HALF = (torch.float16, torch.bfloat16)
+from .folding import HALF_DTYPES as _HALF
+
+if TYPE_CHECKING:
+    from .quantile import QuantileMap
+
+# Units whose omega (tail slope) is this small cannot be inverted for the reverse transport (as for UnitMap).
+_MIN_INVERTIBLE_OMEGA = 1e-6
 
 
 def piece_index(x: torch.Tensor, knots: torch.Tensor) -> torch.Tensor:
@@ -144,3 +151,37 @@ def fold_pieces(knots: torch.Tensor, values: torch.Tensor, tail: torch.Tensor, s
     anchor_y = anchor_x + s * (anchor_y - anchor_x)
     slope = 1 + s * (slope - 1)
     return knots.T.contiguous(), anchor_x.T.contiguous(), anchor_y.T.contiguous(), slope.T.contiguous()
+
+
+def fold_quantile(qmap: QuantileMap, s: float) -> FoldedQuantile:
+    """``qmap`` at the scalar strength ``s``: ``a + s (T(a) - a)`` on the source support for ``s >= 0``; the inverse
+    map (through ``(values, knots)``, tails of slope ``1 / omega``) at ``|s|`` on the target support for ``s < 0``.
+    At ``s = 0`` the support is empty (NaN bounds), so every value comes out bit for bit."""
+    knots, values, omega = qmap.knots.double(), qmap.values.double(), qmap.omega.double()
+    if s >= 0:
+        tail, lo, hi = omega, qmap.lo.double(), qmap.hi.double()
+    else:
+        s = -s
+        knots, values = values, knots
+        invertible = omega > _MIN_INVERTIBLE_OMEGA
+        tail = torch.where(invertible, 1.0 / torch.where(invertible, omega, torch.ones_like(omega)),
+                           torch.ones_like(omega))
+        lo, hi = qmap.target_lo.double(), qmap.target_hi.double()
+    pieces = fold_pieces(knots, values, tail, s)
+    if s == 0:
+        lo, hi = torch.full_like(lo, float("nan")), torch.full_like(hi, float("nan"))
+    masked = s == 0 or bool(torch.isfinite(lo).any() or torch.isfinite(hi).any())
+    return FoldedQuantile(*(t.float() for t in pieces), lo.float(), hi.float(), masked)
+
+
+def stack_quantile(folds: list[FoldedQuantile], values: tuple[float, ...]) -> FoldedQuantile:
+    """The per-row tables of ``folds`` (one per distinct strength in ``values``): forward knots, and the reverse
+    ones too when the strengths differ in sign (rows at 0 are the identity whatever knots they look up)."""
+    forward = [f for f, v in zip(folds, values) if v > 0]
+    backward = [f for f, v in zip(folds, values) if v < 0]
+    mixed = bool(forward and backward)
+    knots = forward[0].knots if mixed else (backward or forward or folds)[0].knots
+    negative = torch.tensor([v < 0 for v in values], device=knots.device) if mixed else None
+    stacked = [torch.stack(ts) for ts in zip(*(f.tensors()[1:] for f in folds))]
+    return FoldedQuantile(knots, *stacked, any(f.masked for f in folds), None,
+                          backward[0].knots if mixed else None, negative)
