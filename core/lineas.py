@@ -56,8 +56,8 @@ class LineasConfig:
 
     steps: int = 150
     lr: float = 0.1
-    l1: float = 0.02
-    group: float = 0.02
+    l1: float = 0.5
+    group: float = 0.5
     held_out: float = 0.25
     eval_every: int = 5
     patience: int = 10
