@@ -32,7 +32,7 @@ from .estimators import ESTIMATORS, FIT_METHODS, Support, canonical_method, esti
 from .fitting import fit
 from .folding import HALF_DTYPES, FoldedMap, in_support
 from .io import read_header, resolve_path
-from .lineas import LineasConfig
+from .lineas import LineasConfig, lineas_config
 from .per_token import TokenTables, apply_per_token, token_tables
 from .pooling import pool
 from .quantile import QuantileMap
@@ -64,6 +64,7 @@ __all__ = [
     "TokenTables",
     "apply_per_token",
     "token_tables",
+    "lineas_config",
     "HALF_DTYPES",
     "FoldedMap",
     "ForwardContext",

@@ -16,7 +16,6 @@ distribution the model really produces (the reference steers the target rows too
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .estimators import Support, canonical_method, estimate
-from .lineas import LineasConfig, fit_lineas
+from .lineas import fit_lineas, lineas_config
 from .pooling import check_pooling
 from .provenance import model_record
 from .record import ForwardContext, Recorder, record_sites
@@ -171,17 +170,6 @@ def fit(
         description=description,
         extra={"fit": {**stats, "batch_size": bs, "batches": len(batches)}},
     )
-
-
-def lineas_config(options: dict[str, Any] | LineasConfig | None) -> LineasConfig:
-    """A `LineasConfig` from a dict of its fields (None: the defaults); unknown names are refused with the list."""
-    if options is None or isinstance(options, LineasConfig):
-        return options or LineasConfig()
-    known = [f.name for f in dataclasses.fields(LineasConfig)]
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ValueError(f"Unknown LinEAS option(s) {unknown}; the options are: {', '.join(known)}")
-    return LineasConfig(**options)
 
 
 def _fit_one_pass(model, sites, batch, run, pooling, fit_site, progress):

@@ -27,7 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .estimators import Support, _dead_units, _support_range
-from .lineas_parts import ProximalAdam, SiteMaps, StopForward, W2Loss, grad_enabled, schedule
+from .grad_scope import grad_enabled
+from .lineas_parts import ProximalAdam, SiteMaps, StopForward, W2Loss, schedule
 from .pooling import check_pooling
 from .record import ForwardContext
 from .transport import Transport, UnitMap
@@ -75,6 +76,17 @@ class LineasConfig:
                 raise ValueError(f"LinEAS `{name}` must be a number >= 0, got {value!r}")
         if self.lr <= 0 or self.held_out >= 1 or self.warmup >= 1:
             raise ValueError(f"LinEAS needs lr > 0, held_out < 1 and warmup < 1; got {self}")
+
+
+def lineas_config(options: dict[str, Any] | LineasConfig | None) -> LineasConfig:
+    """A `LineasConfig` from a dict of its fields (None: the defaults); unknown names are refused with the list."""
+    if options is None or isinstance(options, LineasConfig):
+        return options or LineasConfig()
+    known = [f.name for f in dataclasses.fields(LineasConfig)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"Unknown LinEAS option(s) {unknown}; the options are: {', '.join(known)}")
+    return LineasConfig(**options)
 
 
 def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -148,8 +160,18 @@ def fit_lineas(
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with job.maps:
+        # out of a host's inference mode (ComfyUI runs nodes in it): the loss and the parameters need autograd too
+        with torch.inference_mode(False), job.maps:
             transport = job.train(source, target, progress)
+    except RuntimeError as err:
+        if "modified by an inplace operation" not in str(err):
+            raise
+        raise RuntimeError(
+            f"LinEAS cannot backpropagate through {type(model).__name__}: its forward updates activations in place "
+            "(ComfyUI's FLUX blocks do `img += ...`), which autograd cannot go through. Use method 'linear-act' or "
+            "'quantile' here, or fit LinEAS on the diffusers pipeline (actsteer.fit_pipeline) and translate it with "
+            "actsteer.to_comfy"
+        ) from err
     finally:
         for module, mode in modes.items():
             module.training = mode

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from .pooling import pool
 from .record import ForwardContext, record_sites
-from .sites import parse_site
 
 
 class StopForward(Exception):
@@ -239,50 +238,3 @@ def schedule(step: int, steps: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-@contextlib.contextmanager
-def grad_enabled(model: torch.nn.Module, sites: Sequence[str]) -> Iterator[None]:
-    """Turn autograd on inside ``model`` (and inside the components holding the sites) for the forward calls made in
-    the block, whatever the host does around them: diffusers pipelines run under ``torch.no_grad()`` and ComfyUI
-    under ``torch.inference_mode()``; tensors that such a host made in inference mode (a module's inputs) are
-    cloned into ordinary ones where they enter, since autograd cannot save inference tensors. Nothing else changes,
-    and every hook is removed on exit."""
-    names = {parse_site(site)[0].split(".")[0] for site in sites}
-    modules = [model] + [m for n, m in model.named_children() if n in names]
-    saved: list[tuple[bool, Any]] = []
-
-    def before(module, args, kwargs):
-        cm = torch.inference_mode(False) if torch.is_inference_mode_enabled() else None
-        if cm is not None:
-            cm.__enter__()
-        saved.append((torch.is_grad_enabled(), cm))
-        torch.set_grad_enabled(True)
-        if any(_is_inference(v) for v in (*args, *kwargs.values())):
-            return tuple(_ordinary(v) for v in args), {k: _ordinary(v) for k, v in kwargs.items()}
-        return None
-
-    def after(module, args, output):
-        grad, cm = saved.pop()
-        torch.set_grad_enabled(grad)
-        if cm is not None:
-            cm.__exit__(None, None, None)
-
-    handles = []
-    try:
-        for m in modules:
-            handles.append(m.register_forward_pre_hook(before, with_kwargs=True))
-            handles.append(m.register_forward_hook(after, always_call=True))
-        with torch.enable_grad():
-            yield
-    finally:
-        for h in reversed(handles):
-            h.remove()
-
-
-def _is_inference(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.is_inference()
-
-
-def _ordinary(value: Any) -> Any:
-    return value.clone() if _is_inference(value) else value

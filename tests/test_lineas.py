@@ -8,7 +8,8 @@ from torch.testing import assert_close
 
 import actsteer
 from actsteer.core.lineas import LineasConfig, fit_lineas
-from actsteer.core.lineas_parts import ProximalAdam, W2Loss, coupling, grad_enabled, steer_affine
+from actsteer.core.grad_scope import grad_enabled
+from actsteer.core.lineas_parts import ProximalAdam, W2Loss, coupling, steer_affine
 from actsteer.eval.fidelity import wasserstein_1d
 
 D = 4
@@ -170,3 +171,21 @@ def test_grad_enabled_inside_no_grad_and_inference_mode_hosts():
             assert model(torch.ones(1, 2)).requires_grad
     assert seen == [True, True]
     assert not model._forward_pre_hooks and len(model._forward_hooks) == 0
+
+
+def test_grad_enabled_backpropagates_through_weights_made_in_inference_mode():
+    """ComfyUI loads weights under torch.inference_mode(): autograd cannot save them, so they are used through
+    ordinary copies while the block runs; the module keeps its own tensors and requires_grad flags afterwards."""
+    with torch.inference_mode():
+        model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+        x = torch.randn(4, 3)
+    originals = [p for p in model.parameters()]
+    theta = torch.zeros(3, requires_grad=True)
+    model[0].register_forward_hook(lambda m, a, out: out + theta)
+    with grad_enabled(model, ["0"]):
+        with torch.inference_mode():
+            out = model(x)
+        (grad,) = torch.autograd.grad(out.pow(2).sum(), [theta])
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert [p for p in model.parameters()] == originals and all(p.requires_grad for p in model.parameters())
+    assert all(p.is_inference() and p.grad is None for p in model.parameters())
