@@ -122,3 +122,42 @@ def test_lineas_batches_give_the_same_gradients(tiny_llama):
 def test_estimate_refuses_lineas_with_the_way_to_fit_it():
     with pytest.raises(ValueError, match="fit_lm/fit_pipeline"):
         actsteer.estimate(torch.randn(4, 2), torch.randn(4, 2), method="lineas")
+
+
+@pytest.fixture
+def saved_llama(tiny_lm_factory, tmp_path):
+    model, tok = tiny_lm_factory("llama")
+    model.save_pretrained(tmp_path / "tiny-llama")
+    tok.save_pretrained(tmp_path / "tiny-llama")
+    src, tgt = tmp_path / "source.txt", tmp_path / "target.txt"
+    src.write_text("\n".join(SOURCE))
+    tgt.write_text("\n".join(TARGET))
+    return tmp_path / "tiny-llama", src, tgt
+
+
+@pytest.mark.parametrize(("method", "options", "shown"), [
+    ("quantile", ["knots=5"], "quantile maps: 5 sites with 5 knots"),
+    ("lineas", ["steps=4", "eval_every=2", "l1=0", "group=0"], "method: lineas"),
+])
+def test_cli_fit_with_the_new_methods(saved_llama, tmp_path, capsys, method, options, shown):
+    from actsteer.hf_integration.cli import main
+
+    model, src, tgt = saved_llama
+    out = tmp_path / f"{method}.safetensors"
+    args = ["fit", "--model", str(model), "--source", str(src), "--target", str(tgt), "-o", str(out),
+            "--method", method, "--modules", "all-norms"] + [a for o in options for a in ("--option", o)]
+    assert main(args) == 0
+    assert main(["inspect", str(out)]) == 0
+    assert shown in capsys.readouterr().out
+    assert main(["generate", "--model", str(model), "--steer", str(out), "--prompt", "hi", "--max-new-tokens", "3"]) == 0
+
+
+def test_cli_refuses_bad_method_options_before_loading(saved_llama, tmp_path, capsys):
+    from actsteer.hf_integration.cli import main
+
+    _, src, tgt = saved_llama
+    base = ["fit", "--model", "no/such/model", "--source", str(src), "--target", str(tgt), "-o", str(tmp_path / "x")]
+    assert main(base + ["--method", "lineas", "--option", "stepz=3"]) == 2
+    assert "Unknown LinEAS option" in capsys.readouterr().err
+    assert main(base + ["--method", "quantile", "--option", "knots=1"]) == 2
+    assert "knots=N" in capsys.readouterr().err
