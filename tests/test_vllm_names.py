@@ -204,3 +204,32 @@ def test_worker_layout_subsequence_keeps_each_request_order():
     assert _subsequence((b, a), [a, b, a]) == [1, 2]
     assert _subsequence((a, a), [a, b]) is None and _subsequence((a, a), [a, b, a]) == [0, 2]
     assert _subsequence((("ocean", "v2"),), [a, b]) is None  # a changed file is a different slot
+
+
+def test_to_vllm_translates_quantile_maps_and_mixed_fused_slices(llama):
+    """Quantile maps keep their knots through the translation; an affine map fused beside one becomes a quantile map
+    that is exact on its knots, and the units no map covers stay bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 64, (2, 7))
+    hf_sites = {"model.layers.0.self_attn.q_proj": 16, "model.layers.0.self_attn.k_proj": 8,
+                "model.layers.1.input_layernorm": 16}
+    out = _outputs(llama, hf_sites, x)
+    maps = {}
+    for site, d in hf_sites.items():
+        a = torch.randn(64, d, generator=g)
+        kind = "linear-act" if site.endswith("k_proj") else "quantile"
+        maps[site] = actsteer.estimate(a, a.exp() + torch.randn(64, d, generator=g), method=kind, knots=6)
+    t = actsteer.Transport(maps, model={"class": "LlamaForCausalLM"})
+    v = to_vllm(t, ModelShape.from_config(llama.config))
+    assert isinstance(v["model.layers.0.self_attn.qkv_proj:0"], actsteer.core.QuantileMap)
+    norm = v["model.layers.1.input_layernorm:0"]
+    assert torch.equal(norm.knots, t["model.layers.1.input_layernorm"].knots)
+    qkv = torch.cat([out["model.layers.0.self_attn.q_proj"], out["model.layers.0.self_attn.k_proj"],
+                     torch.randn(2, 7, 8, generator=g)], -1)
+    for strength in (1.0, -0.5):
+        got = v["model.layers.0.self_attn.qkv_proj:0"](qkv, strength)
+        want_q = t["model.layers.0.self_attn.q_proj"](out["model.layers.0.self_attn.q_proj"], strength)
+        want_k = t["model.layers.0.self_attn.k_proj"](out["model.layers.0.self_attn.k_proj"], strength)
+        torch.testing.assert_close(got[..., :16], want_q, rtol=0, atol=0)
+        torch.testing.assert_close(got[..., 16:24], want_k, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got[..., 24:], qkv[..., 24:])

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..core import Transport, UnitMap, fitted_on_note, parse_site
+from ..core import QuantileMap, Transport, UnitMap, fitted_on_note, parse_site
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -288,13 +288,28 @@ def _hf_width(site: str, shape: ModelShape) -> int:
 
 
 def _merge(vllm_site: str, parts: list[tuple[_Piece, UnitMap, str]]) -> UnitMap:
-    """One UnitMap over the whole vLLM output: the pieces' units where they land, the identity elsewhere."""
+    """One map over the whole vLLM output: the pieces' units where they land, the identity elsewhere.
+
+    With a `QuantileMap` among the pieces the result is one too: the identity and affine units get knots on which
+    their map is exact (``values = omega * knots + beta``, tails of slope ``omega``).
+    """
     width = parts[0][0].width
     inf = torch.full((width,), float("inf"))
     fields = {
         "omega": torch.ones(width), "beta": torch.zeros(width), "lo": -inf, "hi": inf.clone(),
         "target_lo": -inf.clone(), "target_hi": inf.clone(), "dead": torch.zeros(width, dtype=torch.bool),
     }
+    counts = {m.num_knots for _, m, _ in parts if isinstance(m, QuantileMap)}
+    if len(counts) > 1:
+        raise ValueError(f"The quantile maps that land on {vllm_site!r} have different numbers of knots "
+                         f"({sorted(counts)}); fit them with one `knots`")
+    if counts:
+        k = counts.pop()
+        grid = torch.linspace(-1.0, 1.0, k).unsqueeze(1).expand(k, width).contiguous()
+        fields["knots"], fields["values"] = grid, grid.clone()
+        # units no piece covers: an empty support ([+inf, +inf]) leaves them bit for bit, as `x * 1 + 0` does
+        for bound in ("lo", "hi", "target_lo", "target_hi"):
+            fields[bound] = inf.clone()
     taken = torch.zeros(width, dtype=torch.bool)
     owner: dict[int, str] = {}
     for piece, unit_map, hf_site in parts:
@@ -306,6 +321,13 @@ def _merge(vllm_site: str, parts: list[tuple[_Piece, UnitMap, str]]) -> UnitMap:
             )
         taken[dest] = True
         owner.update(dict.fromkeys(dest.tolist(), hf_site))
-        for field, value in unit_map.to_tensors().items():
-            fields[field][dest] = value[piece.source_units]
-    return UnitMap(**fields)
+        tensors = unit_map.to_tensors()
+        if "knots" in fields and "knots" not in tensors:  # an affine piece, exact on any knots
+            knots = grid[:, : unit_map.dim]
+            tensors["knots"], tensors["values"] = knots, unit_map.omega * knots + unit_map.beta
+        for field, value in tensors.items():
+            if value.dim() == 2:  # (K, D) knots and values
+                fields[field][:, dest] = value[:, piece.source_units]
+            else:
+                fields[field][dest] = value[piece.source_units]
+    return QuantileMap(**fields) if "knots" in fields else UnitMap(**fields)
