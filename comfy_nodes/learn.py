@@ -200,7 +200,7 @@ def learn(
             method's own (`actsteer.core.method_defaults`), which also sets the pooling: the mean over
             tokens/pixels, the max for AurA. ``"lineas"`` trains every layer's map jointly through the diffusion
             model (``fit_mode`` does not apply; see `actsteer.core.LineasConfig`).
-        options: method options (``{"knots": 16}`` for quantile, `LineasConfig` fields for lineas).
+        options: method options (``{"knots": 8}`` for quantile, `LineasConfig` fields for lineas).
         fit_mode: ``"sequential"`` (one call with ``collect_steps == 1``, one call per site otherwise) or ``"at-once"``.
         batch_size: items per sampler call; 0 = all items in one call (cheapest).
         settings: sampling and pooling settings.

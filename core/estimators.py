@@ -311,7 +311,7 @@ def estimate(
         support: where the map applies: ``"observed"`` (source min..max, Q_o, default: safe at strength 1),
             ``"all"`` (all reals, Q_inf), or a quantile band ``(q_lo, q_hi)`` of the source.
         **options: method options (``pair`` for actadd, ``l2``/``max_iter`` for itic, ``knots`` for quantile:
-            the number of quantile levels, default 16).
+            the number of quantile levels, default 8).
 
     Returns:
         A `UnitMap` with float32 tensors of shape ``(D,)`` (a `QuantileMap` for ``"quantile"``).

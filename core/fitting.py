@@ -92,7 +92,7 @@ def fit(
         progress: show tqdm progress bars.
         model_info: hint stored in the transport's metadata (class, name_or_path, hidden size, ...).
         description: free text stored in the metadata.
-        estimate_options: extra options for the estimator (e.g. ``{"pair": 0}`` for actadd, ``{"knots": 16}`` for
+        estimate_options: extra options for the estimator (e.g. ``{"pair": 0}`` for actadd, ``{"knots": 8}`` for
             quantile, `LineasConfig` fields for lineas).
         log_summary: log the one ``info`` line "fitted ... in N s" (hosts that time the parts of a longer run,
             e.g. the ComfyUI Learn node, log their own line instead).

@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear-act (default), quantile (the exact monotone map per unit), lineas (all sites trained "
                         "jointly through the model: minutes, not seconds), mean-act, gaussian-ot, actadd, caa, itic, aura")
     p.add_argument("--option", action="append", type=parse_option, metavar="KEY=VALUE",
-                   help="a method option, repeatable: knots=16 (quantile); steps=150, lr=0.1, l1=0.5, group=0.5 (lineas)")
+                   help="a method option, repeatable: knots=8 (quantile; more follow the data closer); steps=150, lr=0.1, l1=0.5, group=0.5 (lineas)")
     p.add_argument("--modules", default="auto", help="auto, all-norms, post-norms, mlp, or comma-separated regexes")
     p.add_argument("--support", default=None, type=parse_support,
                    help="observed, all, or q_lo,q_hi (default: observed for the AcT maps, all for the baselines)")

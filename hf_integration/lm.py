@@ -132,7 +132,7 @@ def fit_lm(
             (``max_position_embeddings`` / ``n_positions``); a warning says when texts were cut to the context.
         progress: tqdm progress bars.
         description: free text stored in the file.
-        options: method options: ``{"knots": 16}`` for quantile, `actsteer.core.LineasConfig` fields (``steps``,
+        options: method options: ``{"knots": 8}`` for quantile, `actsteer.core.LineasConfig` fields (``steps``,
             ``lr``, ``l1``, ``group``, ...) for lineas, ``{"pair": 0}`` for actadd.
 
     Returns:
