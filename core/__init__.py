@@ -5,8 +5,9 @@ This package is the one face of the core: the host layers (``hf_integration``, `
 so that the modules can change behind these names. Who owns what:
 
 - maps: `UnitMap`, `Transport` (``transport.py``); folding a strength and the per-call formula (``folding.py``);
-  the exact 1-D map `QuantileMap` (``quantile.py``) and its folding and formula (``quantile_folding.py``); one
-  strength per token from static tables, `token_tables`/`apply_per_token` (``per_token.py``);
+  the exact 1-D map `QuantileMap` (``quantile.py``) and its folding and formula (``quantile_folding.py``); the
+  per-token formula over stacked transports, for servers (`stacked_affine`, `stack_directions`, ``stacked.py``:
+  affine maps only);
 - estimation: `estimate`, `ESTIMATORS`, `method_defaults` (``estimators.py``); pooling (``pooling.py``);
   LinEAS, all sites trained jointly through the model: `LineasConfig` (``lineas.py``, ``lineas_parts.py``);
 - steering: `Steering` and strength checks (``steering.py``); `attach`, `steer`, `bind`, `SteeringHandle`
@@ -33,7 +34,6 @@ from .fitting import fit
 from .folding import HALF_DTYPES, FoldedMap, in_support
 from .io import read_header, resolve_path
 from .lineas import LineasConfig, lineas_config
-from .per_token import TokenTables, apply_per_token, token_tables
 from .pooling import pool
 from .quantile import QuantileMap
 from .quantile_folding import FoldedQuantile
@@ -47,9 +47,11 @@ from .sites import (
     list_sites,
     parse_site,
     present_sites,
+    replace_element,
     resolve_sites,
     validate,
 )
+from .stacked import stack_directions, stacked_affine
 from .steering import SiteStrength, Steering, SteeringLike, as_steerings, check_strength
 from .steps import StepClock, Steps, Window, check_steps, in_window, locate
 from .transport import Transport, UnitMap
@@ -61,9 +63,6 @@ __all__ = [
     "FoldedQuantile",
     "LineasConfig",
     "QuantileMap",
-    "TokenTables",
-    "apply_per_token",
-    "token_tables",
     "lineas_config",
     "HALF_DTYPES",
     "FoldedMap",
@@ -90,6 +89,7 @@ __all__ = [
     "check_transport",
     "collect",
     "element",
+    "replace_element",
     "estimate",
     "fit",
     "fitted_on",
@@ -112,6 +112,8 @@ __all__ = [
     "resolve_path",
     "resolve_sites",
     "shorten",
+    "stack_directions",
+    "stacked_affine",
     "steer",
     "steering_of",
     "validate",

@@ -307,6 +307,15 @@ def fold_affine(unit_map: UnitMap, value: float) -> FoldedMap:
     return FoldedMap(*_fold_scalar(unit_map, torch.tensor(value, dtype=torch.float64)))
 
 
+def inverse_affine(omega: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reverse (target -> source) map's slope and offset, ``1/omega`` and ``-beta/omega``; units with ``omega``
+    ~ 0 cannot be inverted and stay the identity (slope 1, offset 0)."""
+    invertible = omega > _MIN_INVERTIBLE_OMEGA
+    safe = torch.where(invertible, omega, torch.ones_like(omega))
+    inv_omega = torch.where(invertible, 1.0 / safe, torch.ones_like(omega))
+    return inv_omega, torch.where(invertible, -beta / safe, torch.zeros_like(beta))
+
+
 def _fold_scalar(unit_map: UnitMap, s: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``(weight, bias, lo, hi, masked)`` of ``unit_map`` at the scalar strength ``s`` (float64 math, float32 out)."""
     omega, beta = unit_map.omega.double(), unit_map.beta.double()
@@ -314,10 +323,7 @@ def _fold_scalar(unit_map: UnitMap, s: torch.Tensor) -> tuple[torch.Tensor, ...]
         weight, bias, lo, hi = 1 + s * (omega - 1), s * beta, unit_map.lo, unit_map.hi
     else:
         a = -s
-        invertible = omega > _MIN_INVERTIBLE_OMEGA
-        safe = torch.where(invertible, omega, torch.ones_like(omega))
-        inv_omega = torch.where(invertible, 1.0 / safe, torch.ones_like(omega))
-        inv_beta = torch.where(invertible, -beta / safe, torch.zeros_like(beta))
+        inv_omega, inv_beta = inverse_affine(omega, beta)
         weight, bias, lo, hi = 1 + a * (inv_omega - 1), a * inv_beta, unit_map.target_lo, unit_map.target_hi
     masked = bool(torch.isfinite(lo).any() or torch.isfinite(hi).any())
     return weight.float(), bias.float(), lo.float().clone(), hi.float().clone(), masked

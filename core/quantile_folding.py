@@ -20,12 +20,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from .folding import HALF_DTYPES as _HALF
+from .folding import inverse_affine
 
 if TYPE_CHECKING:
     from .quantile import QuantileMap
 
-# Units whose omega (tail slope) is this small cannot be inverted for the reverse transport (as for UnitMap).
-_MIN_INVERTIBLE_OMEGA = 1e-6
 # 1 / width of a zero-width segment (tied quantiles): a finite slope so that (a - x_k) * inv_width stays a number
 _STEEP = 1e30
 
@@ -131,9 +130,7 @@ def fold_quantile(qmap: QuantileMap, s: float) -> FoldedQuantile:
     else:
         s = -s
         knots, values = values, knots  # the inverse map: through (target quantile, source quantile)
-        invertible = omega > _MIN_INVERTIBLE_OMEGA
-        tail = torch.where(invertible, 1.0 / torch.where(invertible, omega, torch.ones_like(omega)),
-                           torch.ones_like(omega))
+        tail = inverse_affine(omega, torch.zeros_like(omega))[0]  # 1 / omega (1 where omega ~ 0, as for UnitMap)
         lo, hi = qmap.target_lo.double(), qmap.target_hi.double()
     values = knots + s * (values - knots)  # T_s at the knots
     width = knots[1:] - knots[:-1]

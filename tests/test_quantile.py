@@ -141,21 +141,3 @@ def test_quantile_lookup_compiles_to_one_graph(gen):
     x = torch.randn(2, 5, 8, generator=gen)
     compiled = torch.compile(fm.apply_last, fullgraph=True, backend="eager")
     assert_close(compiled(x), fm.apply_last(x), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("kind", ["affine", "quantile"])
-def test_apply_per_token_matches_each_rows_fold(gen, kind):
-    from actsteer.core.per_token import apply_per_token, token_tables
-
-    a, b = torch.randn(300, 6, generator=gen), torch.randn(300, 6, generator=gen).exp()
-    m = actsteer.estimate(a, b) if kind == "affine" else _fit(a, b)
-    x = torch.randn(5, 6, generator=gen) * 0.5
-    strength = torch.tensor([0.0, 1.0, -1.0, 0.3, -0.6])
-    out = apply_per_token(x, token_tables(m), strength)
-    for i, s in enumerate(strength.tolist()):
-        assert_close(out[i], m(x[i : i + 1], s)[0], rtol=1e-5, atol=1e-5)
-    assert torch.equal(out[0], x[0])
-    half = x.bfloat16()
-    assert apply_per_token(half, token_tables(m, dtype=torch.bfloat16), strength).dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="reverse"):
-        apply_per_token(x, token_tables(m, reverse=False), strength)

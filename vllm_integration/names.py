@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..core import QuantileMap, Transport, UnitMap, fitted_on_note, parse_site
+from ..core import Transport, UnitMap, fitted_on_note, parse_site
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -275,6 +275,24 @@ def to_vllm(transport: Transport, shape: ModelShape) -> Transport:
     return transport.replace(maps, extra=extra)
 
 
+def site_width(site: str, shape: ModelShape) -> int:
+    """Units of a vLLM site on this rank: the fused q/k/v and gate/up outputs are column-parallel shards, the
+    others (norms, embeddings, all-reduced outputs) are the hidden size.
+
+    Example:
+        >>> s = ModelShape("LlamaForCausalLM", num_layers=2, hidden_size=8, intermediate_size=16, num_heads=2,
+        ...                num_kv_heads=1, head_dim=4, tp_size=2)
+        >>> site_width("model.layers.0.mlp.gate_up_proj:0", s), site_width("model.norm:0", s)
+        (16, 8)
+    """
+    last = parse_site(site)[0].rsplit(".", 1)[-1]
+    if last == "qkv_proj":
+        return shape.qkv_width
+    if last == "gate_up_proj":
+        return shape.gate_up_width
+    return shape.hidden_size
+
+
 def _hf_width(site: str, shape: ModelShape) -> int:
     """Units of the HF site's output (the whole model, not a TP shard)."""
     name, _ = parse_site(site)
@@ -288,28 +306,13 @@ def _hf_width(site: str, shape: ModelShape) -> int:
 
 
 def _merge(vllm_site: str, parts: list[tuple[_Piece, UnitMap, str]]) -> UnitMap:
-    """One map over the whole vLLM output: the pieces' units where they land, the identity elsewhere.
-
-    With a `QuantileMap` among the pieces the result is one too: the identity and affine units get knots on which
-    their map is exact (``values = omega * knots + beta``, tails of slope ``omega``).
-    """
+    """One UnitMap over the whole vLLM output: the pieces' units where they land, the identity elsewhere."""
     width = parts[0][0].width
     inf = torch.full((width,), float("inf"))
     fields = {
         "omega": torch.ones(width), "beta": torch.zeros(width), "lo": -inf, "hi": inf.clone(),
         "target_lo": -inf.clone(), "target_hi": inf.clone(), "dead": torch.zeros(width, dtype=torch.bool),
     }
-    counts = {m.num_knots for _, m, _ in parts if isinstance(m, QuantileMap)}
-    if len(counts) > 1:
-        raise ValueError(f"The quantile maps that land on {vllm_site!r} have different numbers of knots "
-                         f"({sorted(counts)}); fit them with one `knots`")
-    if counts:
-        k = counts.pop()
-        grid = torch.linspace(-1.0, 1.0, k).unsqueeze(1).expand(k, width).contiguous()
-        fields["knots"], fields["values"] = grid, grid.clone()
-        # units no piece covers: an empty support ([+inf, +inf]) leaves them bit for bit, as `x * 1 + 0` does
-        for bound in ("lo", "hi", "target_lo", "target_hi"):
-            fields[bound] = inf.clone()
     taken = torch.zeros(width, dtype=torch.bool)
     owner: dict[int, str] = {}
     for piece, unit_map, hf_site in parts:
@@ -321,13 +324,6 @@ def _merge(vllm_site: str, parts: list[tuple[_Piece, UnitMap, str]]) -> UnitMap:
             )
         taken[dest] = True
         owner.update(dict.fromkeys(dest.tolist(), hf_site))
-        tensors = unit_map.to_tensors()
-        if "knots" in fields and "knots" not in tensors:  # an affine piece, exact on any knots
-            knots = grid[:, : unit_map.dim]
-            tensors["knots"], tensors["values"] = knots, unit_map.omega * knots + unit_map.beta
-        for field, value in tensors.items():
-            if value.dim() == 2:  # (K, D) knots and values
-                fields[field][:, dest] = value[:, piece.source_units]
-            else:
-                fields[field][dest] = value[piece.source_units]
-    return QuantileMap(**fields) if "knots" in fields else UnitMap(**fields)
+        for field, value in unit_map.to_tensors().items():
+            fields[field][dest] = value[piece.source_units]
+    return UnitMap(**fields)
