@@ -40,7 +40,7 @@ Runner = Callable[[Sequence[Any], ForwardContext], Any]
 
 @dataclasses.dataclass(frozen=True)
 class LineasConfig:
-    """How LinEAS trains (every default was chosen on held-out data, see benchmarks/RESULTS.md "LinEAS").
+    """How LinEAS trains (the defaults are provisional, measured on two concepts: benchmarks/RESULTS.md section 7).
 
     Attributes:
         steps: the most optimisation steps (one forward and backward pass over the training source inputs each).
