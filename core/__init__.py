@@ -5,9 +5,11 @@ This package is the one face of the core: the host layers (``hf_integration``, `
 so that the modules can change behind these names. Who owns what:
 
 - maps: `UnitMap`, `Transport` (``transport.py``); folding a strength and the per-call formula (``folding.py``);
-  the per-token formula over stacked transports, for servers (`stacked_affine`, `stack_directions`,
-  ``stacked.py``);
+  the exact 1-D map `QuantileMap` (``quantile.py``) and its folding and formula (``quantile_folding.py``); the
+  per-token formula over stacked transports, for servers (`stacked_affine`, `stack_directions`, ``stacked.py``:
+  affine maps only);
 - estimation: `estimate`, `ESTIMATORS`, `method_defaults` (``estimators.py``); pooling (``pooling.py``);
+  LinEAS, all sites trained jointly through the model: `LineasConfig` (``lineas.py``, ``lineas_parts.py``);
 - steering: `Steering` and strength checks (``steering.py``); `attach`, `steer`, `bind`, `SteeringHandle`
   (``engine.py``, with ``dispatch.py`` and ``apply.py`` behind it); `keep_context` for streamed generators
   (``streams.py``);
@@ -29,11 +31,14 @@ Example:
 
 from ._version import __version__
 from .engine import SteeringHandle, attach, bind, steer, steering_of
-from .estimators import ESTIMATORS, Support, canonical_method, estimate, method_defaults
+from .estimators import ESTIMATORS, FIT_METHODS, Support, canonical_method, estimate, method_defaults
 from .fitting import fit
 from .folding import HALF_DTYPES, FoldedMap, in_support
 from .io import read_header, resolve_path
+from .lineas import LineasConfig, lineas_config
 from .pooling import pool
+from .quantile import QuantileMap
+from .quantile_folding import FoldedQuantile
 from .provenance import fitted_on, fitted_on_note, model_name, model_record, naming_of
 from .record import ForwardContext, Recorder, collect, record_sites
 from .sites import (
@@ -57,6 +62,11 @@ from .validation import check_transport, printable, shorten
 
 __all__ = [
     "ESTIMATORS",
+    "FIT_METHODS",
+    "FoldedQuantile",
+    "LineasConfig",
+    "QuantileMap",
+    "lineas_config",
     "HALF_DTYPES",
     "FoldedMap",
     "ForwardContext",

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .engine import steering_of
 from .estimators import Support, canonical_method, estimate
+from .lineas import fit_lineas, lineas_config
 from .pooling import check_pooling
 from .provenance import model_record
 from .record import ForwardContext, Recorder, record_sites
@@ -85,7 +86,7 @@ def fit(
     estimate_options: dict[str, Any] | None = None,
     log_summary: bool = True,
 ) -> Transport:
-    """Fit one `UnitMap` per site from two collections of inputs.
+    """Fit one `UnitMap` per site from two collections of inputs (or train them all at once: ``method="lineas"``).
 
     Args:
         model: the module whose submodules are hooked (site names are relative to it).
@@ -93,7 +94,9 @@ def fit(
         source, target: the inputs (any objects the runner understands, e.g. texts), at least 2 each.
         run: ``run(items, ctx)`` runs the model on a list of items (source items first, then target ones,
             within a batch). It may set ``ctx.mask``/``ctx.rows``/``ctx.active`` before the forward call.
-        method, support: passed to `actsteer.estimate`.
+        method, support: passed to `actsteer.estimate`; ``method="lineas"`` instead trains every site's affine map
+            jointly through the model (`actsteer.core.lineas.fit_lineas`; ``sequential``/``one_pass`` do not apply,
+            ``estimate_options`` are `LineasConfig` fields such as ``{"steps": 100}``).
         pooling: ``"mean"`` (default), ``"last"``, ``"max"``, ``"min"``; see `actsteer.core.pooling.pool`.
         sequential: causal estimation in execution order (default) or all sites at once.
         batch_size: items per forward call; None = all in one call (cheapest for sequential fitting).
@@ -103,7 +106,8 @@ def fit(
         progress: show tqdm progress bars.
         model_info: hint stored in the transport's metadata (class, name_or_path, hidden size, ...).
         description: free text stored in the metadata.
-        estimate_options: extra options for the estimator (e.g. ``{"pair": 0}`` for actadd).
+        estimate_options: extra options for the estimator (e.g. ``{"pair": 0}`` for actadd, ``{"knots": 8}`` for
+            quantile, `LineasConfig` fields for lineas).
         log_summary: log the one ``info`` line "fitted ... in N s" (hosts that time the parts of a longer run,
             e.g. the ComfyUI Learn node, log their own line instead).
 
@@ -137,6 +141,11 @@ def fit(
         raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size}")
     iter_site_modules(model, sites)  # KeyError with near misses on a bad name, before anything runs
     _refuse_steered(model)
+    if method == "lineas":
+        return fit_lineas(model, sites, source, target, run=run, pooling=pooling, support=support,
+                          config=lineas_config(estimate_options), batch_size=batch_size, progress=progress,
+                          model_info=model_info or model_record(model), description=description,
+                          log_summary=log_summary)
     items = source + target
     labels = torch.tensor([True] * len(source) + [False] * len(target))
     bs = len(items) if batch_size is None else min(batch_size, len(items))

@@ -77,7 +77,8 @@ def check_site_name(site: object) -> str | None:
 
 def check_unit_map(unit_map: UnitMap) -> str | None:
     """What is wrong with a map's numbers (None when it is usable): NaN/Inf in ``omega``/``beta``, magnitudes above
-    `MAX_MAP_VALUE` there, NaN bounds (bounds may be +-inf), or a lower bound above its upper bound."""
+    `MAX_MAP_VALUE` there, NaN bounds (bounds may be +-inf), a lower bound above its upper bound, or what the map's
+    own ``problem()`` reports (a `QuantileMap`: non-finite or decreasing knots or values)."""
     if unit_map.dim == 0:
         return "it has 0 units"
     for field in ("omega", "beta"):
@@ -97,7 +98,8 @@ def check_unit_map(unit_map: UnitMap) -> str | None:
         bad = getattr(unit_map, lo) > getattr(unit_map, hi)
         if bad.any():
             return f"`{lo}` is above `{hi}` at {int(bad.sum())} unit(s) (first at unit {int(bad.nonzero()[0])})"
-    return None
+    own = getattr(unit_map, "problem", None)
+    return own() if callable(own) else None
 
 
 def check_transport(transport: Transport, where: str = "transport") -> Transport:

@@ -109,6 +109,7 @@ def fit_lm(
     max_length: int = 128,
     progress: bool = True,
     description: str = "",
+    options: dict[str, Any] | None = None,
 ) -> Transport:
     """Fit a transport that moves ``source_texts``-like activations to ``target_texts``-like ones.
 
@@ -118,7 +119,9 @@ def fit_lm(
         source_texts, target_texts: at least 2 non-empty texts each (a few dozen to a few hundred work well).
         modules: ``"auto"`` (the paper's sites for the architecture), a preset (``"all-norms"``,
             ``"post-norms"``, ``"mlp"``), a regex, or a list of regexes/module names.
-        method: ``"linear-act"`` (default) or another `actsteer.estimate` method.
+        method: ``"linear-act"`` (default), another `actsteer.estimate` method (``"quantile"``: the exact monotone
+            map per unit), or ``"lineas"`` (all sites' affine maps trained jointly by backpropagation through the
+            model with a distributional loss and sparsity; minutes instead of seconds, see README "LinEAS").
         pooling: ``"mean"`` over real tokens, ``"last"``, ``"max"``, ``"min"``. Default: the method's own
             (mean for the AcT maps, last token for actadd/caa/itic, max for aura).
         support: ``"observed"``, ``"all"``, or a quantile band. Default: ``"observed"`` for the AcT maps (strength
@@ -129,6 +132,8 @@ def fit_lm(
             (``max_position_embeddings`` / ``n_positions``); a warning says when texts were cut to the context.
         progress: tqdm progress bars.
         description: free text stored in the file.
+        options: method options: ``{"knots": 8}`` for quantile, `actsteer.core.LineasConfig` fields (``steps``,
+            ``lr``, ``l1``, ``group``, ...) for lineas, ``{"pair": 0}`` for actadd.
 
     Returns:
         A `Transport` (sites in execution order; metadata records the model and the prompt counts).
@@ -166,6 +171,7 @@ def fit_lm(
             sequential=sequential,
             batch_size=batch_size,
             progress=progress,
+            estimate_options=options,
             model_info=model_info(model),
             description=description,
         )

@@ -16,6 +16,7 @@ from support.comfy import comfy_dirs, pack  # noqa: F401  (fixtures)
 
 import actsteer
 from actsteer.core import printable
+from actsteer.core.io import FORMAT_VERSION
 from actsteer.core.io import FORMAT
 from actsteer.hf_integration.cli import main
 
@@ -86,8 +87,9 @@ def test_crafted_format_version_that_is_not_a_number_is_malformed_not_upgrade(tm
 
 
 def test_crafted_newer_format_version_still_says_upgrade(tmp_path):
-    path = write_raw(tmp_path / "v2.safetensors", _with(), version="2", actsteer_version="9.9" + HOSTILE)
-    with pytest.raises(ValueError, match=r"version '2' \(written by actsteer 9\.9\\x1b.*upgrade actsteer") as info:
+    newer = str(FORMAT_VERSION + 1)
+    path = write_raw(tmp_path / "vnew.safetensors", _with(), version=newer, actsteer_version="9.9" + HOSTILE)
+    with pytest.raises(ValueError, match=rf"version '{newer}' \(written by actsteer 9\.9\\x1b.*upgrade actsteer") as info:
         actsteer.Transport.load(path)
     assert ESC not in str(info.value)
 
