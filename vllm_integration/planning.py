@@ -3,9 +3,9 @@
 `plan_engine` reads every transport in the folder once, translates it to vLLM's site names and writes their union
 into the engine config (``additional_config["actsteer"]["plan"]``). vLLM hands that config to every worker, which
 puts the steering slots on exactly those sites before compiling the model, and hashes it into its compile-cache
-key (with the slot and composition counts), so a cached graph is reused only for the same plan. A transport that cannot steer the served model is left
-out of the plan (and refused when a request names it); one added to the folder later must steer planned sites
-only, or the server must be restarted.
+key (with the slot and composition counts), so a cached graph is reused only for the same plan. A transport that
+cannot steer the served model is left out of the plan (and refused when a request names it); one added to the
+folder later must steer planned sites only, or the server must be restarted.
 """
 
 from __future__ import annotations
