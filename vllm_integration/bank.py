@@ -9,10 +9,10 @@ that never move (the core's per-token formula, `actsteer.core.stacked_affine`):
 - per token, ``depth`` pairs (table row, ``|strength|``): the transports its request composes, in order.
 
 Before each step the worker writes these in place (`Bank.load_slot`, `Bank.set_tokens`); a strength change or
-another set of active transports is a new value in the same buffers, so ``torch.compile`` (vLLM's piecewise
-graphs) never recompiles and a CUDA graph replays them as captured. Unsteered tokens read row 0 at amount 0: their
-output equals the input bit for bit. Run eagerly (``enforce_eager``), the hook skips the composition positions
-the current batch does not use, and returns at once when no token is steered.
+another set of active transports is a new value in the same buffers, so ``torch.compile`` (one graph on CPU, vLLM's
+piecewise graphs on GPU) never recompiles and a CUDA graph replays them as captured. Unsteered tokens read row 0 at
+amount 0: their output equals the input bit for bit. Run eagerly (``enforce_eager``), the hook skips the composition
+positions the current batch does not use, and returns at once when no token is steered.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 `plan_engine` reads every transport in the folder once, translates it to vLLM's site names and writes their union
 into the engine config (``additional_config["actsteer"]["plan"]``). vLLM hands that config to every worker, which
 puts the steering slots on exactly those sites before compiling the model, and hashes it into its compile-cache
-key, so a cached graph is reused only for the same plan. A transport that cannot steer the served model is left
-out of the plan (and refused when a request names it); one added to the folder later must steer planned sites
-only, or the server must be restarted.
+key (with the slot and composition counts), so a cached graph is reused only for the same plan. A transport that
+cannot steer the served model is left out of the plan (and refused when a request names it); one added to the
+folder later must steer planned sites only, or the server must be restarted.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ def plan_engine(config: Any) -> Settings | None:
     if not isinstance(config.additional_config, MutableMapping):
         raise TypeError("actsteer needs additional_config to be a dict (like {\"actsteer\": {\"transports\": DIR}})")
     section = dict(config.additional_config.get(CONFIG_KEY) or {})
-    section[PLAN_KEY] = {"sites": list(sites)}
+    # everything that shapes the compiled graph goes into the plan, which vLLM hashes into its compile-cache key:
+    # the sites, and the slot and composition counts (the tables' shapes), defaults included
+    section[PLAN_KEY] = {"sites": list(sites), "slots": settings.max_transports, "depth": settings.max_composed}
     config.additional_config[CONFIG_KEY] = section
     compiled = int(config.compilation_config.mode) != 0 and not model_config.enforce_eager
     graphs = str(getattr(config.compilation_config, "cudagraph_mode", "NONE")).rsplit(".", 1)[-1]
