@@ -55,6 +55,9 @@ PASTEL_PAPER = np.array((246, 226, 236), dtype=np.float32)
 DARK_GROUND = np.array((22, 22, 34), dtype=np.float32)
 SEPIA_TONE = np.array((1.0, 0.87, 0.68), dtype=np.float32)  # times the luminance
 BLUR_SIGMA = 1.2
+# Jitter (pixels) of the centre and radius: small, so that a full caption nearly determines its picture and the
+# first step of a few-step sampler (the caption's average picture) already draws it (see model.py)
+JITTER = {"x": 1.0, "y": 1.0, "size": 0.3}
 HALFTONE_TINT = 0.25  # the paper between the dots: 25% colour, 75% white (the silhouette stays readable)
 
 
@@ -153,9 +156,9 @@ def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
 
 def render(attrs: Attributes, rng: np.random.Generator) -> np.ndarray:
     """Draw ``attrs`` as a ``(32, 32, 3)`` uint8 RGB image; ``rng`` jitters the position and size."""
-    cx = POSITIONS[attrs.position] + rng.uniform(-1.5, 1.5)
-    cy = SIZE / 2 + rng.uniform(-3.0, 3.0)
-    r = SIZES[attrs.size] + rng.uniform(-0.5, 0.5)
+    cx = POSITIONS[attrs.position] + rng.uniform(-JITTER["x"], JITTER["x"])
+    cy = SIZE / 2 + rng.uniform(-JITTER["y"], JITTER["y"])
+    r = SIZES[attrs.size] + rng.uniform(-JITTER["size"], JITTER["size"])
     mask = _mask(attrs.shape, _GRID_X, _GRID_Y, cx, cy, r)
     colour = np.array(COLOURS[attrs.colour], dtype=np.float32)
     ground = WHITE

@@ -44,7 +44,7 @@ logger = logging.getLogger("miniature.fewstep.train")
 
 
 def train(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, ema_decay: float, log_every: int,
-          warmup: int = 200, save_every: int = 0) -> dict:
+          warmup: int = 200, save_every: int = 0, sampler_share: float = 0.5) -> dict:
     """Train and save the EMA weights as a diffusers `StableDiffusionPipeline` folder at ``out``; return the log."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -57,11 +57,13 @@ def train(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, ema_d
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema = [p.detach().clone() for p in params]
     history, start, cpu_start, window = [], time.time(), time.process_time(), []
-    per_t = {int(t): [] for t in timesteps}
+    per_t: dict[int, list[float]] = {int(t): [] for t in timesteps}
     for step in range(steps):
         x0, captions, _ = styles.batch(batch_size, rng, training=True)
         noise = torch.randn_like(x0)
-        t = timesteps[torch.randint(0, len(timesteps), (batch_size,))]
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,))
+        on_schedule = torch.rand(batch_size) < sampler_share
+        t[on_schedule] = timesteps[torch.randint(0, len(timesteps), (int(on_schedule.sum()),))]
         xt = scheduler.add_noise(x0, noise, t)
         target = scheduler.get_velocity(x0, noise, t)
         cond = text_encoder(_tokens(tokenizer, captions))[0]
@@ -79,7 +81,8 @@ def train(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, ema_d
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         window.append(loss.item())
         for ti, r in zip(t.tolist(), rows.detach().tolist()):
-            per_t[ti].append(r)
+            if ti in per_t:
+                per_t[ti].append(r)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             elapsed, cpu = time.time() - start, time.process_time() - cpu_start
             history.append({"step": step + 1, "loss": float(np.mean(window)), "elapsed_s": round(elapsed, 1),
@@ -114,19 +117,22 @@ def _save(out: Path, unet, text_encoder, tokenizer, params: list[torch.Tensor], 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=M.PIPELINE_DIR, help="diffusers folder to write")
-    parser.add_argument("--steps", type=int, default=2300)
+    parser.add_argument("--steps", type=int, default=2200)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ema-decay", type=float, default=0.998)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (results depend on it)")
+    parser.add_argument("--sampler-share", type=float, default=0.5,
+                        help="fraction of rows at the sampler's timesteps (the rest: uniform over 0..999)")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=0, help="also save EMA snapshots to OUT/step<N>")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     log = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                ema_decay=args.ema_decay, log_every=args.log_every, save_every=args.save_every)
+                ema_decay=args.ema_decay, log_every=args.log_every, save_every=args.save_every,
+                sampler_share=args.sampler_share)
     log.update({
         "command": " ".join(["python", "-m", "benchmarks.miniature.fewstep.train",
                              *(sys.argv[1:] if argv is None else argv)]),
