@@ -8,21 +8,18 @@ style presence, content kept and similarities against the unsteered twin AT THE 
 presence at guidance g over presence without guidance (computed by `fewstep_tables.py`).
 
 Run (one thread):
-    python benchmarks/diffusion_fewstep_guidance.py --model fewstep --out .../guidance_fewstep.jsonl
-    python benchmarks/diffusion_fewstep_guidance.py --model tenstep --seeds 1 --out .../guidance_tenstep.jsonl
+    python -m benchmarks.diffusion_fewstep_guidance --model fewstep --out .../guidance_fewstep.jsonl
+    python -m benchmarks.diffusion_fewstep_guidance --model tenstep --seeds 1 --out .../guidance_tenstep.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.append(str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import fewstep_common as C  # noqa: E402
+from benchmarks import fewstep_common as C
 
 logger = logging.getLogger("diffusion_fewstep_guidance")
 

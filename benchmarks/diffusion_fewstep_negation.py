@@ -9,20 +9,17 @@ word, and the caption form "a circle, <style>") at guidance 3 against the guidan
 samples at guidance 0, where a negative prompt does nothing); and the caption without the word.
 
 Run (one thread):
-    python benchmarks/diffusion_fewstep_negation.py --model fewstep --out .../negation_fewstep.jsonl
+    python -m benchmarks.diffusion_fewstep_negation --model fewstep --out .../negation_fewstep.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.append(str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import fewstep_common as C  # noqa: E402
+from benchmarks import fewstep_common as C
 
 logger = logging.getLogger("diffusion_fewstep_negation")
 

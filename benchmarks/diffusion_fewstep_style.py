@@ -13,21 +13,18 @@ final norm (``te``) and both. Measured per cell (`miniature.fewstep.metrics.scor
 judge-feature similarity. The prompt (", <style>") is the reference.
 
 Run (one thread; see benchmarks/RESULTS.md, "Diffusion in miniature, few-step"):
-    python benchmarks/diffusion_fewstep_style.py --model fewstep --out /work/scratch/fewstep/style_fewstep.jsonl
-    python benchmarks/diffusion_fewstep_style.py --model tenstep --seeds 1 --out .../style_tenstep.jsonl
+    python -m benchmarks.diffusion_fewstep_style --model fewstep --out /work/scratch/fewstep/style_fewstep.jsonl
+    python -m benchmarks.diffusion_fewstep_style --model tenstep --seeds 1 --out .../style_tenstep.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.append(str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import fewstep_common as C  # noqa: E402
+from benchmarks import fewstep_common as C
 
 logger = logging.getLogger("diffusion_fewstep_style")
 

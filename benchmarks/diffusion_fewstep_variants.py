@@ -11,7 +11,7 @@ Variants (UNet norms unless said; Linear-AcT; support ``observed`` and ``all``):
 - ``te`` and ``both`` site sets with the ``all`` support, for comparison in the same run.
 
 Run (one thread):
-    python benchmarks/diffusion_fewstep_variants.py --out .../variants_fewstep.jsonl
+    python -m benchmarks.diffusion_fewstep_variants --out .../variants_fewstep.jsonl
 """
 
 from __future__ import annotations
@@ -19,16 +19,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.append(str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import actsteer  # noqa: E402
-from benchmarks import fewstep_common as C  # noqa: E402
+import actsteer
+from benchmarks import fewstep_common as C
 
 logger = logging.getLogger("diffusion_fewstep_variants")
 WINDOWS = ((0.0, 0.25), (0.0, 0.5), (0.25, 1.0))

@@ -2,7 +2,7 @@
 `diffusion_fewstep_negation.py`): the two miniatures behind one interface, steered generation with a CFG placement,
 and the fits every benchmark compares.
 
-Two miniatures (benchmarks/miniature):
+Two miniatures (tests/support/miniature):
 - ``fewstep`` (the paper's setting: 4 Euler steps, guidance 0, six global styles: `miniature.fewstep`);
 - ``tenstep`` (the first miniature: 10 DDIM steps, guidance 3, styles striped / speckled / outlined), for contrast.
 
@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,13 +30,12 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repo root: `benchmarks.miniature`
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-import actsteer  # noqa: E402
-from benchmarks.miniature.fewstep import metrics as fmetrics  # noqa: E402
+import actsteer
+from tests.support.miniature.fewstep import metrics as fmetrics
 
 logger = logging.getLogger("fewstep")
 TEXT_SITE = "text_encoder.final_layer_norm"
@@ -65,7 +63,7 @@ class _WithPosition:
         self.judges, self.position = judges, position
 
     def predict(self, images: torch.Tensor) -> dict[str, list[str]]:
-        from benchmarks.miniature.fewstep.judges import ATTRIBUTES
+        from tests.support.miniature.fewstep.judges import ATTRIBUTES
 
         out = self.judges.predict(images)
         with torch.no_grad():
@@ -102,7 +100,7 @@ class Mini:
 
 
 def _tenstep_metrics():
-    from benchmarks.miniature import metrics
+    from tests.support.miniature import metrics
 
     return metrics
 
@@ -110,17 +108,17 @@ def _tenstep_metrics():
 def load(name: str, *, n_fit: int = 32, n_eval: int = 32, seeds: int = 3, seed: int = 0) -> Mini:
     """Load a miniature (``"fewstep"`` or ``"tenstep"``) with ``n_fit`` fit captions and ``n_eval`` x ``seeds``
     held-out images (disjoint (shape, colour, position, size) combinations)."""
-    from benchmarks.miniature.fewstep import judges as fjudges
-    from benchmarks.miniature.fewstep import model as fmodel
-    from benchmarks.miniature.fewstep import styles as fstyles
+    from tests.support.miniature.fewstep import judges as fjudges
+    from tests.support.miniature.fewstep import model as fmodel
+    from tests.support.miniature.fewstep import styles as fstyles
 
     if name == "fewstep":
         fit_attrs, eval_attrs = fmetrics.split_prompts(n_fit, n_eval, seed=seed)
         return Mini("fewstep", fmodel.load_pipeline(), fjudges.Judges.load(), fstyles.STYLES[1:], "plain",
                     fmodel.STEPS, 0.0, fstyles.COLOUR_STYLES, fit_attrs, eval_attrs * seeds)
     if name == "tenstep":
-        from benchmarks.miniature import judges as tjudges
-        from benchmarks.miniature import model as tmodel
+        from tests.support.miniature import judges as tjudges
+        from tests.support.miniature import model as tmodel
 
         fit_attrs, eval_attrs = _tenstep_metrics().split_prompts(n_fit, n_eval, seed=seed)
         judges = _WithPosition(tjudges.Judges.load(), fjudges.Judges.load().nets["position"])

@@ -1,6 +1,6 @@
 """Tables and plots from the JSON-lines rows of the few-step benchmarks (style, guidance, negation).
 
-    python benchmarks/fewstep_tables.py --style S.jsonl [--guidance G.jsonl] [--negation N.jsonl] \
+    python -m benchmarks.fewstep_tables --style S.jsonl [--guidance G.jsonl] [--negation N.jsonl] \
         [--figures benchmarks/figures --prefix fewstep] > tables.md
 """
 
@@ -9,13 +9,10 @@ from __future__ import annotations
 import argparse
 import collections
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.append(str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import fewstep_common as C  # noqa: E402
+from benchmarks import fewstep_common as C
 
 
 def _f(v: Any, digits: int = 2) -> str:

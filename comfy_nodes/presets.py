@@ -1,6 +1,6 @@
 """Layer choices for ComfyUI diffusion models: which sites of ``model.model.diffusion_model`` to fit or steer.
 
-The named groups ("all-norms", "input-blocks", "image-stream", ...) are `actsteer.hf_integration.site_groups`,
+The named groups ("all-norms", "input-blocks", "image-stream", ...) are `actsteer.archs.site_groups`,
 the vocabulary the diffusers presets share; here they are applied in ComfyUI's naming. Site names follow
 ComfyUI's module names: SDXL ``input_blocks.4.1.transformer_blocks.0.norm1``; FLUX ``double_blocks.3:0``
 (image stream), ``double_blocks.3:1`` (text stream), ``single_blocks.7`` (one ``cat([txt, img])`` tensor).
@@ -10,15 +10,11 @@ No ComfyUI import: these are pure functions over module trees.
 from __future__ import annotations
 
 import re
-from typing import Literal
-
 import torch
 
-from ..core.sites import resolve_sites
-from ..hf_integration import site_groups
-
-Family = Literal["unet", "flux", "other"]
-_ARCH = {"unet": "sdxl", "flux": "flux"}
+from ..archs import site_groups
+from ..archs.detect import module_arch
+from ..core import resolve_sites
 
 # The Learn node's `layers` choices: auto, then each family's groups, then a free regex.
 LAYER_PRESETS: tuple[str, ...] = (
@@ -45,19 +41,34 @@ GROUP_TOOLTIP = (
 )
 
 
-def model_family(diffusion_model: torch.nn.Module) -> Family:
-    """``"unet"`` for SD1/SDXL-style UNets, ``"flux"`` for FLUX-style double/single-block transformers."""
-    names = {c.__name__ for c in type(diffusion_model).__mro__}
-    if "UNetModel" in names:
-        return "unet"
-    if hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks"):
-        return "flux"
-    return "other"
+def group_archs(name: str) -> tuple[str, ...]:
+    """The architectures (``"sdxl"``, ``"flux"``) that have a layer group or alias called ``name``.
+
+    Example:
+        >>> group_archs("blocks"), group_archs("fast"), group_archs("regex")
+        (('flux',), ('sdxl', 'flux'), ())
+    """
+    return tuple(a for a in site_groups.ARCHS if name in site_groups.group_names(a) or name in site_groups.ALIASES[a])
 
 
-def model_arch(diffusion_model: torch.nn.Module) -> str | None:
-    """``"sdxl"`` or ``"flux"``: the `site_groups` architecture of a diffusion model (None for others)."""
-    return _ARCH.get(model_family(diffusion_model))
+def family_problem(option: str, group: str, arch: str | None, where: str, choices: tuple[str, ...]) -> str | None:
+    """What is wrong with picking ``group`` for a MODEL of ``arch`` (None when it fits, or either is unknown).
+
+    Args:
+        option: the node input that holds the group (``"layers"``, ``"layer_group"``).
+        where: how to name the MODEL in the message, e.g. ``"SDXL (sd_xl_base_1.0.safetensors)"``.
+        choices: the input's own options; the message lists those that fit ``arch``.
+
+    Example:
+        >>> family_problem("layer_group", "blocks", "sdxl", "SDXL", ("all", "fast", "input-blocks", "blocks"))
+        "layer_group: 'blocks' is a layer group of FLUX, and the MODEL is SDXL; choose one of: all, fast, input-blocks"
+    """
+    owners = group_archs(group)
+    if arch is None or not owners or arch in owners:
+        return None
+    fitting = [c for c in choices if c in ("all", "auto", "regex") or arch in group_archs(c)]
+    return (f"{option}: {group!r} is a layer group of {' and '.join(o.upper() for o in owners)}, and the MODEL is "
+            f"{where}; choose one of: {', '.join(fitting)}")
 
 
 def _modules(diffusion_model: torch.nn.Module) -> list[tuple[str, bool]]:
@@ -83,7 +94,7 @@ def preset_sites(diffusion_model: torch.nn.Module, preset: str, regex: str = "")
     Args:
         diffusion_model: ``model.model.diffusion_model`` of a ComfyUI MODEL.
         preset: ``"auto"`` (all-norms on UNets, blocks on FLUX), a group of
-            `actsteer.hf_integration.site_groups` (``"fast"``, ``"input-blocks"``, ``"image-stream"``, ...),
+            `actsteer.archs.site_groups` (``"fast"``, ``"input-blocks"``, ``"image-stream"``, ...),
             or ``"regex"``.
         regex: with ``preset="regex"``, a regular expression matched in full against module names; end it
             with ``:0``, ``:1`` or ``:(0|1)`` to pick elements of tuple outputs (FLUX double blocks).
@@ -94,7 +105,7 @@ def preset_sites(diffusion_model: torch.nn.Module, preset: str, regex: str = "")
     """
     if preset == "regex":
         return _regex_sites(diffusion_model, regex)
-    arch = model_arch(diffusion_model)
+    arch = module_arch(diffusion_model)
     kind = type(diffusion_model).__name__
     if arch is None:
         raise ValueError(f"Named layer groups cover SDXL-style UNets and FLUX; for this {kind} set layers = regex and "
@@ -117,10 +128,14 @@ def group_sites(diffusion_model: torch.nn.Module, sites: list[str], group: str) 
     """
     if group == "all":
         return list(sites)
-    arch = model_arch(diffusion_model)
+    arch = module_arch(diffusion_model)
     if arch is None:
         raise ValueError(f"layer_group {group!r}: named layer groups cover SDXL-style UNets and FLUX, not "
                          f"{type(diffusion_model).__name__}; set layer_group to 'all' and use the layers regex")
+    problem = family_problem("layer_group", group, arch, f"{arch.upper()} ({type(diffusion_model).__name__})",
+                             APPLY_GROUPS)
+    if problem:
+        raise ValueError(problem)
     try:
         return site_groups.filter_sites(sites, group, arch, "comfyui")
     except ValueError as err:

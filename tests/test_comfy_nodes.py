@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_harness import (  # noqa: F401  (fixtures)
+from support.comfy import (  # noqa: F401  (fixtures)
     REPO,
     clip,
     comfy_dirs,
@@ -118,9 +118,10 @@ def test_save_writes_no_duplicate_and_says_why(pack, comfy_dirs):
     transport, other = _transport(pack, {"a": 4}), _transport(pack, {"a": 4}, seed=1)
     save = _node("ActSteerSave").execute
     first = save(transport=transport, filename="ocean", if_exists="add number")
-    assert first.result == ("ocean.safetensors",) and first.ui.as_dict() == {"text": ("saved ocean.safetensors (1 layers)",)}
+    assert first.result[0] == "ocean.safetensors" and first.ui.as_dict() == {"text": ("saved ocean.safetensors (1 layers)",)}
+    assert first.result[1] is transport  # passed on, for AcT Apply (so a bad file name stops the graph early)
     again = save(transport=transport, filename="ocean", if_exists="add number")  # the same transport, queued again
-    assert again.result == ("ocean.safetensors",)
+    assert again.result == ("ocean.safetensors", transport)
     assert again.ui.as_dict()["text"][0].startswith("not saved again: ocean.safetensors already holds this transport")
     for mode in ("error", "overwrite"):  # neither errors nor rewrites for the same transport
         assert save(transport=transport, filename="ocean", if_exists=mode).ui.as_dict()["text"][0].startswith("not saved")
@@ -182,7 +183,7 @@ def test_apply_translates_diffusers_transports(pack, clip, sdxl, flux, caplog):
               "unet.mid_block.attentions.0.norm": 64, "unet.conv_norm_out": 32}
     fitted = _transport(pack, widths, model={"naming": "diffusers", "arch": "sdxl", "unet_layout": layout})
     same = pack.core.Transport({names[s]: fitted[s] for s in fitted}, support="all")
-    assert checks.is_diffusers_transport(fitted) and not checks.is_diffusers_transport(same)
+    assert pack.archs.is_diffusers_transport(fitted) and not pack.archs.is_diffusers_transport(same)
     apply = _node("ActSteerApply").execute
     patched = apply(model=sdxl, transport=fitted, strength=1.0, start_percent=0.0, end_percent=1.0, layers="")[0]
     assert patching.steering_patch(patched).entries[0].transport.sites == list(names.values())
@@ -250,7 +251,10 @@ def test_apply_layer_group_steers_only_that_part_of_the_model(pack, sdxl, flux):
     with pytest.raises(ValueError, match="layer_group: None of the transport's 2 layers is in the group 'input-blocks'; "
                                          "it has layers in: .*middle-block.*; pick another layer_group, or 'all'"):
         steered(sdxl, transport.select(["middle_block.1.norm", "middle_block.2.out_layers.0"]), "input-blocks")
-    with pytest.raises(ValueError, match="'image-stream' is a FLUX layer group; for this SDXL model choose one of"):
+    # the choices offered are Apply's own (its list has "all", not Learn's "auto" or "regex")
+    with pytest.raises(ValueError, match=r"^layer_group: 'image-stream' is a layer group of FLUX, and the MODEL is SDXL "
+                                         r"\(UNetModel\); choose one of: all, fast, all-norms, input-blocks, "
+                                         r"middle-block, output-blocks, attention-norms, resnet-norms$"):
         steered(sdxl, transport, "image-stream")
 
     streams = _transport(pack, {"double_blocks.0:0": 64, "double_blocks.0:1": 64, "single_blocks.1": 64},
@@ -307,11 +311,3 @@ def test_errors_tell_an_artist_what_to_change_in_the_graph(pack, clip, sdxl, flu
     for_artist = pack.comfy_nodes.checks.for_artist
     assert for_artist("Site 'x' not found in Flux (9 submodules); see actsteer.list_sites(model) (fitted on 'SDXL')",
                       "do this") == "Site 'x' not found in Flux (9 submodules) (fitted on 'SDXL'); do this"
-
-
-def test_comfy_layer_docstring_examples_run(pack):
-    import doctest
-
-    for module in (pack.comfy_nodes.inputs, pack.comfy_nodes.checks):
-        result = doctest.testmod(module)
-        assert result.attempted > 0 and result.failed == 0, module.__name__

@@ -1,24 +1,17 @@
-"""The few-step miniature (benchmarks/miniature/fewstep): dataset, captions, tokenizer, schedule, and the committed
+"""The few-step miniature (tests/support/miniature/fewstep): dataset, captions, tokenizer, schedule, and the committed
 pipeline and judges loading into real diffusers/transformers classes."""
 
 from __future__ import annotations
 
 import doctest
 import json
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
-
-from benchmarks.miniature.fewstep import judges as judges_module  # noqa: E402
-from benchmarks.miniature.fewstep import metrics, styles  # noqa: E402
-from benchmarks.miniature.fewstep import model as M  # noqa: E402
+from support.miniature.fewstep import judges as judges_module
+from support.miniature.fewstep import metrics, styles
+from support.miniature.fewstep import model as M
 
 
 def test_fewstep_doctests_pass():

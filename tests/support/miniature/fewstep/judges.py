@@ -7,7 +7,8 @@ styles that keep it (not ``sepia``: its monochrome tones leave the colour undefi
 stored in the weights file's metadata and reported in benchmarks/RESULTS.md.
 
 Train (one thread):
-    nice -n 10 python -m benchmarks.miniature.fewstep.judges --out benchmarks/miniature/fewstep/weights/judges.safetensors
+    nice -n 10 python -m tests.support.miniature.fewstep.judges \
+        --out tests/support/miniature/fewstep/weights/judges.safetensors
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class Judges:
 
         Raises:
             FileNotFoundError: the file is missing; train the judges with
-                ``python -m benchmarks.miniature.fewstep.judges``.
+                ``python -m tests.support.miniature.fewstep.judges``.
         """
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -92,7 +93,7 @@ class Judges:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
-                f"No judges at {path}: run `python -m benchmarks.miniature.fewstep.judges --out {path}`")
+                f"No judges at {path}: run `python -m tests.support.miniature.fewstep.judges --out {path}`")
         state = load_file(path)
         with safe_open(path, "pt") as f:
             metadata = f.metadata() or {}
@@ -199,8 +200,10 @@ def main(argv: list[str] | None = None) -> None:
         "heldout_accuracy": json.dumps(clean), "heldout_accuracy_noise0.1": json.dumps(noisy),
         "heldout_accuracy_per_style": json.dumps(per_style),
         "test_size": str(args.test_size), "train_steps": str(args.steps), "batch_size": str(args.batch_size),
-        "seed": str(args.seed), "threads": str(args.threads), "train_wall_s": f"{wall:.0f}", "train_cpu_s": f"{cpu:.0f}",
-        "command": " ".join(["python -m benchmarks.miniature.fewstep.judges", *(sys.argv[1:] if argv is None else argv)]),
+        "seed": str(args.seed), "threads": str(args.threads), "train_wall_s": f"{wall:.0f}",
+        "train_cpu_s": f"{cpu:.0f}",
+        "command": " ".join(["python -m tests.support.miniature.fewstep.judges",
+                             *(sys.argv[1:] if argv is None else argv)]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     judges.save(args.out)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIZE = 64  # pixels: 8x8 latents keep every test well under a second of sampling on 2 slow cores
 _STATE: dict[str, Any] = {}
 
@@ -512,6 +512,17 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def fresh_learn_cache():
+    """An empty cache of learned transports for each test that imports this (AcT Learn keeps what it fitted across
+    prompts in the process: `actsteer.comfy_nodes.learn_cache`)."""
+    for module in [m for name, m in list(sys.modules.items()) if name.endswith("comfy_nodes.learn_cache")]:
+        module.clear()
+    yield
+    for module in [m for name, m in list(sys.modules.items()) if name.endswith("comfy_nodes.learn_cache")]:
+        module.clear()
 
 
 @pytest.fixture

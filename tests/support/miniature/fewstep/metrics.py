@@ -96,7 +96,8 @@ def score(
                 for name in ("shape", "colour", "position") if name in pred}
         for name, values in same.items():
             out[f"{name}_kept"] = _frac(values)
-        keys = [k for k in ("shape", "position") if k in same] + (["colour"] if colour_kept and "colour" in same else [])
+        keys = [k for k in ("shape", "position") if k in same]
+        keys += ["colour"] if colour_kept and "colour" in same else []
         out["content_kept"] = _frac([all(same[k][i] for k in keys) for i in range(len(images))])
         out["pixel_sim"] = float(1 - (images - reference).abs().mean() / 2)
         out["feature_sim"] = float((judges.features(images) * judges.features(reference)).sum(-1).mean())

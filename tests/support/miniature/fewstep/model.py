@@ -1,6 +1,6 @@
 """The few-step miniature: a real diffusers `StableDiffusionPipeline` in pixel space, sampled in 1, 2 or 4 steps.
 
-The components are those of the 10-step miniature (`benchmarks.miniature.model`: a 2-layer `CLIPTextModel`, a
+The components are those of the 10-step miniature (`support.miniature.model`: a 2-layer `CLIPTextModel`, a
 1 M-parameter `UNet2DConditionModel` on 32x32x3 pixels with v-prediction on a cosine schedule, the hand-set
 identity `AutoencoderKL`), with a tokenizer over this dataset's words. What differs is how it is trained and
 sampled, after SDXL-Lightning and FLUX.1-schnell:
@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from .. import model as base
 from . import styles
@@ -48,7 +47,7 @@ TRAIN_TIMESTEPS = (999, 749, 666, 499, 332, 249)  # what the 1- to 4-step traili
 
 
 def make_tokenizer():
-    """A `CLIPTokenizer` over this dataset's caption words (one token each), as `benchmarks.miniature.model`."""
+    """A `CLIPTokenizer` over this dataset's caption words (one token each), as `support.miniature.model`."""
     from transformers import CLIPTokenizer
 
     merges = base.learn_merges(styles.words())
@@ -87,12 +86,13 @@ def load_pipeline(path: str | Path = PIPELINE_DIR):
     """Load the committed few-step miniature (a diffusers folder) on the CPU, in float32.
 
     Raises:
-        FileNotFoundError: no ``model_index.json`` under ``path``; run ``benchmarks/miniature/fewstep/train.py``.
+        FileNotFoundError: no ``model_index.json`` under ``path``; run ``tests/support/miniature/fewstep/train.py``.
     """
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
-            f"No few-step miniature at {path}: train it with `python -m benchmarks.miniature.fewstep.train --out {path}`"
+            f"No few-step miniature at {path}: train it with "
+            f"`python -m tests.support.miniature.fewstep.train --out {path}`"
         )
     return base.load_pipeline(path)
 

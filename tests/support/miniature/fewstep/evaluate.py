@@ -9,7 +9,7 @@
   caption's average procedural image relative to the plain caption's. AcT fits on this step (``steps="first"``).
 
 Run (one CPU thread):
-    python -m benchmarks.miniature.fewstep.evaluate --figure benchmarks/figures/fewstep_samples.png
+    python -m tests.support.miniature.fewstep.evaluate --figure benchmarks/figures/fewstep_samples.png
 """
 
 from __future__ import annotations
