@@ -12,13 +12,12 @@ there is no such batch and all placements are the same):
 - ``cond``: the conditional half only: the steer stands in for the prompt's words, which reach only that half;
 - ``both x g``: both halves at ``g`` times the strength, the strength a linear picture says "both" needs to match
   the prompt's weight under guidance ``g`` (a guidance-aware strength).
-Text-encoder sites follow the same placement: the prompt's encoding gets the conditional strength, the negative
-prompt's encoding the unconditional one (embeddings are computed here and passed as ``prompt_embeds``).
+Generation runs them through actsteer's own ``cfg=`` option (`actsteer.hf_integration.cfg`: "both",
+"conditional", "guidance-aware"), text-encoder sites included (the prompt's encoding is the conditional branch).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -40,6 +39,7 @@ from tests.support.miniature.fewstep import metrics as fmetrics
 logger = logging.getLogger("fewstep")
 TEXT_SITE = "text_encoder.final_layer_norm"
 PLACEMENTS = ("both", "cond", "both x g")
+LIBRARY_CFG = {"both": "both", "cond": "conditional", "both x g": "guidance-aware"}  # actsteer's ``cfg=`` names
 SITE_SETS = ("unet", "te", "both")
 
 
@@ -107,14 +107,17 @@ def _tenstep_metrics():
 
 def load(name: str, *, n_fit: int = 32, n_eval: int = 32, seeds: int = 3, seed: int = 0) -> Mini:
     """Load a miniature (``"fewstep"`` or ``"tenstep"``) with ``n_fit`` fit captions and ``n_eval`` x ``seeds``
-    held-out images (disjoint (shape, colour, position, size) combinations)."""
+    held-out images (disjoint (shape, colour, position, size) combinations). The few-step pipeline is the committed
+    one, or the diffusers folder named by ``$ACTSTEER_FEWSTEP_PIPELINE`` (a training snapshot)."""
     from tests.support.miniature.fewstep import judges as fjudges
     from tests.support.miniature.fewstep import model as fmodel
     from tests.support.miniature.fewstep import styles as fstyles
 
     if name == "fewstep":
         fit_attrs, eval_attrs = fmetrics.split_prompts(n_fit, n_eval, seed=seed)
-        return Mini("fewstep", fmodel.load_pipeline(), fjudges.Judges.load(), fstyles.STYLES[1:], "plain",
+        weights = os.environ.get("ACTSTEER_FEWSTEP_PIPELINE")  # another snapshot than the committed weights
+        pipe = fmodel.load_pipeline(weights) if weights else fmodel.load_pipeline()
+        return Mini("fewstep", pipe, fjudges.Judges.load(), fstyles.STYLES[1:], "plain",
                     fmodel.STEPS, 0.0, fstyles.COLOUR_STYLES, fit_attrs, eval_attrs * seeds)
     if name == "tenstep":
         from tests.support.miniature import judges as tjudges
@@ -128,21 +131,8 @@ def load(name: str, *, n_fit: int = 32, n_eval: int = 32, seeds: int = 3, seed: 
 
 
 # Generation -----------------------------------------------------------------------------------------------
-def _encode(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
-    # what StableDiffusionPipeline.encode_prompt does for this CLIP text encoder
-    ids = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids)[0]
-
-
-def _split(transport: actsteer.Transport) -> tuple[actsteer.Transport | None, actsteer.Transport | None]:
-    te = [s for s in transport.sites if s.startswith("text_encoder.")]
-    den = [s for s in transport.sites if not s.startswith("text_encoder.")]
-    return (transport.select(te) if te else None), (transport.select(den) if den else None)
-
-
 def placement_strengths(placement: str, strength: float, guidance: float) -> tuple[float, float]:
-    """``(conditional, unconditional)`` strengths of a placement (see the module docstring)."""
+    """``(conditional, unconditional)`` strengths of a placement, to first order (see the module docstring)."""
     if placement == "both":
         return strength, strength
     if placement == "cond":
@@ -159,27 +149,19 @@ def generate(m: Mini, prompts: Sequence[str], transport: actsteer.Transport | No
              timesteps: tuple[float, float] | None = None, negative: Sequence[str] | None = None,
              seed: int = 1000) -> torch.Tensor:
     """Images ``(N, 3, 32, 32)`` in [-1, 1] of ``prompts`` (prompt ``i`` from the noise of ``seed + i``), steered
-    with ``transport`` at ``strength`` with a CFG ``placement``; ``timesteps`` windows the denoiser's sites."""
+    with ``transport`` at ``strength`` through actsteer's own CFG placement (``cfg=LIBRARY_CFG[placement]``);
+    ``timesteps`` is a step window in fractions of the schedule (`actsteer.core.steps`)."""
     g = m.guidance if guidance is None else guidance
-    n, cfg = len(prompts), g > 1.0
-    cond, uncond = placement_strengths(placement, strength, g)
+    n = len(prompts)
     kw = dict(num_inference_steps=steps or m.steps, guidance_scale=g, output_type="pt",
               generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)])
-    te, den = _split(transport) if transport is not None and (cond or (cfg and uncond)) else (None, None)
-
-    def steered(t: actsteer.Transport | None, s: Any, **opts: Any):
-        if t is None or (not isinstance(s, torch.Tensor) and s == 0):
-            return contextlib.nullcontext()
-        return actsteer.steer(m.pipe, t, strength=s, **opts)
-
-    with steered(te, cond):
-        kw["prompt_embeds"] = _encode(m.pipe, prompts)
-    if cfg:
-        with steered(te, uncond):
-            kw["negative_prompt_embeds"] = _encode(m.pipe, list(negative) if negative else [""] * n)
-    row_strength: Any = cond if not cfg or cond == uncond else torch.tensor([uncond] * n + [cond] * n)
-    with steered(den, row_strength, **({"timesteps": timesteps} if timesteps else {})):
-        images = m.pipe(**kw).images
+    if negative is not None:
+        kw["negative_prompt"] = list(negative)
+    if transport is None or strength == 0:
+        return m.pipe(list(prompts), **kw).images.float() * 2 - 1
+    with actsteer.steer(m.pipe, transport, strength=strength, cfg=LIBRARY_CFG[placement],
+                        **({"steps": timesteps} if timesteps else {})):
+        images = m.pipe(list(prompts), **kw).images
     return images.float() * 2 - 1
 
 

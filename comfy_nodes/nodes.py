@@ -13,7 +13,7 @@ import time
 
 from comfy_api.latest import io, ui
 
-from ..core import ESTIMATORS, shorten
+from ..core import DEFAULT_CFG, ESTIMATORS, shorten
 from . import learn_cache
 from .checks import diffusion_model, for_artist
 from .file_nodes import ActSteerLoad, ActSteerSave
@@ -26,6 +26,8 @@ from .inputs import (
     TRANSPORT_IN_TIP,
     TRANSPORT_OUT_TIP,
     Transport,
+    cfg_placement_input,
+    cfg_placement_problem,
     input_check,
     int_problem,
     layer_filter_inputs,
@@ -199,7 +201,7 @@ class ActSteerApply(io.ComfyNode):
             description="Returns a copy of the MODEL steered by the transport; the input MODEL is unchanged. Chain "
                         "two Apply nodes to combine two concepts.",
             inputs=[io.Model.Input("model", tooltip=MODEL_IN_TIP), Transport.Input("transport", tooltip=TRANSPORT_IN_TIP),
-                    strength_input(), *window_inputs(), *layer_filter_inputs()],
+                    strength_input(), *window_inputs(), *layer_filter_inputs(), cfg_placement_input()],
             outputs=[io.Model.Output(tooltip="A steered copy of the MODEL: connect it to your KSampler (the input "
                                              "MODEL and other branches stay unsteered)")],
             hidden=[io.Hidden.unique_id],
@@ -207,17 +209,20 @@ class ActSteerApply(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, strength=None, start_percent=None, end_percent=None, layers=None,
-                        layer_group=None) -> bool | str:
+                        layer_group=None, cfg_placement=None) -> bool | str:
         problem = (
             number_problem("strength", strength, STRENGTH_MIN, STRENGTH_MAX)
+            or cfg_placement_problem(cfg_placement)
             or steering_problem(start_percent, end_percent, layers, layer_group)
             or queue_problem(cls, "ActSteerApply", "layer_group", layer_group, APPLY_GROUPS)
         )
         return problem or True
 
     @classmethod
-    def execute(cls, model, transport, strength, start_percent, end_percent, layers="", layer_group="all") -> io.NodeOutput:
-        return io.NodeOutput(steer_model(model, transport, strength, start_percent, end_percent, layers, layer_group))
+    def execute(cls, model, transport, strength, start_percent, end_percent, layers="", layer_group="all",
+                cfg_placement=DEFAULT_CFG) -> io.NodeOutput:
+        return io.NodeOutput(steer_model(model, transport, strength, start_percent, end_percent, layers, layer_group,
+                                         cfg_placement))
 
 
 NODES: list[type[io.ComfyNode]] = [ActSteerLearn, ActSteerSave, ActSteerLoad, ActSteerApply, ActSteerSweep]

@@ -26,6 +26,7 @@ Example:
 """
 
 from ._version import __version__
+from .cfg import CFG_CHOICES, DEFAULT_CFG, Cfg, check_cfg, guidance_scaled
 from .engine import SteeringHandle, attach, bind, steer, steering_of
 from .estimators import ESTIMATORS, Support, canonical_method, estimate, method_defaults
 from .fitting import fit
@@ -53,8 +54,11 @@ from .transport import Transport, UnitMap
 from .validation import check_transport, shorten
 
 __all__ = [
+    "CFG_CHOICES",
+    "DEFAULT_CFG",
     "ESTIMATORS",
     "HALF_DTYPES",
+    "Cfg",
     "FoldedMap",
     "ForwardContext",
     "Recorder",
@@ -72,6 +76,7 @@ __all__ = [
     "__version__",
     "as_steerings",
     "attach",
+    "check_cfg",
     "bind",
     "canonical_method",
     "check_steps",
@@ -84,6 +89,7 @@ __all__ = [
     "fit",
     "fitted_on",
     "fitted_on_note",
+    "guidance_scaled",
     "in_support",
     "in_window",
     "infer_width",
