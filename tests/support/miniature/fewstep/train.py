@@ -12,10 +12,12 @@ sampler's timesteps gives each of them about 1/6 of the updates instead of 1/100
 sampler needs. At t = 999 the v-target is about -x0, so the first step predicts the caption's average picture:
 for the palette styles (the whole canvas changes) that picture already shows the style.
 
-The committed weights were made with:
-    nice -n 10 python -m tests.support.miniature.fewstep.train --out tests/support/miniature/fewstep/weights/pipeline
-(``train_log.json`` in the weights folder has the loss curve, wall and CPU time). Deterministic for a given seed,
-step count and thread count (``--threads``, default 1).
+The committed weights were made with (43.5 min of CPU on one thread, 50 min wall on the shared 2-core VM):
+    python -m tests.support.miniature.fewstep.train --out /work/scratch/i23/run2 --steps 2200 --save-every 550
+and copied to ``weights/pipeline`` without the snapshots (``train_log.json`` there has the loss curve per sampler
+timestep, wall and CPU time). Deterministic for a given seed, step count and thread count (``--threads``, default 1).
+They follow the palette styles (dark, sepia, pastel) but not shape, colour or position: see benchmarks/RESULTS.md,
+"Few-step miniature".
 """
 
 from __future__ import annotations
