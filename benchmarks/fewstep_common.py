@@ -45,7 +45,7 @@ SITE_SETS = ("unet", "te", "both")
 
 def known_methods() -> list[str]:
     """The AcT-family estimators this actsteer has, of those the benchmarks compare."""
-    from actsteer.core.estimate import canonical_method
+    from actsteer.core import canonical_method
 
     out = []
     for name in ("linear-act", "mean-act", "itic", "lineas", "exact-1d", "exact"):
