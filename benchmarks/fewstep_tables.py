@@ -134,12 +134,12 @@ def plot_style(rows: list[dict], path: Path, key: str = "style_presence", title:
         for j, style in enumerate(styles):
             ax = axes[i][j]
             u = idx.get((style, "unsteered", "-", 0.0))
-            for method in methods:
+            for n, method in enumerate(methods):
                 ss = sorted(k[3] for k in idx if k[:3] == (style, method, site))
                 if not ss:
                     continue
                 xs, ys = [0.0, *ss], [u[key] if u else float("nan"), *[idx[(style, method, site, s)][key] for s in ss]]
-                ax.plot(xs, ys, marker=".", ms=3, lw=1, label=method)
+                ax.plot(xs, ys, marker=".", ms=3, lw=1, label=method, color=f"C{n % 10}")  # one colour per fit
             p = idx.get((style, "prompt", "-", 1.0))
             if p:
                 ax.axhline(p[key], color="grey", lw=1, ls="--")
@@ -150,7 +150,8 @@ def plot_style(rows: list[dict], path: Path, key: str = "style_presence", title:
             if j == 0:
                 ax.set_ylabel(f"{site}\n{title}", fontsize=8)
             ax.tick_params(labelsize=7)
-    axes[0][0].legend(fontsize=5, loc="upper left")
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines() if not h.get_label().startswith("_")}
+    fig.legend(list(handles.values()), list(handles), fontsize=6, loc="lower right", ncol=len(handles))
     fig.supxlabel("strength (dashed: the prompt)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -1,5 +1,5 @@
 """Where a steer enters classifier-free guidance (CFG): the placements every host offers (diffusers pipelines in
-`actsteer.hf_integration.cfg`, the ComfyUI Apply node in `actsteer.comfy_nodes.patching`).
+``hf_integration/cfg.py``, the ComfyUI Apply node in ``comfy_nodes/patching.py``).
 
 Under CFG a denoiser predicts each step twice, with the prompt (the conditional branch ``c``) and with the negative
 prompt (the unconditional branch ``u``), and the sampler follows ``u + g (c - u)``. A prompt's words reach ``c``
