@@ -15,7 +15,7 @@ from typing import Any
 
 from comfy_api.latest import io
 
-from ..core import shorten
+from ..core import CFG_CHOICES, DEFAULT_CFG, shorten
 from .presets import APPLY_GROUPS, GROUP_TOOLTIP
 
 CATEGORY = "model_patches/steering (AcT)"
@@ -23,8 +23,9 @@ Transport = io.Custom("ACT_TRANSPORT")
 
 STRENGTH_MIN, STRENGTH_MAX = -3.0, 3.0
 STRENGTH_TIP = (
-    "0 = no effect, 1 = full transport (the paper's setting, safe by design), values in between interpolate; "
-    "negative values apply the reverse transport (target -> source); above 1 extrapolates and may break images"
+    "0 = no effect, 1 = full transport (the paper's setting; start here: on a few-step test model it added palette "
+    "styles to 80-100% of images and removed them to 9%), values in between interpolate; negative values apply the "
+    "reverse transport (target -> source); above 1 extrapolates (1.5 can finish a partial style) and may break images"
 )
 TRANSPORT_IN_TIP = "The transport to apply: from AcT Learn Transport or AcT Load Transport"
 TRANSPORT_OUT_TIP = "The learned transport (per-layer maps); connect it to AcT Apply, Save or Strength Sweep"
@@ -58,6 +59,26 @@ def layer_filter_inputs() -> list[io.Input]:
         ),
         io.Combo.Input("layer_group", options=list(APPLY_GROUPS), default="all", optional=True, tooltip=GROUP_TOOLTIP),
     ]
+
+
+CFG_PLACEMENT_TIP = (
+    "Where the steer enters CFG. both (default): the positive and negative branches alike, as in the paper (at high "
+    "CFG the prompt outweighs the steer); conditional: the positive branch only, so CFG amplifies the steer as it "
+    "amplifies the prompt; guidance-aware: both branches at CFG x strength. The same at CFG 1 (Lightning, schnell)"
+)
+
+
+def cfg_placement_input() -> io.Combo.Input:
+    """The Apply node's and the Sweep's CFG placement (optional and last: saved workflows keep their values)."""
+    return io.Combo.Input("cfg_placement", options=list(CFG_CHOICES), default=DEFAULT_CFG, optional=True,
+                          tooltip=CFG_PLACEMENT_TIP)
+
+
+def cfg_placement_problem(cfg_placement: Any) -> str | None:
+    if cfg_placement is None or cfg_placement in CFG_CHOICES:
+        return None
+    return (f"cfg_placement: {shorten(str(cfg_placement), 40)!r} is not one of its choices; pick one of: "
+            f"{', '.join(CFG_CHOICES)}")
 
 
 def number_problem(name: str, value: Any, lo: float, hi: float) -> str | None:

@@ -14,7 +14,11 @@ How it works (COMFYUI_NOTES.md section 3):
   the GPU), switch each entry on or off for its window (`SteeringHandle.set_enabled`, no re-folding), set
   ``handle.active`` for the call, and reset it in ``finally``.
   Other users of the shared module (other threads, other clones) see it unchanged.
-- The steering applies to every batch row (positive and negative CFG branches), as in the paper's reference.
+- Where the steer enters CFG (``SteeringEntry.cfg``, the Apply node's ``cfg_placement``): ``"both"`` (the default,
+  as in the paper's reference) steers every batch row, positive and negative; ``"conditional"`` only the rows the
+  sampler flags as positive (``cond_or_uncond`` in each call's ``transformer_options``), so the CFG scale amplifies
+  the steer as it amplifies the prompt; ``"guidance-aware"`` every row at CFG x strength (the guider's ``cfg``,
+  read once per sampling run; 1 for guiders without one). Chained Apply nodes must agree on it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..core import Steering, SteeringHandle, Transport, bind, steer
+from ..core import CFG_CHOICES, Steering, SteeringHandle, Transport, bind, check_cfg, steer
 from .checks import check_transport, to_comfy_names
 from .presets import filter_sites
 
@@ -49,6 +53,7 @@ class SteeringEntry:
     strength: float
     sigma_start: float = float("inf")
     sigma_end: float = float("-inf")
+    cfg: str = "both"
 
     def __deepcopy__(self, memo: dict) -> SteeringEntry:
         return self  # immutable; ModelPatcher.clone() deep-copies model_options, never copy tensors
@@ -80,11 +85,13 @@ class RunLog:
 class _Run:
     """The live state of one sampling run: the handle, and which entries are on for the current call."""
 
-    def __init__(self, model: torch.nn.Module, entries: list[SteeringEntry]) -> None:
+    def __init__(self, model: torch.nn.Module, entries: list[SteeringEntry], guidance: float = 1.0) -> None:
         self.model = model
         self.entries = entries
-        self.handle: SteeringHandle = bind(model, [Steering(e.transport, e.strength) for e in entries])
+        self.handle: SteeringHandle = bind(
+            model, [Steering(e.transport, e.strength * _scale(e, guidance)) for e in entries])
         self.handle.active = False
+        self.conditional = entries[0].cfg == "conditional"
         self.on = [True] * len(entries)
         self.windowed = any(e.windowed for e in entries)
         self.log = RunLog()
@@ -100,6 +107,23 @@ class _Run:
         self.handle.active = steered
         self.log.calls.append((sigma, steered))
         return steered
+
+
+def _scale(entry: SteeringEntry, guidance: float) -> float:
+    """The factor on an entry's strength: the CFG scale for ``"guidance-aware"`` (when CFG runs), else 1."""
+    return guidance if entry.cfg == "guidance-aware" and guidance > 1.0 else 1.0
+
+
+def positive_rows(args: tuple, to: dict) -> torch.Tensor | None:
+    """The batch rows of an APPLY_MODEL call that the sampler flags as positive (``cond_or_uncond`` 0), or None
+    when every row is (or the call has no flags: a call outside a sampler)."""
+    flags = to.get("cond_or_uncond")
+    x = args[0] if args else None
+    if not flags or not isinstance(x, torch.Tensor) or all(f == 0 for f in flags):
+        return None
+    chunk = x.shape[0] // len(flags)
+    rows = [torch.arange(j * chunk, (j + 1) * chunk) for j, flag in enumerate(flags) if flag == 0]
+    return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
 
 
 def transformer_options_of(args: tuple, kwargs: dict) -> dict:
@@ -136,7 +160,7 @@ class SteeringPatch:
             self.last_run = RunLog()
             return executor(*args, **kwargs)
         model = guider.model_patcher.model.diffusion_model
-        run = _Run(model, entries)
+        run = _Run(model, entries, float(getattr(guider, "cfg", 1.0) or 1.0))
         options = guider.model_options.setdefault("transformer_options", {})
         options[_RUN_KEY] = run
         try:
@@ -161,17 +185,23 @@ class SteeringPatch:
             sigma = _call_sigma(args, to) if self.windowed else None
             return self._apply_model_alone(executor, model, sigma, *args, **kwargs)
         run.enter(_call_sigma(args, to) if run.windowed else None)
+        if run.conditional:
+            run.handle.set_rows(positive_rows(args, to))
         try:
             return executor(*args, **kwargs)
         finally:
             run.handle.active = False
+            if run.conditional:
+                run.handle.set_rows(None)
 
     def _apply_model_alone(self, executor, model, sigma: float | None, *args: Any, **kwargs: Any) -> Any:
         """A model call outside a sampler run (no OUTER_SAMPLE): steer this one call."""
         entries = [e for e in self.entries if e.strength != 0.0 and e.is_active(sigma)]
         if not entries:
             return executor(*args, **kwargs)
-        with steer(model, [Steering(e.transport, e.strength) for e in entries]):
+        with steer(model, [Steering(e.transport, e.strength) for e in entries]) as handle:
+            if entries[0].cfg == "conditional":
+                handle.set_rows(positive_rows(args, transformer_options_of(args, kwargs)))
             return executor(*args, **kwargs)
 
 
@@ -194,6 +224,7 @@ def apply_steering(
     start_percent: float = 0.0,
     end_percent: float = 1.0,
     layers: str = "",
+    cfg: str = "both",
 ):
     """A clone of ``model`` that steers with ``transport``; ``model`` itself is never modified.
 
@@ -203,14 +234,18 @@ def apply_steering(
         strength: 0 identity, 1 full transport, negative = reverse (target -> source), above 1 extrapolation.
         start_percent, end_percent: the part of the sampling schedule to steer (0 = first step, 1 = last).
         layers: a regex; only the transport's sites whose name it matches (searched anywhere) are applied.
+        cfg: where the steer enters CFG: ``"both"`` (every row), ``"conditional"`` (the positive rows only) or
+            ``"guidance-aware"`` (every row at the sampler's CFG x strength); see the module docstring.
 
     Returns:
         The cloned ModelPatcher. Steering already present on ``model`` (an earlier Apply node) is kept:
         both are applied, in node order, through one handle.
 
     Raises:
-        ValueError: bad percents, a layer filter matching nothing, or a transport that does not fit the model.
+        ValueError: bad percents, a layer filter matching nothing, a transport that does not fit the model, or a
+            ``cfg`` other than the one of the Apply node(s) already on ``model``.
     """
+    cfg = check_cfg(cfg, "cfg_placement")
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise ValueError(
             f"Need 0 <= start_percent <= end_percent <= 1, got start_percent={start_percent}, end_percent={end_percent}"
@@ -223,10 +258,16 @@ def apply_steering(
     # the schedule's ends are open: float noise in the first sigma must not drop the first step
     sigma_start = float("inf") if start_percent <= 0.0 else float(sampling.percent_to_sigma(start_percent))
     sigma_end = float("-inf") if end_percent >= 1.0 else float(sampling.percent_to_sigma(end_percent))
-    entry = SteeringEntry(transport, float(strength), sigma_start, sigma_end)
+    entry = SteeringEntry(transport, float(strength), sigma_start, sigma_end, cfg)
     from comfy.patcher_extension import WrappersMP
 
     previous = steering_patch(model)
+    if previous and previous.entries and previous.entries[0].cfg != cfg:
+        raise ValueError(
+            f"cfg_placement {cfg!r} differs from the {previous.entries[0].cfg!r} of the AcT Apply node before this one "
+            f"on the same MODEL; chained Apply nodes share one placement, so set both to the same choice "
+            f"({', '.join(CFG_CHOICES)})"
+        )
     patch = SteeringPatch([*(previous.entries if previous else ()), entry])
     patched = model.clone()
     patched.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, KEY)

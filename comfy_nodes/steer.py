@@ -4,20 +4,22 @@
 from __future__ import annotations
 
 from .checks import check_numbers, for_artist, select_group
-from .inputs import STRENGTH_MAX, STRENGTH_MIN, number_problem
+from ..core import DEFAULT_CFG
+from .inputs import STRENGTH_MAX, STRENGTH_MIN, cfg_placement_problem, number_problem
 from .patching import apply_steering
 
 
 def steer_model(model, transport, strength: float, start_percent: float, end_percent: float, layers: str = "",
-                layer_group: str = "all"):
-    """`apply_steering` behind the node checks: finite strength, usable maps, the layer group; artist-facing errors."""
-    problem = number_problem("strength", strength, STRENGTH_MIN, STRENGTH_MAX)
+                layer_group: str = "all", cfg_placement: str = DEFAULT_CFG):
+    """`apply_steering` behind the node checks: finite strength, usable maps, the layer group, the CFG placement;
+    artist-facing errors."""
+    problem = number_problem("strength", strength, STRENGTH_MIN, STRENGTH_MAX) or cfg_placement_problem(cfg_placement)
     if problem:
         raise ValueError(problem)
     check_numbers(transport, "The transport")
     transport = select_group(model, transport, layer_group or "all")
     try:
         return apply_steering(model, transport, strength=float(strength), start_percent=start_percent,
-                              end_percent=end_percent, layers=layers or "")
+                              end_percent=end_percent, layers=layers or "", cfg=cfg_placement or DEFAULT_CFG)
     except (KeyError, ValueError) as err:
         raise ValueError(for_artist(err, "change the Apply node's inputs or the MODEL it gets", always=False)) from None

@@ -12,12 +12,15 @@ from .inputs import (
     MODEL_IN_TIP,
     TRANSPORT_IN_TIP,
     Transport,
+    cfg_placement_input,
+    cfg_placement_problem,
     input_check,
     layer_filter_inputs,
     parse_strengths,
     steering_problem,
     window_inputs,
 )
+from ..core import DEFAULT_CFG
 from .graph import queue_problem
 from .presets import APPLY_GROUPS
 from .steer import steer_model
@@ -75,6 +78,7 @@ class ActSteerSweep(io.ComfyNode):
                                tooltip="The noise schedule, as for a KSampler"),
                 *window_inputs(),
                 *layer_filter_inputs(),
+                cfg_placement_input(),
             ],
             outputs=[io.Image.Output(display_name="images", tooltip="One image per strength, in the order given: "
                                                                      "connect it to Preview Image or Save Image")],
@@ -83,24 +87,27 @@ class ActSteerSweep(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, strengths=None, start_percent=None, end_percent=None, layers=None,
-                        layer_group=None) -> bool | str:
+                        layer_group=None, cfg_placement=None) -> bool | str:
         checked = input_check(strengths, parse_strengths)
         if checked is not True:
             return checked
         problem = (steering_problem(start_percent, end_percent, layers, layer_group)
+                   or cfg_placement_problem(cfg_placement)
                    or queue_problem(cls, "ActSteerSweep", "layer_group", layer_group, APPLY_GROUPS))
         return problem or True
 
     @classmethod
     def execute(cls, model, transport, vae, positive, negative, latent_image, strengths, seed, steps, cfg,
-                sampler_name, scheduler, start_percent, end_percent, layers="", layer_group="all") -> io.NodeOutput:
+                sampler_name, scheduler, start_percent, end_percent, layers="", layer_group="all",
+                cfg_placement=DEFAULT_CFG) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
         import latent_preview
 
         values = parse_strengths(strengths)
         # build every patched clone first: a mismatching transport fails before any sampling
-        patched = [steer_model(model, transport, s, start_percent, end_percent, layers, layer_group) for s in values]
+        patched = [steer_model(model, transport, s, start_percent, end_percent, layers, layer_group, cfg_placement)
+                   for s in values]
         total = steps * len(values)
         bar = comfy.utils.ProgressBar(total)  # one bar for the whole sweep, not one per strength
         previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)

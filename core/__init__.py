@@ -30,6 +30,7 @@ Example:
 """
 
 from ._version import __version__
+from .cfg import CFG_CHOICES, DEFAULT_CFG, Cfg, check_cfg, guidance_scaled
 from .engine import SteeringHandle, attach, bind, steer, steering_of
 from .estimators import ESTIMATORS, FIT_METHODS, Support, canonical_method, estimate, method_defaults
 from .fitting import fit
@@ -61,6 +62,8 @@ from .transport import Transport, UnitMap
 from .validation import check_transport, printable, shorten
 
 __all__ = [
+    "CFG_CHOICES",
+    "DEFAULT_CFG",
     "ESTIMATORS",
     "FIT_METHODS",
     "FoldedQuantile",
@@ -68,6 +71,7 @@ __all__ = [
     "QuantileMap",
     "lineas_config",
     "HALF_DTYPES",
+    "Cfg",
     "FoldedMap",
     "ForwardContext",
     "Recorder",
@@ -85,6 +89,7 @@ __all__ = [
     "__version__",
     "as_steerings",
     "attach",
+    "check_cfg",
     "bind",
     "canonical_method",
     "check_steps",
@@ -97,6 +102,7 @@ __all__ = [
     "fit",
     "fitted_on",
     "fitted_on_note",
+    "guidance_scaled",
     "in_support",
     "in_window",
     "infer_width",

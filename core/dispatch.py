@@ -52,11 +52,16 @@ _WARNED: list[bool] = [False]
 # Per context: a handle's key -> ids of its modules paused for the calls made there (`SteeringHandle.set_active`
 # with ``under``: a pipeline call's step window). Copied on write, never changed in place.
 PAUSED: contextvars.ContextVar[dict[object, frozenset[int]]] = contextvars.ContextVar("actsteer_paused", default={})
+# Per context: a handle's key -> ((ids of modules, batch rows to transport), ...) for the calls made there
+# (`SteeringHandle.set_rows`: the conditional half of a classifier-free-guidance batch). Copied on write.
+ROWS: contextvars.ContextVar[dict[object, tuple[tuple[frozenset[int], Any], ...]]] = contextvars.ContextVar(
+    "actsteer_rows", default={}
+)
 LOCK = threading.RLock()  # guards dispatcher installation and model-wide bindings
 
 
 def read(var: contextvars.ContextVar[Any]) -> Any:
-    """``var.get()`` on the per-call path (`CURRENT`, `PAUSED`).
+    """``var.get()`` on the per-call path (`CURRENT`, `PAUSED`, `ROWS`).
 
     Read only where a binding may need it (a model steered only model-wide, without step windows, never reads a
     context variable). Under torch.compile on a torch before 2.14, whose dynamo cannot trace ``ContextVar.get``,

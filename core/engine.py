@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from .apply import RowLayout, make_applier, transport_traced
-from .dispatch import CURRENT, DISPATCHERS, LOCK, PAUSED, Frame, dispatcher_of, read
+from .dispatch import CURRENT, DISPATCHERS, LOCK, PAUSED, ROWS, Frame, dispatcher_of, read
 from .sites import element, iter_site_modules, replace_element, validate
 from .steering import (
     SiteStrength,
@@ -87,6 +87,7 @@ class SteeringHandle:
         self._site_modules: dict[str, torch.nn.Module] = {}
         self._key = object()  # this handle's entry in a context's paused modules (`set_active(under=...)`)
         self._windowed = False  # set_active(under=...) was used: look up the context's paused modules per call
+        self._rowed = False  # set_rows(...) was used: look up the context's row selections per call
         self._under: dict[str, frozenset[int]] = {}  # set_active's prefix -> ids of the modules it names
         self._callbacks: dict[torch.nn.Module, list[CallHook]] = {}
         self._positions: tuple[int, int] | None = None
@@ -181,6 +182,46 @@ class SteeringHandle:
             PAUSED.set({**paused, self._key: new})
         self._windowed = True
 
+    def set_rows(self, rows: torch.Tensor | None, *, under: str | None = None) -> None:
+        """Transport only these batch rows (a 1-D index tensor; None: every row) of the sites whose name starts
+        with ``under`` (all sites when None), for the calls made in this thread or asyncio task; the other rows
+        pass through unchanged. Hosts use it for the conditional half of a classifier-free-guidance batch.
+        Per-row strengths then count the selected rows only. An empty selection leaves the outputs untouched.
+
+        Example:
+            >>> import torch, actsteer
+            >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+            >>> t = actsteer.Transport({"0": actsteer.UnitMap(torch.ones(2), torch.ones(2))})
+            >>> x = torch.zeros(4, 2)
+            >>> plain = model(x)
+            >>> with actsteer.steer(model, t) as handle:
+            ...     handle.set_rows(torch.tensor([2, 3]))
+            ...     moved = model(x) - plain
+            >>> moved[:, 0].tolist()
+            [0.0, 0.0, 1.0, 1.0]
+        """
+        key = under or ""
+        modules = self._under.get(key)
+        if modules is None:
+            modules = self._under[key] = frozenset(
+                id(m) for site, m in self._site_modules.items() if site.startswith(key)
+            )
+        if rows is not None:
+            rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        selections = ROWS.get()
+        mine = tuple(sel for sel in selections.get(self._key, ()) if sel[0] != modules)
+        if rows is not None:
+            mine = ((modules, rows), *mine)
+        others = {k: v for k, v in selections.items() if k is not self._key}
+        ROWS.set({**others, self._key: mine} if mine else others)
+        self._rowed = True
+
+    def _rows_of(self, module: torch.nn.Module) -> torch.Tensor | None:
+        for modules, rows in read(ROWS).get(self._key, ()):
+            if id(module) in modules:
+                return rows
+        return None
+
     def set_positions(self, offset: int, prompt_length: int) -> None:
         """Tell the hooks where the next forward's tokens sit: token ``j`` of the call is at position
         ``offset + j``; positions below ``prompt_length`` are prompt tokens (for ``apply_to``)."""
@@ -232,26 +273,33 @@ class SteeringHandle:
             return output
         if self._windowed and id(module) in read(PAUSED).get(self._key, ()):
             return output
+        rows = self._rows_of(module) if self._rowed else None
+        if rows is not None and rows.numel() == 0:
+            return output
         if torch.compiler.is_compiling():
-            return self._run_traced(module, output)
+            return self._run_traced(module, output, rows)
         out = output
         enabled, cast = self._enabled, self._cast
         for i, site, k in self._plans[module]:
             if not enabled[i]:
                 continue
             x = out if k is None and isinstance(out, torch.Tensor) else element(out, k, site)
-            apply = cast.get((i, site, x.dtype, x.device))
+            part = x if rows is None else x.index_select(0, rows.to(x.device))
+            apply = cast.get((i, site, part.dtype, part.device))
             if apply is None:  # the first call of this fold, dtype and device: check what it gives once
-                apply = self._transport(i, site, x)
-                new = apply(x)
-                _check_finite(self, i, site, x, new)
+                apply = self._transport(i, site, part)
+                new = apply(part)
+                _check_finite(self, i, site, part, new)
             else:
-                new = apply(x)
-            if new is not x:
-                out = new if k is None else replace_element(out, k, new)
+                new = apply(part)
+            if new is part:
+                continue
+            if rows is not None:
+                new = x.index_copy(0, rows.to(x.device), new)
+            out = new if k is None else replace_element(out, k, new)
         return out
 
-    def _run_traced(self, module: torch.nn.Module, output: Any) -> Any:
+    def _run_traced(self, module: torch.nn.Module, output: Any, rows: torch.Tensor | None = None) -> Any:
         """`_run` while torch.compile traces: no lazily filled cache and no counter (dynamo would guard on them and
         recompile per call); the current fold's tensors become graph inputs, so a new strength never recompiles."""
         out = output
@@ -260,11 +308,15 @@ class SteeringHandle:
                 continue
             st = self._steerings[i]
             x = element(out, k, site)
+            part = x if rows is None else x.index_select(0, rows.to(x.device))
             where = self._positions if st.apply_to != "all" else None  # never guard on positions needlessly
-            new = transport_traced(self._folded[(i, site)], x, site=site, dim=st.transport[site].dim,
+            new = transport_traced(self._folded[(i, site)], part, site=site, dim=st.transport[site].dim,
                                    apply_to=st.apply_to, where=where, rows=self.rows)
-            if new is not x:
-                out = replace_element(out, k, new)
+            if new is part:
+                continue
+            if rows is not None:
+                new = x.index_copy(0, rows.to(x.device), new)
+            out = replace_element(out, k, new)
         return out
 
     def _transport(self, i: int, site: str, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -344,6 +396,9 @@ class SteeringHandle:
         paused = PAUSED.get()
         if self._key in paused:
             PAUSED.set({k: v for k, v in paused.items() if k is not self._key})
+        selections = ROWS.get()
+        if self._key in selections:
+            ROWS.set({k: v for k, v in selections.items() if k is not self._key})
         if self.scope == "request":
             frame = CURRENT.get()
             if any(h is self for h in frame.sites.values()) or any(self in hs for hs in frame.calls.values()):

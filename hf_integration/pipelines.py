@@ -37,6 +37,7 @@ from ..core import (
     steering_of,
 )
 from ..archs.flux import FLUX_SINGLE_CONCAT, FLUX_SINGLE_TUPLE, diffusers_version, flux_single_block_output
+from .cfg import DEFAULT_CFG, Cfg, ConditionalPlacement, GuidanceAwareStrength, check_cfg, check_guidance_aware
 from .diffusion_presets import component_view, denoiser_name, site_components
 
 logger = logging.getLogger(__name__)
@@ -53,13 +54,14 @@ def _base_class(pipe: Any) -> type:
 
 
 def _steerable_call(self, *args: Any, steering: SteeringLike | None, steering_steps: Steps | None,
-                    **kwargs: Any) -> Any:
+                    steering_cfg: Cfg | None = None, **kwargs: Any) -> Any:
     base = _base_class(self)
     if steering is None:
-        if steering_steps is not None:
-            raise ValueError("`steering_steps` was given without `steering=`; pass the transport(s) to steer with")
+        for name, value in (("steering_steps", steering_steps), ("steering_cfg", steering_cfg)):
+            if value is not None:
+                raise ValueError(f"`{name}` was given without `steering=`; pass the transport(s) to steer with")
         return base.__call__(self, *args, **kwargs)
-    with steer_pipeline(self, steering, steps=steering_steps):
+    with steer_pipeline(self, steering, steps=steering_steps, cfg=steering_cfg):
         return base.__call__(self, *args, **kwargs)
 
 
@@ -76,13 +78,14 @@ def _steerable_class(base: type) -> type:
     if base not in _STEERABLE:
 
         def __call__(self, *args: Any, steering: SteeringLike | None = None, steering_steps: Steps | None = None,
-                     **kwargs: Any) -> Any:
-            return _steerable_call(self, *args, steering=steering, steering_steps=steering_steps, **kwargs)
+                     steering_cfg: Cfg | None = None, **kwargs: Any) -> Any:
+            return _steerable_call(self, *args, steering=steering, steering_steps=steering_steps,
+                                   steering_cfg=steering_cfg, **kwargs)
 
         sig = inspect.signature(base.__call__)
         params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
         params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None)
-                   for n in ("steering", "steering_steps")]
+                   for n in ("steering", "steering_steps", "steering_cfg")]
         params += [p for p in sig.parameters.values() if p.kind == p.VAR_KEYWORD]
         __call__.__signature__ = sig.replace(parameters=params)
         __call__.__doc__ = (base.__call__.__doc__ or "") + _STEERING_DOC
@@ -98,11 +101,14 @@ _STEERING_DOC = """
             steering (`Transport`, `Steering` or a list of them, *optional*): steer this call (see `actsteer.steer`).
             steering_steps (`tuple[float, float]`, *optional*): steer the denoiser's sites only at steps i of n
                 of the full schedule with ``start <= i / n < end``; None = every step (`actsteer.core.steps`).
+            steering_cfg (`str`, *optional*): where the steer enters classifier-free guidance: ``"both"`` (None, the
+                default) both branches, ``"conditional"`` the prompt's branch only, ``"guidance-aware"`` both at
+                guidance_scale x strength (`actsteer.hf_integration.cfg`).
 """
 
 
 def enable_pipeline_steering(pipe: Any) -> Any:
-    """Let ``pipe(..., steering=..., steering_steps=(start, end))`` steer one call. Idempotent.
+    """Let ``pipe(..., steering=..., steering_steps=(start, end), steering_cfg=...)`` steer one call. Idempotent.
 
     Without ``steering=`` the pipeline behaves exactly as before. Undo with `disable_pipeline_steering`.
     Deep copies and pickles of the pipeline are plain pipelines of its own class.
@@ -216,8 +222,11 @@ def _window_callback(pipe: Any, handle: SteeringHandle, window: Window, denoiser
 
 
 def _pipeline_handle(pipe: Any, steering: SteeringLike, strength: SiteStrength, steps: Steps | None,
-                     scope: str) -> tuple[SteeringHandle, Callable]:
+                     scope: str, cfg: Cfg | None) -> tuple[SteeringHandle, Callable]:
     window = check_steps(steps, first=False)
+    cfg = check_cfg(cfg)
+    if cfg == "guidance-aware":
+        check_guidance_aware(pipe, scope)
     steerings = as_steerings(steering, strength)
     for st in steerings:
         _check_names(pipe, st.transport)
@@ -227,12 +236,21 @@ def _pipeline_handle(pipe: Any, steering: SteeringLike, strength: SiteStrength, 
     def setup(handle: SteeringHandle) -> None:
         if window != "all" and any(s.startswith(denoiser + ".") for s in handle.sites):
             handle.on_call(getattr(pipe, denoiser), _window_callback(pipe, handle, window, denoiser))
+        if cfg == "conditional":
+            components = site_components(pipe)
+            encoders = [c for c in components if c != denoiser and any(s.startswith(c + ".") for s in handle.sites)]
+            ConditionalPlacement(pipe, handle, denoiser, encoders).install(components)
+        elif cfg == "guidance-aware":
+            components = site_components(pipe)
+            names = [c for c in components if any(s.startswith(c + ".") for s in handle.sites)]
+            GuidanceAwareStrength(pipe, handle).install(components, names)
 
     return bind(view, steerings, scope=scope), setup
 
 
 def attach_pipeline(
-    pipe: Any, steering: SteeringLike, strength: SiteStrength = 1.0, *, steps: Steps | None = "all"
+    pipe: Any, steering: SteeringLike, strength: SiteStrength = 1.0, *, steps: Steps | None = "all",
+    cfg: Cfg | None = DEFAULT_CFG,
 ) -> SteeringHandle:
     """Steer EVERY call of ``pipe`` (model-wide: all threads) until ``handle.remove()``.
 
@@ -248,6 +266,12 @@ def attach_pipeline(
             that runs the denoiser (pipelines sharing ``pipe``'s components, each with its own scheduler, are
             steered too, each in its own schedule). Text-encoder sites run once per call, before the denoising
             loop, and are steered whatever the window.
+        cfg: where the steer enters classifier-free guidance: ``"both"`` (the default, the paper's reference) steers
+            both branches alike, so the steer reaches the guided output at weight ~1 while the prompt gets the
+            guidance scale; ``"conditional"`` steers the prompt's branch only (the conditional half of the batch,
+            the prompt's text encoding), so guidance amplifies the steer as it amplifies the prompt;
+            ``"guidance-aware"`` (`steer_pipeline` only) steers both at guidance_scale x strength. All the same
+            without guidance. See `actsteer.hf_integration.cfg`.
 
     Returns:
         One `SteeringHandle` over all components (site names keep their component prefix).
@@ -256,10 +280,8 @@ def attach_pipeline(
         KeyError / ValueError: when a site is missing or has the wrong width; nothing stays attached.
         RuntimeError: when a component is already steered model-wide (pass a list to compose instead).
 
-    With classifier-free guidance both halves of the batch (unconditional and conditional) are steered, as the
-    ComfyUI nodes do, so the effect is not multiplied by the guidance scale.
     """
-    handle, setup = _pipeline_handle(pipe, steering, strength, steps, "model")
+    handle, setup = _pipeline_handle(pipe, steering, strength, steps, "model", cfg)
     try:
         setup(handle)
     except BaseException:
@@ -270,7 +292,8 @@ def attach_pipeline(
 
 @contextlib.contextmanager
 def steer_pipeline(
-    pipe: Any, steering: SteeringLike, strength: SiteStrength = 1.0, *, steps: Steps | None = "all"
+    pipe: Any, steering: SteeringLike, strength: SiteStrength = 1.0, *, steps: Steps | None = "all",
+    cfg: Cfg | None = DEFAULT_CFG,
 ) -> Iterator[SteeringHandle]:
     """Steer the calls of ``pipe`` made inside the ``with`` block, in this thread or asyncio task only.
 
@@ -280,7 +303,7 @@ def steer_pipeline(
         >>> with steer_pipeline(pipe, transport, strength=0.8, steps=(0.0, 0.5)):  # doctest: +SKIP
         ...     image = pipe("a cat", num_inference_steps=4, guidance_scale=0.0).images[0]
     """
-    handle, setup = _pipeline_handle(pipe, steering, strength, steps, "request")
+    handle, setup = _pipeline_handle(pipe, steering, strength, steps, "request", cfg)
     try:
         setup(handle)
         yield handle

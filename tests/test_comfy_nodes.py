@@ -68,7 +68,10 @@ def test_node_inputs_and_outputs(pack):
     assert apply["required"]["transport"][0] == "ACT_TRANSPORT"
     strength = apply["required"]["strength"][1]
     assert strength["default"] == 1.0 and strength["min"] < 0 and strength["display"] == "slider"
-    assert list(apply["optional"]) == ["layers", "layer_group"]  # new inputs last: saved workflows keep their values
+    # new inputs last: saved workflows keep their values
+    assert list(apply["optional"]) == ["layers", "layer_group", "cfg_placement"]
+    placement = apply["optional"]["cfg_placement"][1]
+    assert placement["options"] == ["both", "conditional", "guidance-aware"] and placement["default"] == "both"
     assert apply["optional"]["layer_group"][1]["options"][:2] == ["all", "fast"]
     assert list(_node("ActSteerApply").RETURN_TYPES) == ["MODEL"]
 
