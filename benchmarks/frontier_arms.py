@@ -17,8 +17,8 @@ from typing import Any
 import frontier_data as fd
 from frontier_cells import Cache, decode, fingerprint, generate_ids
 
-BOUNDED_GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
-REFINE = ((2.0, 2), (1.5, 1))  # (perplexity budget as a multiple of unsteered, bisection rounds)
+BOUNDED_GRID = (0.5, 0.75, 1.0, 1.25)
+REFINE = ((2.0, 1), (1.5, 1))  # (perplexity budget as a multiple of unsteered, bisection rounds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Arm:
     data: str = "unmatched"  # or "pairs" (minimal pairs)
     options: tuple[tuple[str, Any], ...] = ()
     apply_to: str = "all"
+    weights: tuple[tuple[str, float], ...] = ()  # actsteer: (regex, factor) per-site strength multipliers
     start: float = 1.0  # unbounded scales: the first setting tried (the library's default where it has one)
 
     @property
@@ -43,7 +44,7 @@ class Arm:
     def key(self) -> str:
         defaults = fit_lm_defaults() if self.family == "actsteer" else None
         return f"{self.family}-{self.name.replace(' ', '_').replace('/', '_')}-{self.data}-" + fingerprint(
-            self.family, self.data, self.options, self.apply_to, defaults)
+            self.family, self.data, self.options, self.apply_to, defaults, *((self.weights,) if self.weights else ()))
 
 
 def fit_lm_defaults() -> dict[str, Any]:
@@ -56,8 +57,21 @@ def fit_lm_defaults() -> dict[str, Any]:
     return {p.name: repr(p.default) for p in params if p.default is not inspect.Parameter.empty}
 
 
-def actsteer_arm(name: str, data: str = "unmatched", apply_to: str = "all", **fit: Any) -> Arm:
-    return Arm(name, "actsteer", data, tuple(sorted(fit.items())), apply_to)
+def actsteer_arm(name: str, data: str = "unmatched", apply_to: str = "all", weights: dict[str, float] | None = None,
+                 **fit: Any) -> Arm:
+    fit = {k: tuple(v) if isinstance(v, list) else v for k, v in fit.items()}
+    return Arm(name, "actsteer", data, tuple(sorted(fit.items())), apply_to, tuple((weights or {}).items()))
+
+
+def site_strengths(sites: list[str], strength: float, weights: tuple[tuple[str, float], ...]) -> dict[str, float]:
+    """``strength`` times the factor of the first ``weights`` regex that matches each site in full (else 1)."""
+    import re
+
+    out = {}
+    for site in sites:
+        factor = next((w for rx, w in weights if re.fullmatch(rx, site)), 1.0)
+        out[site] = strength * factor
+    return out
 
 
 PEER_ARMS = tuple(
@@ -85,6 +99,7 @@ class Steerer:
                 self.transport = actsteer.Transport.load(path)
             else:
                 source, target = fd.fitting_texts(concept, arm.data, tokenizer)
+                opts = {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}
                 self.transport = actsteer.fit_lm(model, tokenizer, source, target, progress=False, **opts)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self.transport.save(path, overwrite=True)
@@ -109,7 +124,10 @@ class Steerer:
         if self.arm.family == "actsteer":
             import actsteer
 
-            steering = actsteer.Steering(self.transport, float(setting), self.arm.apply_to)
+            strength = float(setting)
+            if self.arm.weights:
+                strength = site_strengths(self.transport.sites, strength, self.arm.weights)
+            steering = actsteer.Steering(self.transport, strength, self.arm.apply_to)
             return decode(self.tok, generate_ids(self.model, self.tok, self.prompts, steering=steering))
         with self.peer.applied(float(setting)) as generate:
             return decode(self.tok, generate_ids(self.model, self.tok, self.prompts, generate=generate))
@@ -119,7 +137,7 @@ def fmt_setting(s: float) -> str:
     return f"{s:.6g}"
 
 
-def sweep_arm(arm: Arm, run: Callable[[float], dict], base_ppl: float, *, max_up: int = 6, max_down: int = 3,
+def sweep_arm(arm: Arm, run: Callable[[float], dict], base_ppl: float, *, max_up: int = 6, max_down: int = 2,
               grid: tuple[float, ...] = BOUNDED_GRID) -> dict[float, dict]:
     """Run an arm's settings through ``run(setting) -> cell``; returns {setting: cell}.
 

@@ -39,8 +39,8 @@ def kind_of(site: str) -> str:
     return "final norm" if layer_of(site) is None else site.split(".", 3)[-1]
 
 
-def subsets(sites: list[str]) -> dict[str, list[str]]:
-    """Named site subsets: every layer alone, every kind alone, the first/last k layers, the final norm."""
+def subsets(sites: list[str], per_layer: bool = True) -> dict[str, list[str]]:
+    """Named site subsets: every kind alone, the first/last k layers, every layer alone (``per_layer``)."""
     layers = sorted({layer_of(s) for s in sites if layer_of(s) is not None})
     n = len(layers)
     out: dict[str, list[str]] = {"all": list(sites)}
@@ -49,7 +49,7 @@ def subsets(sites: list[str]) -> dict[str, list[str]]:
     for k in range(n // 6, n, n // 6):
         out[f"first {k} layers"] = [s for s in sites if layer_of(s) is not None and layer_of(s) < k]
         out[f"last {n - k} layers (+final)"] = [s for s in sites if layer_of(s) is None or layer_of(s) >= k]
-    for layer in layers:
+    for layer in layers if per_layer else []:
         out[f"layer {layer}"] = [s for s in sites if layer_of(s) == layer]
     return out
 
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompts", default="dev")
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     parser.add_argument("--strength", type=float, default=1.0)
+    parser.add_argument("--per-layer", default="all-norms", help="site sets that also get every layer alone")
     parser.add_argument("--cache", default="/tmp/actsteer/frontier")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
             steerer = Steerer(arm, name, model, tok, prompts, cache)
             t = steerer.transport
             t0 = time.perf_counter()
-            for label, subset in subsets(t.sites).items():
+            groups = subsets(t.sites, modules in args.per_layer.split(","))
+            for label, subset in groups.items():
                 strength = {**{s: args.strength for s in subset}, "*": 0.0}
 
                 def produce(strength=strength):
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "d_score": c["score"] - base["score"], "ratio": c["ppl_alone"] / base["ppl_alone"],
                     "ratio_prompt": c["ppl"] / base["ppl"], "distinct_2": c["distinct_2"],
                 })
-            print(f"{name} / {modules}: {len(subsets(t.sites))} subsets ({time.perf_counter() - t0:.0f}s)",
+            print(f"{name} / {modules}: {len(groups)} subsets ({time.perf_counter() - t0:.0f}s)",
                   flush=True)
     cols = ["concept", "modules", "subset", "n_sites", "presence", "d_presence", "d_score", "ratio", "ratio_prompt",
             "distinct_2"]
