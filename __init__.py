@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from .core._version import __version__
+from .core import __version__
 
 from typing import Any
 
@@ -23,9 +23,9 @@ from .core import Steering, SteeringHandle, Transport, UnitMap, estimate, list_s
 # Host-layer entry points, imported on first use so that `import actsteer.core` (and `import actsteer`) load no
 # transformers/diffusers glue: `actsteer.attach` also dispatches pipelines, so it lives in hf_integration.
 _LAZY = {
-    name: ".hf_integration"
-    for name in ("attach", "disable_steering", "enable_steering", "fit_lm", "fit_pipeline", "from_comfy", "steer",
-                 "strength_grid", "to_comfy")
+    **{name: ".hf_integration" for name in ("attach", "disable_steering", "enable_steering", "fit_lm", "fit_pipeline",
+                                            "steer", "strength_grid")},
+    **{name: ".archs" for name in ("from_comfy", "to_comfy")},
 }
 
 

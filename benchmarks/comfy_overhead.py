@@ -13,24 +13,21 @@ ratios (plain time / arm time; 1/ratio is the sampling-time factor), wall and CP
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/comfy_overhead.py --arch sdxl --sdxl-width 320 --size 256 --steps 2 --repeats 3
-    .venv/bin/python benchmarks/comfy_overhead.py --arch flux --flux-hidden 1024 --size 256 --steps 2 --repeats 3
+    .venv/bin/python -m benchmarks.comfy_overhead --arch sdxl --sdxl-width 320 --size 256 --steps 2 --repeats 3
+    .venv/bin/python -m benchmarks.comfy_overhead --arch flux --flux-hidden 1024 --size 256 --steps 2 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import comfy_harness as harness  # noqa: E402  (sets ComfyUI up offline: CPU, stubbed torchvision, tiny CLIP)
-from overhead_timing import interleave, report, summary, write_json  # noqa: E402
+from tests.support import comfy as harness  # (sets ComfyUI up offline: CPU, stubbed torchvision, tiny CLIP)
+from benchmarks.overhead_timing import interleave, report, summary, write_json
 
 
 def sdxl_layout(width: int):
@@ -70,12 +67,12 @@ def transport_for(pack, model, preset: str, support: str = "observed"):
     g = torch.Generator().manual_seed(0)
     maps = {}
     for site in sites:
-        d = nodes_pkg.checks.site_width(dm.get_submodule(site.split(":")[0]))
+        d = core.infer_width(dm.get_submodule(site.split(":")[0]))
         bound = 4.0 if support == "observed" else float("inf")
         maps[site] = core.UnitMap(1 + 0.2 * (torch.rand(d, generator=g) - 0.5), 0.1 * torch.randn(d, generator=g),
                                   lo=torch.full((d,), -bound), hi=torch.full((d,), bound),
                                   target_lo=torch.full((d,), -bound), target_hi=torch.full((d,), bound))
-    return core.Transport(maps, model={"framework": "comfyui", "class": type(model.model).__name__})
+    return core.Transport(maps, model={"naming": "comfyui", "class": type(model.model).__name__})
 
 
 def bench(name: str, model, flux: bool, preset: str, args, pack) -> dict:

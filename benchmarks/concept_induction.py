@@ -19,7 +19,7 @@ pooling, all reals) dampens units by their AUROC; its strength interpolates like
 "The following text is about <topic>." before each prompt.
 
 Run (16 min wall on 2 CPU cores shared with other jobs, 12 min of CPU time; see benchmarks/RESULTS.md):
-    .venv/bin/python benchmarks/concept_induction.py --out /tmp/actsteer/induction --figures benchmarks/figures
+    .venv/bin/python -m benchmarks.concept_induction --out /tmp/actsteer/induction --figures benchmarks/figures
 Smaller: ``--concepts food --prompts 6 --new-tokens 24 --methods linear-act,caa``.
 """
 

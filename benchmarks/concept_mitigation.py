@@ -16,7 +16,7 @@ Measured: presence of the concept in the continuation (lower is better here), pe
 under the unsteered model, distinct-2.
 
 Run (6.5 minutes on 2 CPU cores):
-    .venv/bin/python benchmarks/concept_mitigation.py --out /tmp/actsteer/mitigation
+    .venv/bin/python -m benchmarks.concept_mitigation --out /tmp/actsteer/mitigation
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 import actsteer
 from actsteer.eval import sweep
 from actsteer.hf_integration.cli import read_texts
-from concept_induction import BOUNDED, CONCEPTS, concept_data, load_model, markdown
+from benchmarks.concept_induction import BOUNDED, CONCEPTS, concept_data, load_model, markdown
 
 METHODS: dict[str, dict[str, Any]] = {
     "linear-act": dict(method="linear-act", pooling="mean", support="observed", strengths=BOUNDED),

@@ -9,23 +9,19 @@ reference's cost, which this script also measures.
 Pipeline: random-weight SDXL with the SDXL base UNet *layout* (256 norms) at small widths, 32x32 images.
 
 Usage:
-    python benchmarks/diffusion_fit_cost.py [--prompts 4] [--threads 1] [--skip-passes]
+    python -m benchmarks.diffusion_fit_cost [--prompts 4] [--threads 1] [--skip-passes]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import torch
+from tests.support.tiny_pipelines import make_sdxl_pipeline
+from benchmarks.diffusion_overhead import sdxl_layout
 
-import torch  # noqa: E402
-from diffusers_support import make_sdxl_pipeline  # noqa: E402
-from diffusion_overhead import SDXL_LAYOUT  # noqa: E402  (same directory)
-
-from actsteer.hf_integration.pipeline_fit import fit_pipeline  # noqa: E402
+from actsteer.hf_integration.pipeline_fit import fit_pipeline
 
 PROMPTS = ["a cat", "a dog on grass", "a red car", "a small house", "a tall tree", "a bird in the sky",
            "a bowl of fruit", "a city street"]
@@ -46,7 +42,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     source = PROMPTS[: args.prompts]
     target = [f"watercolor, {p}, soft watercolor painting" for p in source]
-    pipe = make_sdxl_pipeline(**SDXL_LAYOUT)
+    pipe = make_sdxl_pipeline(**{**sdxl_layout(32), "attention_head_dim": (2, 4, 8)})  # SDXL's block layout, width 32
     n_sites = sum(isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) for m in pipe.unet.modules())
     measure(pipe, source, target, modules="fast")  # warm-up
 

@@ -2,7 +2,7 @@
 
 The paper's negation protocol (Rodriguez et al., ICLR 2025, section 5: AcT fitted *with concept -> without
 concept* and applied at strength 1, compared with negative prompts) on the model trained here (benchmarks/
-miniature), judged with ground truth (benchmarks/miniature/judges.py). Two concepts:
+miniature), judged with ground truth (tests/support/miniature/judges.py). Two concepts:
 
 - **style "striped"**: fit from "<caption>, striped" to "<caption>"; held-out prompts ask for stripes.
   Measured: fraction still judged striped (lower is better), what style replaced it, shape/colour kept against
@@ -18,7 +18,7 @@ Linear-AcT fitted at once, Linear-AcT with the all-reals support, the negative p
 For "striped" also the induction transport (flat -> striped, all reals) applied backwards (strength -1, -2).
 
 Run (3 min wall on 2 CPU cores shared with other jobs, one thread; see benchmarks/RESULTS.md, "Diffusion in miniature"):
-    .venv/bin/python benchmarks/diffusion_negation.py --out /tmp/actsteer/miniature_negation \
+    .venv/bin/python -m benchmarks.diffusion_negation --out /tmp/actsteer/miniature_negation \
         --figures benchmarks/figures
 """
 
@@ -28,21 +28,19 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repo root: `benchmarks.miniature`
 
 import torch  # noqa: E402
 
 import actsteer  # noqa: E402
-from benchmarks.miniature import metrics  # noqa: E402
-from benchmarks.miniature.judges import JUDGES_FILE, Judges  # noqa: E402
-from benchmarks.miniature.model import PIPELINE_DIR, load_pipeline  # noqa: E402
+from tests.support.miniature import metrics  # noqa: E402
+from tests.support.miniature.judges import JUDGES_FILE, Judges  # noqa: E402
+from tests.support.miniature.model import PIPELINE_DIR, load_pipeline  # noqa: E402
 
 logger = logging.getLogger("diffusion_negation")
 COLUMNS = ["concept", "method", "sites", "support", "strength", "presence", "flat", "shape_acc", "shape_kept",

@@ -13,32 +13,28 @@ and two transports composed. Maps are fitted with `fit_pipeline` at small widths
 the per-call cost does not depend on the values.
 
 Usage:
-    python benchmarks/diffusion_overhead.py [--arch sdxl flux] [--repeats 3] [--threads 1]
-    python benchmarks/diffusion_overhead.py --arch sdxl --sdxl-width 320 --steps 2 --repeats 3
-    python benchmarks/diffusion_overhead.py --arch flux --flux-hidden 1024 --steps 2 --repeats 3
+    python -m benchmarks.diffusion_overhead [--arch sdxl flux] [--repeats 3] [--threads 1]
+    python -m benchmarks.diffusion_overhead --arch sdxl --sdxl-width 320 --steps 2 --repeats 3
+    python -m benchmarks.diffusion_overhead --arch flux --flux-hidden 1024 --steps 2 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from tests.support.tiny_pipelines import make_flux_pipeline, make_sdxl_pipeline
+from benchmarks.overhead_timing import interleave, report, summary, write_json
 
-import torch  # noqa: E402
-from diffusers_support import make_flux_pipeline, make_sdxl_pipeline  # noqa: E402
-from overhead_timing import interleave, report, summary, write_json  # noqa: E402
-
-import actsteer  # noqa: E402
-from actsteer.core import Steering  # noqa: E402
-from actsteer.core.sites import infer_width, parse_site  # noqa: E402
-from actsteer.hf_integration.diffusion_presets import component_view, pipeline_sites  # noqa: E402
-from actsteer.hf_integration.pipeline_fit import fit_pipeline  # noqa: E402
-from actsteer.hf_integration.pipelines import attach_pipeline  # noqa: E402
+import actsteer
+from actsteer.core import Steering
+from actsteer.core.sites import infer_width, parse_site
+from actsteer.hf_integration.diffusion_presets import component_view, pipeline_sites
+from actsteer.hf_integration.pipeline_fit import fit_pipeline
+from actsteer.hf_integration.pipelines import attach_pipeline
 
 SOURCE = ["a cat", "a dog on grass", "a red car", "a small house", "a tall tree", "a bird in the sky"]
 TARGET = [f"watercolor, {s}, soft watercolor painting" for s in SOURCE]
@@ -114,7 +110,7 @@ def run(arch: str, args) -> dict:
     def arm(name, steering, window):
         def before():
             t0 = time.perf_counter()
-            live.append(attach_pipeline(pipe, steering, timesteps=window))
+            live.append(attach_pipeline(pipe, steering, steps=window))
             attach_s[name].append(time.perf_counter() - t0)
         return before, sample, lambda: live.pop().remove()
 

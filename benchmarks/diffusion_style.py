@@ -1,11 +1,11 @@
 """Style induction on the miniature text-to-image model: "flat" shapes -> "striped" ones, judged with ground truth.
 
 The paper's diffusion style protocol (Rodriguez et al., ICLR 2025, section 5; ACT_SPEC.md section 7) on a model
-trained here (benchmarks/miniature): fit a transport from plain captions ("a small red circle on the left") to the
+trained here (tests/support/miniature): fit a transport from plain captions ("a small red circle on the left") to the
 same captions with the style (", striped") through `actsteer.fit_pipeline` (responses from the first, noisiest
 step, conditional half of the CFG batch), generate held-out captions (never used for fitting) with the same seeds
 at several strengths through `actsteer.steer`, and judge every image with CNNs trained on the procedural data
-(benchmarks/miniature/judges.py):
+(tests/support/miniature/judges.py):
 
 - style presence: fraction of images judged "striped" (the paper's CLIP zero-shot presence);
 - content: shape/colour accuracy against the caption, shape/colour kept against the unsteered image of the same
@@ -23,7 +23,7 @@ the prompt baseline and three variants at strengths 1, 1.5 and 2.
 
 Run (5 min wall on 2 CPU cores shared with other jobs, one thread; see benchmarks/RESULTS.md, "Diffusion in
 miniature"):
-    .venv/bin/python benchmarks/diffusion_style.py --out /tmp/actsteer/miniature_style --figures benchmarks/figures
+    .venv/bin/python -m benchmarks.diffusion_style --out /tmp/actsteer/miniature_style --figures benchmarks/figures
 """
 
 from __future__ import annotations
@@ -32,21 +32,19 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repo root: `benchmarks.miniature`
 
 import torch  # noqa: E402
 
 import actsteer  # noqa: E402
-from benchmarks.miniature import metrics  # noqa: E402
-from benchmarks.miniature.judges import JUDGES_FILE, Judges  # noqa: E402
-from benchmarks.miniature.model import PIPELINE_DIR, load_pipeline  # noqa: E402
+from tests.support.miniature import metrics  # noqa: E402
+from tests.support.miniature.judges import JUDGES_FILE, Judges  # noqa: E402
+from tests.support.miniature.model import PIPELINE_DIR, load_pipeline  # noqa: E402
 
 logger = logging.getLogger("diffusion_style")
 STYLE = "striped"
@@ -114,8 +112,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with actsteer.steer(pipe, transports["linear-act all"], strength=torch.tensor([0.0] * n + [s] * n)):
                 measure("linear-act all, conditional half", "unet", "all", s, gen(prompts))
     for window in ((0.0, 0.25), (0.0, 0.5), (0.5, 1.0)):
-        with actsteer.steer(pipe, transports["linear-act all"], strength=args.window_strength, timesteps=window):
-            measure(f"linear-act all, timesteps {window[0]:g}-{window[1]:g}", "unet", "all", args.window_strength,
+        with actsteer.steer(pipe, transports["linear-act all"], strength=args.window_strength, steps=window):
+            measure(f"linear-act all, steps {window[0]:g}-{window[1]:g}", "unet", "all", args.window_strength,
                     gen(prompts))
     rows += other_styles(pipe, judges, fit_attrs, eval_attrs, reference, args)
     wall = time.time() - start

@@ -4,7 +4,7 @@ The previous engine's ``core/`` is extracted from git into a temporary package a
 model object; runs are interleaved (plain, previous, request-scoped `steer`, model-wide `attach`, ...) and medians
 of tokens/s compared. Issue 11 asks that steering be no slower than before.
 
-    python benchmarks/engine_regression.py [--rev 36008e2] [--new-tokens 32] [--reps 5] [--batch 1] [--threads 1]
+    python -m benchmarks.engine_regression [--rev 36008e2] [--new-tokens 32] [--reps 5] [--batch 1] [--threads 1]
 """
 
 from __future__ import annotations

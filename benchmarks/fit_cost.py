@@ -9,14 +9,13 @@ Reported: the paired cost ratio (arm time / plain forward time), median and inte
 time. Target (issue 15): sequential <= 2x one plain forward pass. Also: what a sequential fit costs when the texts
 do NOT fit in one batch (--batch-size), and the reference implementation's ~(L+1)/2 passes for L sites.
 
-    python benchmarks/fit_cost.py [--model smollm2] [--n 48] [--reps 7] [--batch-size 16] [--threads 1]
+    python -m benchmarks.fit_cost [--model smollm2] [--n 48] [--reps 7] [--batch-size 16] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 import types
 from pathlib import Path
@@ -30,8 +29,7 @@ from actsteer.hf_integration.cli import read_texts  # noqa: E402
 from actsteer.hf_integration.default_model import load_model  # noqa: E402
 from actsteer.hf_integration.lm import make_runner, padding_ready  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead_timing import interleave, quartiles, write_json  # noqa: E402
+from benchmarks.overhead_timing import interleave, quartiles, write_json  # noqa: E402
 
 DATA = Path(actsteer.__file__).parent / "hf_integration" / "data"
 

@@ -13,15 +13,14 @@ the previous per-call path): they must be identical. Ratios are paired speed rat
 1.0 = free), median and interquartile range over repetitions, for wall time and process CPU time (the steadier
 one on a shared machine). Targets (issue 15): observed >= 0.97, all >= 0.99.
 
-    python benchmarks/generation_overhead.py [--batch 1 4] [--threads 1 2] [--new-tokens 16] [--reps 21]
-    python benchmarks/generation_overhead.py --device cuda --dtype bfloat16 [--compile]   # on a GPU
+    python -m benchmarks.generation_overhead [--batch 1 4] [--threads 1 2] [--new-tokens 16] [--reps 21]
+    python -m benchmarks.generation_overhead --device cuda --dtype bfloat16 [--compile]   # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,8 +31,7 @@ import actsteer  # noqa: E402
 from actsteer.hf_integration.cli import read_texts  # noqa: E402
 from actsteer.hf_integration.default_model import load_model  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead_timing import interleave, report, summary, write_json  # noqa: E402
+from benchmarks.overhead_timing import interleave, report, summary, write_json  # noqa: E402
 
 DATA = Path(actsteer.__file__).parent / "hf_integration" / "data"
 PROMPTS = ["Once upon a time,", "Yesterday I went", "The weather today", "My favorite food is"]

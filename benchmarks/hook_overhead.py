@@ -1,7 +1,7 @@
 """Hook overhead: one model's forward pass with a Linear-AcT transport attached vs without, eager and compiled.
 
 A random mid-size Llama (default hidden 512, 8 layers, batch 8 x 128 tokens) gets a transport fitted with
-`actsteer.core.fit.fit` on every norm module (``input_layernorm``, ``post_attention_layernorm``, ``norm``),
+`actsteer.core.fit` on every norm module (``input_layernorm``, ``post_attention_layernorm``, ``norm``),
 applied with support "all" (one ``addcmul`` per site) and "observed" (``clamp``, compare, ``lerp`` on top).
 Arms are interleaved in one process (see ``overhead_timing.py``); ratios are paired speed ratios (1.0 = free).
 With ``--compile``, the same three arms also run through ``torch.compile(model)`` (compiled once, BEFORE any
@@ -9,9 +9,9 @@ steering: the dispatcher is traced on the first steered call) and are compared w
 the script checks that compiled outputs match eager ones and that a strength change does not recompile.
 
 Usage:
-    python benchmarks/hook_overhead.py                      # float32 and bfloat16 on CPU
-    python benchmarks/hook_overhead.py --compile --dtypes float32 --reps 9
-    python benchmarks/hook_overhead.py --device cuda --reps 50 --hidden 1024 --layers 16 --compile
+    python -m benchmarks.hook_overhead                      # float32 and bfloat16 on CPU
+    python -m benchmarks.hook_overhead --compile --dtypes float32 --reps 9
+    python -m benchmarks.hook_overhead --device cuda --reps 50 --hidden 1024 --layers 16 --compile
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -28,11 +27,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import actsteer  # noqa: E402
-from actsteer.core.fit import fit  # noqa: E402
+from actsteer.core import fit  # noqa: E402
 from actsteer.core.sites import resolve_sites  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead_timing import interleave, report, summary, sync, write_json  # noqa: E402
+from benchmarks.overhead_timing import interleave, report, summary, sync, write_json  # noqa: E402
 
 NORMS = r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)|model\.norm"
 

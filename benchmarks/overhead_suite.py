@@ -13,15 +13,14 @@ Runs, in order, with settings per device (``--quick`` shrinks repetitions furthe
 Each step writes ``<out>/<name>.json``; a step that fails is reported and the suite goes on. On CUDA every
 timing is bracketed by ``torch.cuda.synchronize()`` and CUDA events (``overhead_timing.py``).
 
-    python benchmarks/overhead_suite.py                       # CPU
-    python benchmarks/overhead_suite.py --device cuda --out benchmarks/out/gpu
+    python -m benchmarks.overhead_suite                       # CPU
+    python -m benchmarks.overhead_suite --device cuda --out benchmarks/out/gpu
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import sys
 import time
@@ -29,7 +28,6 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 
 def steps(device: str, quick: bool) -> list[tuple[str, list[str]]]:
@@ -77,11 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n=== {label}: {' '.join(bench_argv)}", flush=True)
         t0 = time.perf_counter()
         try:
-            if name == "comfy_overhead":
-                sys.path.insert(0, str(HERE.parent / "tests"))
-                if importlib.util.find_spec("comfy_harness") is None:
-                    raise RuntimeError("tests/comfy_harness.py not found")
-            module = importlib.import_module(name)
+            module = importlib.import_module(f"benchmarks.{name}")
             result = module.main([*bench_argv, "--json", str(args.out / f"{label}.json")])
             done[label] = {"seconds": round(time.perf_counter() - t0, 1), "argv": bench_argv}
             del result

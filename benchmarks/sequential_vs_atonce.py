@@ -11,7 +11,7 @@ activations). Measured:
 - the fitting cost (forward calls, seconds).
 
 Run (2.5 minutes on 2 CPU cores):
-    .venv/bin/python benchmarks/sequential_vs_atonce.py --out /tmp/actsteer/sequential
+    .venv/bin/python -m benchmarks.sequential_vs_atonce --out /tmp/actsteer/sequential
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 import actsteer
 from actsteer.eval import sweep, transport_fidelity
 from actsteer.hf_integration.cli import read_texts
-from concept_induction import CONCEPTS, DATA, concept_data, load_model, markdown
+from benchmarks.concept_induction import CONCEPTS, DATA, concept_data, load_model, markdown
 
 N_FIT = 30
 

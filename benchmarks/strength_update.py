@@ -8,7 +8,7 @@ R rows of one token each go through SmolLM2 (61 norm sites, observed support). A
 Also printed: the median time of ``set_strength`` alone. Rows at 0 must equal the plain forward, rows at 1 the
 scalar one, bit for bit (checked first).
 
-    python benchmarks/strength_update.py [--rows 16 512] [--reps 9] [--threads 1]
+    python -m benchmarks.strength_update [--rows 16 512] [--reps 9] [--threads 1]
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -28,8 +27,7 @@ import actsteer  # noqa: E402
 from actsteer.hf_integration.cli import read_texts  # noqa: E402
 from actsteer.hf_integration.default_model import load_model  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead_timing import interleave, report, summary, write_json  # noqa: E402
+from benchmarks.overhead_timing import interleave, report, summary, write_json  # noqa: E402
 
 DATA = Path(actsteer.__file__).parent / "hf_integration" / "data"
 

@@ -18,7 +18,7 @@ and concept presence / perplexity / distinct-2 of the held-out prompts' continua
 The token-level ranges live here, in benchmark code: actsteer's core fits ranges on pooled values only.
 
 Run (2.5 minutes on 2 CPU cores):
-    .venv/bin/python benchmarks/support_semantics.py --out /tmp/actsteer/support
+    .venv/bin/python -m benchmarks.support_semantics --out /tmp/actsteer/support
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ from typing import Any
 import torch
 
 import actsteer
-from actsteer.core.fit import ForwardContext
+from actsteer.core import ForwardContext
 from actsteer.core.sites import iter_site_modules
 from actsteer.eval import support_coverage, sweep, transport_fidelity
 from actsteer.hf_integration.cli import read_texts
 from actsteer.hf_integration.lm import make_runner, padding_ready
-from concept_induction import CONCEPTS, DATA, concept_data, load_model, markdown
+from benchmarks.concept_induction import CONCEPTS, DATA, concept_data, load_model, markdown
 
 N_FIT = 30
 

@@ -14,7 +14,7 @@ is not their tuned setting; the ``best s`` column gives, for every method, the s
 minimises W1 on the fit sample, and ``W1@best`` its held-out W1/sd. Strength 1 should be best for the
 transport methods.
 
-Run: ``.venv/bin/python benchmarks/toy_transport.py [--seed 0] [--n 2000]``.
+Run: ``.venv/bin/python -m benchmarks.toy_transport [--seed 0] [--n 2000]``.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import logging
 
 from comfy_api.latest import io, ui
 
+from ..core import fitted_on, naming_of
 from . import files
 from .inputs import CATEGORY, TRANSPORT_OUT_TIP, Transport, input_check
 
@@ -86,8 +87,7 @@ class ActSteerLoad(io.ComfyNode):
     @classmethod
     def execute(cls, transport_name) -> io.NodeOutput:
         transport = files.load(transport_name)
-        if transport.model.get("framework") == "diffusers" or transport.model.get("naming") == "diffusers":
+        if naming_of(transport) == "diffusers":
             logger.info("actsteer: %s was fitted with diffusers; its site names are translated when applied", transport_name)
-        fitted_on = transport.model.get("class") or transport.model.get("arch") or "?"
-        summary = f"{len(transport)} layers, {transport.method}, learned on {fitted_on}"
+        summary = f"{len(transport)} layers, {transport.method}, learned on {fitted_on(transport)}"
         return io.NodeOutput(transport, ui=ui.PreviewText(summary))

@@ -13,8 +13,7 @@ import re
 import sys
 from typing import Literal
 
-from ..core.validation import shorten
-from ..core.transport import Transport
+from ..core import Transport, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +228,7 @@ def check_readable(name: str) -> None:
     Raises:
         ValueError: one line naming the file and what to do.
     """
-    from ..core.io import read_header
+    from ..core import read_header
 
     path = full_path(name)
     try:

@@ -23,18 +23,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import threading
 import time
 from typing import Any, Literal
 
 import torch
 
-from ..core.estimate import method_defaults
-from ..core.fit import ForwardContext, fit
-from ..core.fit import logger as fit_logger
+from ..core import ForwardContext, fit, locate, method_defaults, model_record
 from .checks import diffusion_model
 from .patching import KEY, transformer_options_of
-from .presets import model_family
+from ..archs.detect import family, module_arch
 
 logger = logging.getLogger(__name__)
 
@@ -92,19 +89,6 @@ class _StopSampling(Exception):
     """Raised from the collection wrapper after the last pooled step: the rest of the schedule is not needed."""
 
 
-class _NoFitLine(logging.Filter):
-    """Drops the core's "fitted ... in N s" line of THIS thread's fit while a Learn node runs: in ComfyUI that time
-    includes prompt encoding and sampling, so the node logs its own split line (`Timing`) instead. Fits running in
-    other threads meanwhile keep their line."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.thread = threading.get_ident()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.thread != self.thread or not str(record.msg).startswith("actsteer: fitted")
-
-
 def parse_prompts(text: str, what: str) -> list[str]:
     """One prompt per non-empty line; raises a ValueError naming ``what`` when fewer than 2 remain."""
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
@@ -132,9 +116,8 @@ class _Collector:
         comfy.model_management.throw_exception_if_processing_interrupted()
         to = transformer_options_of(args, kwargs)
         ctx = self.ctx
-        sigma = torch.as_tensor(to["sigmas"]).reshape(-1)[0]
-        schedule = torch.as_tensor(to["sample_sigmas"]).to(sigma.device)
-        step = int((schedule[:-1] > sigma * (1 + 1e-5)).sum())
+        schedule = torch.as_tensor(to["sample_sigmas"])
+        step, _ = locate(to["sigmas"], schedule[:-1])  # the one diffusion clock: this call's place in the schedule
         flags = list(to.get("cond_or_uncond", [0]))
         chunk = args[0].shape[0] // max(len(flags), 1)
         positive = [j for j, flag in enumerate(flags) if flag == 0]
@@ -174,18 +157,16 @@ def _batched_conditioning(encoded: list[list]) -> list:
 def _model_info(model, dm: torch.nn.Module) -> dict[str, Any]:
     """Metadata saved with the transport; ``naming``/``arch``/``unet_config`` let `comfy_names.from_comfy`
     translate it to diffusers names."""
-    family = model_family(dm)
-    info: dict[str, Any] = {
-        "framework": "comfyui", "naming": "comfyui", "class": type(model.model).__name__,
-        "diffusion_model": type(dm).__name__, "family": family,
-        "latent_channels": model.model.latent_format.latent_channels,
-    }
-    arch = {"SDXL": "sdxl", "Flux": "flux"}.get(info["class"], {"flux": "flux"}.get(family))
+    arch = module_arch(dm)
+    info = model_record(
+        model.model, naming="comfyui", diffusion_model=type(dm).__name__, family=family(arch),
+        latent_channels=model.model.latent_format.latent_channels,
+    )
     if arch:
         info["arch"] = arch
     config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
     layout = {k: config[k] for k in _LAYOUT_KEYS if k in config}
-    if family == "unet" and layout:
+    if arch == "sdxl" and layout:
         info["unet_config"] = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in layout.items()}
     return info
 
@@ -215,7 +196,7 @@ def learn(
         source, target: prompts (at least 2 each).
         sites: site names of ``model.model.diffusion_model`` (see `presets.preset_sites`).
         method, support: passed to `actsteer.estimate`; ``support`` None (or ``"method default"``) takes the
-            method's own (`actsteer.core.estimate.method_defaults`), which also sets the pooling: the mean over
+            method's own (`actsteer.core.method_defaults`), which also sets the pooling: the mean over
             tokens/pixels, the max for AurA.
         fit_mode: ``"sequential"`` (one call with ``collect_steps == 1``, one call per site otherwise) or ``"at-once"``.
         batch_size: items per sampler call; 0 = all items in one call (cheapest).
@@ -302,17 +283,15 @@ def learn(
             collector.ctx = None
             spent["sample"] += time.perf_counter() - t0
 
-    quiet = _NoFitLine()
-    fit_logger.addFilter(quiet)
-    try:
-        transport = fit(
-            dm, sites, items_source, items_target, run=run, method=method, support=support, pooling=defaults["pooling"],
-            sequential=sequential, batch_size=None if bs >= n_items else bs, one_pass=one_pass, progress=False,
-            model_info=_model_info(model, dm),
-            description=f"{len(source)} source vs {len(target)} target prompts, learned in ComfyUI",
-        )
-    finally:
-        fit_logger.removeFilter(quiet)
+    transport = fit(
+        dm, sites, items_source, items_target, run=run, method=method, support=support, pooling=defaults["pooling"],
+        sequential=sequential, batch_size=None if bs >= n_items else bs, one_pass=one_pass, progress=False,
+        model_info=_model_info(model, dm),
+        description=f"{len(source)} source vs {len(target)} target prompts, learned in ComfyUI",
+        # in ComfyUI the core's one "fitted in N s" figure would include prompt encoding and sampling: this node
+        # logs its own split line (`Timing`) instead
+        log_summary=False,
+    )
     total = time.perf_counter() - started
     timing = Timing(spent["encode"], spent["sample"], max(0.0, total - spent["encode"] - spent["sample"]), spent["calls"])
     logger.info(

@@ -11,8 +11,8 @@ import logging
 
 from comfy_api.latest import io, ui
 
-from ..core.estimate import ESTIMATORS
-from .checks import check_numbers, diffusion_model, for_artist, select_group
+from ..core import ESTIMATORS
+from .checks import diffusion_model, for_artist
 from .file_nodes import ActSteerLoad, ActSteerSave
 from .inputs import (
     CATEGORY,
@@ -29,8 +29,8 @@ from .inputs import (
     window_inputs,
 )
 from .learn import FIT_MODES, CollectSettings, learn, parse_prompts
-from .patching import apply_steering
 from .presets import LAYER_PRESETS, LAYERS_TOOLTIP, preset_sites
+from .steer import steer_model
 from .sweep import ActSteerSweep
 
 logger = logging.getLogger(__name__)
@@ -154,21 +154,6 @@ class ActSteerApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, transport, strength, start_percent, end_percent, layers="", layer_group="all") -> io.NodeOutput:
         return io.NodeOutput(steer_model(model, transport, strength, start_percent, end_percent, layers, layer_group))
-
-
-def steer_model(model, transport, strength: float, start_percent: float, end_percent: float, layers: str = "",
-                layer_group: str = "all"):
-    """`apply_steering` behind the node checks: finite strength, usable maps, the layer group; artist-facing errors."""
-    problem = number_problem("strength", strength, STRENGTH_MIN, STRENGTH_MAX)
-    if problem:
-        raise ValueError(problem)
-    check_numbers(transport, "The transport")
-    transport = select_group(model, transport, layer_group or "all")
-    try:
-        return apply_steering(model, transport, strength=float(strength), start_percent=start_percent,
-                              end_percent=end_percent, layers=layers or "")
-    except (KeyError, ValueError) as err:
-        raise ValueError(for_artist(err, "change the Apply node's inputs or the MODEL it gets", always=False)) from None
 
 
 NODES: list[type[io.ComfyNode]] = [ActSteerLearn, ActSteerSave, ActSteerLoad, ActSteerApply, ActSteerSweep]

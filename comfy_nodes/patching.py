@@ -7,7 +7,7 @@ How it works (COMFYUI_NOTES.md section 3):
   (transport, strength, sigma window). A second Apply node on that clone replaces the pair with one holding
   both entries: the engine steers a module through ONE handle per binding, so composition is a list.
 - OUTER_SAMPLE (once per sampling run): bind the entries to the diffusion model as request-scoped steering
-  (`actsteer.core.engine.bind`: only calls made in this sampling run's thread are steered) with
+  (`actsteer.core.bind`: only calls made in this sampling run's thread are steered) with
   ``active=False``; the per-strength folding happens here, once. The handle is removed in ``finally`` (also on
   Cancel).
 - APPLY_MODEL (every model call): read the call's sigma (only when some entry has a window: reading it syncs
@@ -26,9 +26,7 @@ from typing import Any
 
 import torch
 
-from ..core.engine import SteeringHandle, bind, steer
-from ..core.steering import Steering
-from ..core.transport import Transport
+from ..core import Steering, SteeringHandle, Transport, bind, steer
 from .checks import check_transport, to_comfy_names
 from .presets import filter_sites
 
@@ -49,10 +47,8 @@ class SteeringEntry:
 
     transport: Transport
     strength: float
-    start_percent: float = 0.0
-    end_percent: float = 1.0
     sigma_start: float = float("inf")
-    sigma_end: float = 0.0
+    sigma_end: float = float("-inf")
 
     def __deepcopy__(self, memo: dict) -> SteeringEntry:
         return self  # immutable; ModelPatcher.clone() deep-copies model_options, never copy tensors
@@ -227,7 +223,7 @@ def apply_steering(
     # the schedule's ends are open: float noise in the first sigma must not drop the first step
     sigma_start = float("inf") if start_percent <= 0.0 else float(sampling.percent_to_sigma(start_percent))
     sigma_end = float("-inf") if end_percent >= 1.0 else float(sampling.percent_to_sigma(end_percent))
-    entry = SteeringEntry(transport, float(strength), start_percent, end_percent, sigma_start, sigma_end)
+    entry = SteeringEntry(transport, float(strength), sigma_start, sigma_end)
     from comfy.patcher_extension import WrappersMP
 
     previous = steering_patch(model)

@@ -1,6 +1,6 @@
 """Layer choices for ComfyUI diffusion models: which sites of ``model.model.diffusion_model`` to fit or steer.
 
-The named groups ("all-norms", "input-blocks", "image-stream", ...) are `actsteer.hf_integration.site_groups`,
+The named groups ("all-norms", "input-blocks", "image-stream", ...) are `actsteer.archs.site_groups`,
 the vocabulary the diffusers presets share; here they are applied in ComfyUI's naming. Site names follow
 ComfyUI's module names: SDXL ``input_blocks.4.1.transformer_blocks.0.norm1``; FLUX ``double_blocks.3:0``
 (image stream), ``double_blocks.3:1`` (text stream), ``single_blocks.7`` (one ``cat([txt, img])`` tensor).
@@ -10,15 +10,11 @@ No ComfyUI import: these are pure functions over module trees.
 from __future__ import annotations
 
 import re
-from typing import Literal
-
 import torch
 
-from ..core.sites import resolve_sites
-from ..hf_integration import site_groups
-
-Family = Literal["unet", "flux", "other"]
-_ARCH = {"unet": "sdxl", "flux": "flux"}
+from ..archs import site_groups
+from ..archs.detect import module_arch
+from ..core import resolve_sites
 
 # The Learn node's `layers` choices: auto, then each family's groups, then a free regex.
 LAYER_PRESETS: tuple[str, ...] = (
@@ -45,21 +41,6 @@ GROUP_TOOLTIP = (
 )
 
 
-def model_family(diffusion_model: torch.nn.Module) -> Family:
-    """``"unet"`` for SD1/SDXL-style UNets, ``"flux"`` for FLUX-style double/single-block transformers."""
-    names = {c.__name__ for c in type(diffusion_model).__mro__}
-    if "UNetModel" in names:
-        return "unet"
-    if hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks"):
-        return "flux"
-    return "other"
-
-
-def model_arch(diffusion_model: torch.nn.Module) -> str | None:
-    """``"sdxl"`` or ``"flux"``: the `site_groups` architecture of a diffusion model (None for others)."""
-    return _ARCH.get(model_family(diffusion_model))
-
-
 def _modules(diffusion_model: torch.nn.Module) -> list[tuple[str, bool]]:
     return [(name, isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)))
             for name, m in diffusion_model.named_modules() if name]
@@ -83,7 +64,7 @@ def preset_sites(diffusion_model: torch.nn.Module, preset: str, regex: str = "")
     Args:
         diffusion_model: ``model.model.diffusion_model`` of a ComfyUI MODEL.
         preset: ``"auto"`` (all-norms on UNets, blocks on FLUX), a group of
-            `actsteer.hf_integration.site_groups` (``"fast"``, ``"input-blocks"``, ``"image-stream"``, ...),
+            `actsteer.archs.site_groups` (``"fast"``, ``"input-blocks"``, ``"image-stream"``, ...),
             or ``"regex"``.
         regex: with ``preset="regex"``, a regular expression matched in full against module names; end it
             with ``:0``, ``:1`` or ``:(0|1)`` to pick elements of tuple outputs (FLUX double blocks).
@@ -94,7 +75,7 @@ def preset_sites(diffusion_model: torch.nn.Module, preset: str, regex: str = "")
     """
     if preset == "regex":
         return _regex_sites(diffusion_model, regex)
-    arch = model_arch(diffusion_model)
+    arch = module_arch(diffusion_model)
     kind = type(diffusion_model).__name__
     if arch is None:
         raise ValueError(f"Named layer groups cover SDXL-style UNets and FLUX; for this {kind} set layers = regex and "
@@ -117,7 +98,7 @@ def group_sites(diffusion_model: torch.nn.Module, sites: list[str], group: str) 
     """
     if group == "all":
         return list(sites)
-    arch = model_arch(diffusion_model)
+    arch = module_arch(diffusion_model)
     if arch is None:
         raise ValueError(f"layer_group {group!r}: named layer groups cover SDXL-style UNets and FLUX, not "
                          f"{type(diffusion_model).__name__}; set layer_group to 'all' and use the layers regex")

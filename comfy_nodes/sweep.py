@@ -17,6 +17,7 @@ from .inputs import (
     parse_strengths,
     window_inputs,
 )
+from .steer import steer_model
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,6 @@ class ActSteerSweep(io.ComfyNode):
         import comfy.model_management
         import comfy.utils
         import latent_preview
-
-        from .nodes import steer_model
 
         values = parse_strengths(strengths)
         # build every patched clone first: a mismatching transport fails before any sampling

@@ -1,29 +1,110 @@
-"""actsteer.core: estimation, transport maps, the hook engine and the file format (torch only)."""
+"""actsteer.core: estimation, transport maps, the hook engine, fitting and the file format (torch only).
 
-from .collect import collect
-from .estimate import ESTIMATORS, estimate
-from .fit import fit
-from .record import ForwardContext, Recorder
-from .hooks import Steering, SteeringHandle, attach, steer, validate
+This package is the one face of the core: the host layers (``hf_integration``, ``comfy_nodes``,
+``vllm_integration``, ``eval``, ``archs``) import what they need from ``actsteer.core`` and never from its modules,
+so that the modules can change behind these names. Who owns what:
+
+- maps: `UnitMap`, `Transport` (``transport.py``); folding a strength and the per-call formula (``folding.py``);
+  the per-token formula over stacked transports, for servers (`stacked_affine`, `stack_directions`,
+  ``stacked.py``);
+- estimation: `estimate`, `ESTIMATORS`, `method_defaults` (``estimators.py``); pooling (``pooling.py``);
+- steering: `Steering` and strength checks (``steering.py``); `attach`, `steer`, `bind`, `SteeringHandle`
+  (``engine.py``, with ``dispatch.py`` and ``apply.py`` behind it);
+- recording and fitting: `collect`, `record_sites`, `Recorder`, `ForwardContext` (``record.py``); `fit`
+  (``fitting.py``);
+- diffusion steps: `StepClock`, `check_steps`, `locate` (``steps.py``, the one clock of fitting and steering);
+- sites: `list_sites`, `resolve_sites`, the one width rule `infer_width` and the one check `validate` (``sites.py``);
+- files: `read_header`, `resolve_path` (``io.py``), `check_transport`, `shorten` (``validation.py``);
+- provenance: `model_record`, `naming_of`, `fitted_on` (``provenance.py``).
+
+Example:
+    >>> import torch
+    >>> from actsteer import core
+    >>> m = core.estimate(torch.zeros(4, 2) + torch.arange(4.0)[:, None], torch.ones(4, 2), method="mean-act")
+    >>> m.beta.tolist()
+    [-0.5, -0.5]
+"""
+
+from ._version import __version__
+from .engine import SteeringHandle, attach, bind, steer, steering_of
+from .estimators import ESTIMATORS, Support, canonical_method, estimate, method_defaults
+from .fitting import fit
+from .folding import HALF_DTYPES, FoldedMap, in_support
+from .io import read_header, resolve_path
 from .pooling import pool
-from .sites import list_sites, resolve_sites
+from .provenance import fitted_on, fitted_on_note, model_name, model_record, naming_of
+from .record import ForwardContext, Recorder, collect, record_sites
+from .sites import (
+    WidthMismatch,
+    element,
+    infer_width,
+    iter_site_modules,
+    list_sites,
+    parse_site,
+    present_sites,
+    replace_element,
+    resolve_sites,
+    validate,
+)
+from .stacked import stack_directions, stacked_affine
+from .steering import SiteStrength, Steering, SteeringLike, as_steerings, check_strength
+from .steps import StepClock, Steps, Window, check_steps, in_window, locate
 from .transport import Transport, UnitMap
+from .validation import check_transport, shorten
 
 __all__ = [
     "ESTIMATORS",
+    "HALF_DTYPES",
+    "FoldedMap",
     "ForwardContext",
     "Recorder",
+    "SiteStrength",
     "Steering",
     "SteeringHandle",
+    "SteeringLike",
+    "StepClock",
+    "Steps",
+    "Support",
     "Transport",
     "UnitMap",
+    "WidthMismatch",
+    "Window",
+    "__version__",
+    "as_steerings",
     "attach",
+    "bind",
+    "canonical_method",
+    "check_steps",
+    "check_strength",
+    "check_transport",
     "collect",
+    "element",
+    "replace_element",
     "estimate",
     "fit",
+    "fitted_on",
+    "fitted_on_note",
+    "in_support",
+    "in_window",
+    "infer_width",
+    "iter_site_modules",
     "list_sites",
+    "locate",
+    "method_defaults",
+    "model_name",
+    "model_record",
+    "naming_of",
+    "parse_site",
     "pool",
+    "present_sites",
+    "read_header",
+    "record_sites",
+    "resolve_path",
     "resolve_sites",
+    "shorten",
+    "stack_directions",
+    "stacked_affine",
     "steer",
+    "steering_of",
     "validate",
 ]

@@ -2,21 +2,26 @@
 
 Eagerly, `make_applier` binds ahead everything that does not depend on the call's values (the folded map cast to
 the activation's device and dtype, the shape to expect), so that the common call is a shape check, a counter and
-`masked_affine`: one ``addcmul`` for support "all", plus ``clamp``, an in-place compare and an in-place ``lerp`` for a
-support range, all float ops in the activation's dtype. While torch.compile traces a model, `transport_traced`
-does the same work from the handle's folded map directly, with no cache and no counter, so a compiled graph
-reads the current strength's tensors at every call and a strength change never recompiles.
+the one formula (`actsteer.core.folding.bind_affine`): one ``addcmul`` for support "all", plus ``clamp``, an
+in-place compare and an in-place ``lerp`` for a support range, all float ops in the activation's dtype. While
+torch.compile traces a model, `transport_traced` does the same work from the handle's folded map directly, with no
+cache and no counter, so a compiled graph reads the current strength's tensors at every call and a strength
+change never recompiles.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 
-from .folded import FoldedMap, masked_affine
+from .folding import FoldedMap, bind_affine
 
 Positions = Callable[[], "tuple[int, int] | None"]
+
+
+RowLayout = Literal["exact", "interleaved"]
 
 
 def _check(x: torch.Tensor, fm: FoldedMap, site: str, dim: int) -> int:
@@ -28,11 +33,26 @@ def _check(x: torch.Tensor, fm: FoldedMap, site: str, dim: int) -> int:
             f"Site {site!r}: the transport has {dim} units but the model's output has shape {tuple(x.shape)} "
             f"(units on dim {axis}); the transport was fitted on a different model"
         )
-    if fm.rows is not None and fm.rows.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"Site {site!r}: {fm.rows.shape[0]} per-row strengths given but the batch has {x.shape[0]} rows"
-        )
     return axis
+
+
+def rows_for(fm: FoldedMap, batch: int, site: str, layout: RowLayout) -> FoldedMap:
+    """``fm`` with one strength per row of a batch of ``batch`` rows.
+
+    Per-row strengths (``R`` of them) fit a batch of ``R`` rows; with ``layout="interleaved"`` also a batch of
+    ``k * R`` rows, strength ``j`` going to rows ``j*k .. j*k + k - 1``: the layout of ``generate``'s beams and
+    ``num_return_sequences`` (``repeat_interleave``).
+
+    Raises:
+        ValueError: the batch has another number of rows.
+    """
+    if fm.rows is None or fm.rows.shape[0] == batch:
+        return fm
+    given = fm.rows.shape[0]
+    if layout == "interleaved" and batch % given == 0:
+        return fm.with_rows(fm.rows.repeat_interleave(batch // given))
+    spread = f" or a multiple of it ({given} x k rows)" if layout == "interleaved" else ""
+    raise ValueError(f"Site {site!r}: {given} per-row strengths given but the batch has {batch} rows{spread}")
 
 
 def _apply(fm: FoldedMap, x: torch.Tensor, apply_to: str, where: tuple[int, int] | None) -> torch.Tensor:
@@ -69,6 +89,7 @@ def make_applier(
     apply_to: str,
     positions: Positions,
     calls: dict[str, int],
+    rows: RowLayout = "exact",
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The function that transports ``site``'s outputs shaped, typed and placed like ``x`` (eager calls).
 
@@ -80,6 +101,7 @@ def make_applier(
         apply_to: ``"all"``, ``"prompt"`` or ``"generated"`` tokens; the last two read ``positions()``.
         positions: returns ``(offset, prompt_length)`` of the current call's tokens, or None when unknown.
         calls: counter incremented per transported call (``{site: n}``).
+        rows: how per-row strengths spread over a batch with more rows (`rows_for`).
 
     Returns:
         ``apply(x) -> Tensor``: a new tensor, equal bit for bit to ``base.apply_last`` / ``apply_spatial``.
@@ -99,44 +121,32 @@ def make_applier(
     """
     fm = _cast(base, x, site)
 
+    per_batch: dict[int, FoldedMap] = {}  # batch rows -> the per-row map spread over them, made once
+
     def general(x: torch.Tensor) -> torch.Tensor:
         _check(x, fm, site, dim)
+        fitted = fm
+        if fm.rows is not None:
+            fitted = per_batch.get(x.shape[0])
+            if fitted is None:
+                fitted = per_batch[x.shape[0]] = rows_for(fm, x.shape[0], site, rows)
         calls[site] = calls.get(site, 0) + 1
-        return _apply(fm, x, apply_to, positions() if apply_to != "all" else None)
+        return _apply(fitted, x, apply_to, positions() if apply_to != "all" else None)
 
     if fm.rows is not None or apply_to != "all":
         return general
-    # the common case, specialised so that a call is a shape check, a counter and the ops of `masked_affine`
-    # written out (one addcmul; plus clamp, an in-place compare and an in-place lerp for a support range)
-    w, b, lo, hi = fm.weight, fm.bias, fm.lo, fm.hi
-    if w.dtype != x.dtype:  # half precision: the multiply-add in float32, rounded once
-        lo_hi = (lo, hi) if fm.masked else (None, None)
+    # the common case, specialised so that a call is a shape check, a counter and the formula with its tensors bound
+    # (`bind_affine`: one addcmul; plus clamp, an in-place compare and an in-place lerp for a support range)
+    kernel = bind_affine(fm.weight, fm.bias, fm.lo if fm.masked else None, fm.hi if fm.masked else None, x.dtype)
 
-        def fast_half(x: torch.Tensor) -> torch.Tensor:
-            if x.dim() not in (2, 3) or x.shape[-1] != dim:
-                return general(x)
-            calls[site] = calls.get(site, 0) + 1
-            return masked_affine(x, w, b, *lo_hi)
-
-        return fast_half
-    if not fm.masked:
-
-        def fast_all(x: torch.Tensor) -> torch.Tensor:
-            # (B, T, D) or (N, D) token outputs; anything else (4-D spatial, a wrong width) takes the general path
-            if x.dim() not in (2, 3) or x.shape[-1] != dim:
-                return general(x)
-            calls[site] = calls.get(site, 0) + 1
-            return torch.addcmul(b, x, w)
-
-        return fast_all
-
-    def fast_range(x: torch.Tensor) -> torch.Tensor:
+    def fast(x: torch.Tensor) -> torch.Tensor:
+        # (B, T, D) or (N, D) token outputs; anything else (4-D spatial, a wrong width) takes the general path
         if x.dim() not in (2, 3) or x.shape[-1] != dim:
             return general(x)
         calls[site] = calls.get(site, 0) + 1
-        return torch.addcmul(b, x, w).lerp_(x, torch.clamp(x, lo, hi).ne_(x))
+        return kernel(x)
 
-    return fast_range
+    return fast
 
 
 def transport_traced(
@@ -147,6 +157,7 @@ def transport_traced(
     dim: int,
     apply_to: str,
     where: tuple[int, int] | None,
+    rows: RowLayout = "exact",
 ) -> torch.Tensor:
     """The per-call work for a graph that torch.compile traces: no cache, no counter, nothing kept.
 
@@ -158,4 +169,4 @@ def transport_traced(
         return x
     fm = _cast(base, x, site)
     _check(x, fm, site, dim)
-    return _apply(fm, x, apply_to, where)
+    return _apply(rows_for(fm, x.shape[0], site, rows), x, apply_to, where)

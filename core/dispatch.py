@@ -38,6 +38,9 @@ class Frame:
 
 EMPTY = Frame()
 CURRENT: contextvars.ContextVar[Frame] = contextvars.ContextVar("actsteer_steering", default=EMPTY)
+# Per context: a handle's key -> ids of its modules paused for the calls made there (`SteeringHandle.set_active`
+# with ``under``: a pipeline call's step window). Copied on write, never changed in place.
+PAUSED: contextvars.ContextVar[dict[object, frozenset[int]]] = contextvars.ContextVar("actsteer_paused", default={})
 LOCK = threading.RLock()  # guards dispatcher installation and model-wide bindings
 
 

@@ -18,15 +18,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
 
-from .apply import make_applier, transport_traced
-from .dispatch import CURRENT, DISPATCHERS, LOCK, Frame, dispatcher_of
-from .sites import element, infer_width, iter_site_modules, missing_site_message, replace_element
+from .apply import RowLayout, make_applier, transport_traced
+from .dispatch import CURRENT, DISPATCHERS, LOCK, PAUSED, Frame, dispatcher_of
+from .sites import element, iter_site_modules, replace_element, validate
 from .steering import (
     SiteStrength,
     Steering,
@@ -36,7 +35,7 @@ from .steering import (
     is_zero,
     site_strength,
 )
-from .folded import FoldedMap
+from .folding import FoldedMap
 from .transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -63,6 +62,7 @@ class SteeringHandle:
     Attributes:
         scope: ``"request"`` (from `steer`: calls in the ``with`` block, this thread/task) or ``"model"`` (from
             `attach`: every call until ``remove()``).
+        rows: ``"exact"`` or ``"interleaved"``: how per-row strengths meet a batch with more rows (see `bind`).
         strength: read/write; setting it validates, then re-folds every site (cheap, no forward pass).
         active: set False to pause all steering of this handle without removing anything.
         calls: how many times each site was transported (``{site: int}``); calls at strength 0, of switched-off
@@ -71,9 +71,11 @@ class SteeringHandle:
     ``remove()`` is idempotent; afterwards the model is exactly as before.
     """
 
-    def __init__(self, model: torch.nn.Module, steerings: list[Steering], scope: Scope) -> None:
-        self._model_ref = weakref.ref(model)
+    def __init__(
+        self, model: torch.nn.Module, steerings: list[Steering], scope: Scope, rows: RowLayout = "exact"
+    ) -> None:
         self.scope = scope
+        self.rows = rows
         self._steerings = list(steerings)
         self._enabled = [True] * len(self._steerings)
         self._folded: dict[tuple[int, str], FoldedMap | None] = {}
@@ -81,8 +83,9 @@ class SteeringHandle:
         self._cast: dict[tuple[int, str, torch.dtype, torch.device], Callable[[torch.Tensor], torch.Tensor]] = {}
         self._plans: dict[torch.nn.Module, tuple[tuple[int, str, int | None], ...]] = {}
         self._site_modules: dict[str, torch.nn.Module] = {}
-        self._paused: frozenset[torch.nn.Module] = frozenset()
-        self._under: dict[str, frozenset[torch.nn.Module]] = {}  # set_active's prefix -> modules
+        self._key = object()  # this handle's entry in a context's paused modules (`set_active(under=...)`)
+        self._windowed = False  # set_active(under=...) was used: look up the context's paused modules per call
+        self._under: dict[str, frozenset[int]] = {}  # set_active's prefix -> ids of the modules it names
         self._callbacks: dict[torch.nn.Module, list[CallHook]] = {}
         self._positions: tuple[int, int] | None = None
         self._attached = False
@@ -155,14 +158,23 @@ class SteeringHandle:
 
     def set_active(self, active: bool, *, under: str | None = None) -> None:
         """Pause (False) or resume steering; with ``under``, only of the sites whose name starts with it
-        (e.g. ``"unet."``: the denoiser of a pipeline, outside a timestep window)."""
+        (e.g. ``"unet."``: the denoiser of a pipeline, outside a step window), and only for the calls made in this
+        thread or asyncio task: a step window belongs to one pipeline call, so concurrent calls steered by one
+        model-wide handle never move each other's windows."""
         if under is None:
             self.active = bool(active)
             return
         modules = self._under.get(under)
-        if modules is None:  # hosts switch the same part at every call (timestep windows): look it up once
-            modules = self._under[under] = frozenset(m for site, m in self._site_modules.items() if site.startswith(under))
-        self._paused = frozenset(self._paused - modules if active else self._paused | modules)
+        if modules is None:  # hosts switch the same part at every call (step windows): look it up once
+            modules = self._under[under] = frozenset(
+                id(m) for site, m in self._site_modules.items() if site.startswith(under)
+            )
+        paused = PAUSED.get()
+        now = paused.get(self._key, frozenset())
+        new = now - modules if active else now | modules
+        if new != now:
+            PAUSED.set({**paused, self._key: new})
+        self._windowed = True
 
     def set_positions(self, offset: int, prompt_length: int) -> None:
         """Tell the hooks where the next forward's tokens sit: token ``j`` of the call is at position
@@ -211,7 +223,9 @@ class SteeringHandle:
 
     # the per-call path -----------------------------------------------------------------------------------
     def _run(self, module: torch.nn.Module, output: Any) -> Any:
-        if not (self.active and self._attached) or module in self._paused:
+        if not (self.active and self._attached):
+            return output
+        if self._windowed and id(module) in PAUSED.get().get(self._key, ()):
             return output
         if torch.compiler.is_compiling():
             return self._run_traced(module, output)
@@ -240,7 +254,7 @@ class SteeringHandle:
             x = element(out, k, site)
             where = self._positions if st.apply_to != "all" else None  # never guard on positions needlessly
             new = transport_traced(self._folded[(i, site)], x, site=site, dim=st.transport[site].dim,
-                                   apply_to=st.apply_to, where=where)
+                                   apply_to=st.apply_to, where=where, rows=self.rows)
             if new is not x:
                 out = replace_element(out, k, new)
         return out
@@ -256,7 +270,7 @@ class SteeringHandle:
             return _identity
         st = self._steerings[i]
         return make_applier(base, x, site=site, dim=st.transport[site].dim, apply_to=st.apply_to,
-                            positions=lambda: self._positions, calls=self.calls)
+                            positions=lambda: self._positions, calls=self.calls, rows=self.rows)
 
     # binding ---------------------------------------------------------------------------------------------
     def _bind(self) -> None:
@@ -319,6 +333,9 @@ class SteeringHandle:
                     continue
                 d.model_calls = tuple(h for h in d.model_calls if h is not self)
                 d.release("call")
+        paused = PAUSED.get()
+        if self._key in paused:
+            PAUSED.set({k: v for k, v in paused.items() if k is not self._key})
         if self.scope == "request":
             frame = CURRENT.get()
             if any(h is self for h in frame.sites.values()) or any(self in hs for hs in frame.calls.values()):
@@ -339,41 +356,21 @@ class SteeringHandle:
         )
 
 
-def validate(model: torch.nn.Module, transport: Transport) -> None:
-    """Check that every site of ``transport`` exists in ``model`` with the right width, before touching it.
-
-    Raises:
-        KeyError: a site's module is missing (the message names near misses).
-        ValueError: a module's width differs from the transport's (names expected vs actual).
-    """
-    problems = []
-    for site, unit_map in transport.items():
-        try:
-            (_, name, k, module), = iter_site_modules(model, [site])
-        except KeyError:
-            raise KeyError(missing_site_message(model, site.split(":")[0]) + _fitted_on(transport)) from None
-        width = infer_width(module) if k is None else None
-        if width is not None and width != unit_map.dim:
-            problems.append(f"{site!r}: transport has {unit_map.dim} units, {type(module).__name__} outputs {width}")
-    if problems:
-        raise ValueError(
-            f"Transport does not match {type(model).__name__}: " + "; ".join(problems[:5])
-            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "") + _fitted_on(transport)
-        )
-
-
-def _fitted_on(transport: Transport) -> str:
-    hint = transport.model.get("name_or_path") or transport.model.get("class")
-    return f" (the transport was fitted on {str(hint)[:200]!r})" if hint else ""
-
-
 def bind(
-    model: torch.nn.Module, transport: SteeringLike, strength: SiteStrength = 1.0, *, scope: Scope = "request"
+    model: torch.nn.Module,
+    transport: SteeringLike,
+    strength: SiteStrength = 1.0,
+    *,
+    scope: Scope = "request",
+    rows: RowLayout = "exact",
 ) -> SteeringHandle:
     """Validate, fold and bind a `SteeringHandle` (what `attach` and `steer` are made of, for host layers).
 
     ``scope="request"`` binds to the current thread/task: the caller must ``remove()`` it there (use `steer`
-    unless a host needs the handle across a callback API); ``scope="model"`` is `attach`.
+    unless a host needs the handle across a callback API); ``scope="model"`` is `attach`. ``rows="interleaved"``
+    spreads per-row strengths over a batch of ``k`` times as many rows, ``k`` consecutive rows each (what
+    ``generate`` makes of beams and ``num_return_sequences``; `actsteer.core.apply.rows_for`); ``"exact"`` (the
+    default) refuses a batch with another number of rows.
     """
     if scope not in ("request", "model"):
         raise ValueError(f"`scope` must be 'request' or 'model', got {scope!r}")
@@ -384,7 +381,7 @@ def bind(
     steerings = as_steerings(transport, strength)
     for st in steerings:
         validate(model, st.transport)
-    handle = SteeringHandle(model, steerings, scope)
+    handle = SteeringHandle(model, steerings, scope, rows)
     handle._bind()
     return handle
 

@@ -1,4 +1,5 @@
-"""The transport file format: safetensors tensors + JSON metadata in the header. Never pickles.
+"""The transport file format: safetensors tensors + JSON metadata in the header (`save_transport`, `read_transport`;
+`Transport.save` and `Transport.load` call them). Never pickles.
 
 Layout (format version 1): tensors ``maps.{i}.{field}`` for the i-th site in order and each `UnitMap`
 field; the header's ``__metadata__`` holds ``format = "actsteer.transport"``, ``format_version``,
@@ -11,18 +12,19 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .transport import UNITMAP_FIELDS, UnitMap
 from .validation import check_metadata, check_site_list, check_transport, check_unit_map, shorten
 
 if TYPE_CHECKING:
-    from .transport import Transport
+    from .transport import Transport, UnitMap
 
 FORMAT = "actsteer.transport"
 FORMAT_VERSION = 1
+FIELDS = ("omega", "beta", "lo", "hi", "target_lo", "target_hi", "dead")  # the tensors of a site, format version 1
 _METADATA_KEYS = ("method", "pooling", "support", "mode", "n_source", "n_target", "model", "description", "extra")
 
 def _version() -> str:
@@ -45,7 +47,7 @@ def save_transport(transport: Transport, path: str | Path, *, overwrite: bool = 
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_name(path.name + ".safetensors")
-    check_transport(transport, str(path))  # never write a file that load_transport would refuse
+    check_transport(transport, str(path))  # never write a file that Transport.load would refuse
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; choose a file name for the transport")
     if path.exists() and not overwrite:
@@ -53,7 +55,7 @@ def save_transport(transport: Transport, path: str | Path, *, overwrite: bool = 
     tensors: dict[str, torch.Tensor] = {}
     for i, site in enumerate(transport):
         unit_map = transport[site]
-        for field in UNITMAP_FIELDS:
+        for field in FIELDS:
             value = getattr(unit_map, field)
             tensors[f"maps.{i}.{field}"] = value.to(torch.uint8) if field == "dead" else value.contiguous()
     header = {
@@ -75,7 +77,7 @@ def save_transport(transport: Transport, path: str | Path, *, overwrite: bool = 
 
 
 def resolve_path(path: str | Path) -> Path:
-    """``path``, or ``path`` + ``.safetensors`` when only that exists (what `load_transport` reads)."""
+    """``path``, or ``path`` + ``.safetensors`` when only that exists (what `Transport.load` reads)."""
     path = Path(path)
     if not path.exists() and path.suffix != ".safetensors" and path.with_name(path.name + ".safetensors").is_file():
         return path.with_name(path.name + ".safetensors")
@@ -114,8 +116,12 @@ def read_header(path: str | Path) -> dict[str, str]:
     return meta
 
 
-def load_transport(path: str | Path) -> Transport:
-    """Read and validate a transport written by `save_transport` (``.safetensors`` may be left out).
+def read_transport(
+    path: str | Path, make_map: Callable[..., UnitMap]
+) -> tuple[Path, dict[str, UnitMap], dict[str, Any]]:
+    """Read and validate a transport file written by `save_transport` (``.safetensors`` may be left out): its
+    path, its maps (``make_map(**tensors)`` per site, in order) and the keyword arguments of `Transport`
+    (what `Transport.load` builds from them).
 
     Every file is checked before it is trusted: the header's sites are unique, printable, reasonably short
     names; every site has all its tensors, each of shape ``(D,)`` with the same D; ``omega`` and ``beta`` are
@@ -129,8 +135,6 @@ def load_transport(path: str | Path) -> Transport:
             message names the file and, where there is one, the site.
     """
     from safetensors import safe_open
-
-    from .transport import Transport
 
     path = resolve_path(path)
     meta = read_header(path)
@@ -163,10 +167,10 @@ def load_transport(path: str | Path) -> Transport:
                     f"({len(sites)} sites); the file is damaged: fit the transport again"
                 )
             for i, site in enumerate(sites):
-                missing = [fld for fld in UNITMAP_FIELDS if f"maps.{i}.{fld}" not in keys]
+                missing = [fld for fld in FIELDS if f"maps.{i}.{fld}" not in keys]
                 if missing:
                     raise ValueError(f"{path}: tensors {missing} of site {shorten(site)!r} are missing; the file is incomplete")
-                fields = {fld: f.get_tensor(f"maps.{i}.{fld}") for fld in UNITMAP_FIELDS}
+                fields = {fld: f.get_tensor(f"maps.{i}.{fld}") for fld in FIELDS}
                 shapes = {fld: tuple(t.shape) for fld, t in fields.items()}
                 if len(set(shapes.values())) != 1 or len(shapes["omega"]) != 1:
                     raise ValueError(
@@ -175,7 +179,7 @@ def load_transport(path: str | Path) -> Transport:
                     )
                 fields["dead"] = fields["dead"].bool()
                 try:
-                    maps[site] = UnitMap(**fields)
+                    maps[site] = make_map(**fields)
                 except (TypeError, ValueError, RuntimeError) as err:
                     raise ValueError(f"{path}: site {shorten(site)!r} is malformed ({shorten(str(err), 200)})") from None
                 problem = check_unit_map(maps[site])
@@ -188,10 +192,7 @@ def load_transport(path: str | Path) -> Transport:
         raise
     except Exception as err:
         raise ValueError(f"{path}: could not read the tensors ({shorten(str(err), 200)}); the file may be corrupt") from None
-    try:
-        return Transport(maps, **known)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: the transport metadata is invalid ({shorten(str(err), 200)})") from None
+    return path, maps, known
 
 
 def _site_index(key: str) -> int | None:

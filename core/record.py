@@ -1,14 +1,18 @@
-"""Recording pooled activations: `ForwardContext` (what a runner tells the hooks) and `Recorder` (the one recorder
-used by fitting, `collect` and the evaluation metrics). Only pooled rows are kept, never per-token activations."""
+"""Recording: `record_sites` (the one registrar of recording hooks), `ForwardContext` (what a runner tells the hooks),
+`Recorder` (pooled rows) and `collect`. Fitting, `collect` and the evaluation metrics all record through here; only
+pooled rows are kept, never per-token activations."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
 from .pooling import check_pooling, pool
+from .sites import element, iter_site_modules, replace_element
 
 
 @dataclasses.dataclass
@@ -48,6 +52,7 @@ class Recorder:
         self.order: list[str] = []  # sites in the order they first ran (execution order)
         self._sum: dict[str, torch.Tensor] = {}
         self._count: dict[str, int] = {}
+        self.ctx = ForwardContext()  # what `collect`'s caller tells the hooks about the next call
 
     def add(self, site: str, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Pool one call's output ``x`` of ``site`` (rows picked by ``ctx.rows``, padding by ``ctx.mask``)."""
@@ -105,3 +110,84 @@ class Recorder:
             rows.clear()
         self._sum.clear()
         self._count.clear()
+
+
+# The one registrar of recording hooks ------------------------------------------------------------------------------
+SiteCall = Callable[[str, torch.Tensor], "torch.Tensor | None"]
+
+
+@contextlib.contextmanager
+def record_sites(
+    model: torch.nn.Module, sites: Sequence[str], on_output: SiteCall, *, ctx: ForwardContext | None = None
+) -> Iterator[None]:
+    """Call ``on_output(site, x)`` with each site's output tensor at every forward call, while the ``with`` block runs.
+
+    The one way recording hooks are registered (fitting, `collect`, the evaluation metrics): one forward hook per
+    module, sites of a module in the order given; a tensor returned by ``on_output`` replaces that site's output
+    (fitting transports the source rows onward this way), None keeps it. While ``ctx.active`` is False the hooks do
+    nothing. Hooks are removed on exit, also when the body raises.
+
+    Raises:
+        KeyError: a site's module does not exist (the message names near misses).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU())
+        >>> seen = []
+        >>> with record_sites(model, ["0", "1"], lambda site, x: seen.append((site, tuple(x.shape)))):
+        ...     _ = model(torch.zeros(4, 3))
+        >>> seen
+        [('0', (4, 2)), ('1', (4, 2))]
+    """
+    plans: dict[int, tuple[torch.nn.Module, list[tuple[str, int | None]]]] = {}
+    for site, _, k, module in iter_site_modules(model, sites):
+        plans.setdefault(id(module), (module, []))[1].append((site, k))
+    handles = []
+    try:
+        for module, plan in plans.values():
+            handles.append(module.register_forward_hook(_site_hook(plan, on_output, ctx)))
+        yield
+    finally:
+        for h in reversed(handles):
+            h.remove()
+
+
+def _site_hook(plan: list[tuple[str, int | None]], on_output: SiteCall, ctx: ForwardContext | None) -> Callable:
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+        if ctx is not None and not ctx.active:
+            return None
+        out = output
+        for site, k in plan:
+            new = on_output(site, element(out, k, site))
+            if new is not None:
+                out = replace_element(out, k, new)
+        return None if out is output else out
+
+    return hook
+
+
+@contextlib.contextmanager
+def collect(model: torch.nn.Module, sites: Sequence[str], *, pooling: str = "mean") -> Iterator[Recorder]:
+    """Record pooled activations of ``sites`` during the ``with`` block (one pooled row per input and call); hooks
+    are removed on exit.
+
+    Registered after any steering hooks, so under `steer` it records the steered activations. The recorder's
+    ``ctx`` (a `ForwardContext`) sets the padding mask and rows for the next call; ``ctx.active = False`` skips calls.
+
+    Example:
+        >>> import torch
+        >>> from actsteer.core import collect
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+        >>> with collect(model, ["0"]) as rec:
+        ...     _ = model(torch.zeros(4, 3))
+        >>> rec.pooled()["0"].shape
+        torch.Size([4, 2])
+    """
+    recorder = Recorder(list(sites), pooling, per_call=True)
+    ctx = recorder.ctx
+
+    def on_output(site: str, x: torch.Tensor) -> None:
+        recorder.add(site, x, ctx)
+
+    with record_sites(model, sites, on_output, ctx=ctx):
+        yield recorder

@@ -1,13 +1,19 @@
-"""Sites: parse ``"module.path:k"`` names, list and resolve them on a model, suggest near misses."""
+"""Sites: parse ``"module.path:k"`` names, list and resolve them on a model, suggest near misses; the one width rule
+(`infer_width`) and the one check that a transport fits a model (`validate`)."""
 
 from __future__ import annotations
 
 import difflib
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .provenance import fitted_on_note
+
+if TYPE_CHECKING:
+    from .transport import Transport
 
 # "<module regex>:<tuple index spec>" where the spec is digits, a character class or an alternation of digits.
 _TUPLE_SPEC = re.compile(r"^(?P<module>.*?):(?P<k>\d+|\[[0-9\-,]+\]|\(\d+(?:\|\d+)*\))$")
@@ -106,7 +112,17 @@ def resolve_sites(model: torch.nn.Module, patterns: str | Sequence[str]) -> list
 
 
 def infer_width(module: torch.nn.Module) -> int | None:
-    """The number of units a module's output has along its unit axis, when it can be told without running it."""
+    """The number of units a module's output has along its unit axis, when it can be told without running it.
+
+    The one width rule of every host (`validate`): torch's own layers by their sizes, RMSNorms by their weight,
+    else the module's ``output_size_per_partition``, ``embedding_dim``, ``hidden_size`` or ``hidden_dim``. For a
+    tuple output (``"name:k"``) the element is taken to have the module's width.
+
+    Example:
+        >>> import torch
+        >>> infer_width(torch.nn.Linear(3, 5)), infer_width(torch.nn.GroupNorm(2, 8)), infer_width(torch.nn.ReLU())
+        (5, 8, None)
+    """
     if isinstance(module, torch.nn.Linear):
         return module.out_features
     if isinstance(module, torch.nn.LayerNorm):
@@ -119,14 +135,23 @@ def infer_width(module: torch.nn.Module) -> int | None:
         return module.embedding_dim
     if isinstance(module, torch.nn.modules.batchnorm._NormBase):
         return module.num_features
-    if type(module).__name__.endswith("RMSNorm"):  # torch.nn.RMSNorm and the HF *RMSNorm classes
+    if type(module).__name__.endswith("RMSNorm"):  # torch.nn.RMSNorm, the HF and vLLM *RMSNorm classes
         shape = getattr(module, "normalized_shape", None)
         if isinstance(shape, (tuple, list)) and shape:
             return int(shape[-1])
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() == 1:
             return weight.shape[0]
+    # what the module says of itself: vLLM's parallel linears (this rank's share) and embeddings, the hidden size
+    # of transformer blocks and MLPs (HF decoder layers, ComfyUI's FLUX DoubleStreamBlock / SingleStreamBlock)
+    for attr in _WIDTH_ATTRIBUTES:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
     return None
+
+
+_WIDTH_ATTRIBUTES = ("output_size_per_partition", "embedding_dim", "hidden_size", "hidden_dim")
 
 
 def iter_site_modules(model: torch.nn.Module, sites: Iterable[str]) -> list[tuple[str, str, int | None, torch.nn.Module]]:
@@ -164,3 +189,65 @@ def replace_element(output: Any, k: int | None, new: torch.Tensor) -> Any:
     items = list(output)
     items[k] = new
     return items if isinstance(output, list) else tuple(items)
+
+
+class WidthMismatch(ValueError):
+    """`validate`'s error for sites whose module outputs another number of units than the transport's map has.
+
+    Attributes:
+        mismatches: ``(site, units of the map, units of the module, module class name)`` per wrong site.
+    """
+
+    def __init__(self, message: str, mismatches: list[tuple[str, int, int, str]]) -> None:
+        super().__init__(message)
+        self.mismatches = mismatches
+
+
+def validate(model: torch.nn.Module, transport: Transport) -> None:
+    """Check that every site of ``transport`` exists in ``model`` with the right width, before touching it.
+
+    The one check of every host (the engine before it binds, the ComfyUI nodes, the vLLM worker); widths follow
+    `infer_width` (sites whose width cannot be told are not checked).
+
+    Raises:
+        KeyError: a site's module is missing (the message names near misses and what the transport was fitted on).
+        WidthMismatch: a module's width differs from the transport's (a ValueError naming expected vs actual).
+
+    Example:
+        >>> import torch, actsteer
+        >>> t = actsteer.Transport({"0": actsteer.UnitMap(torch.ones(4), torch.zeros(4))}, model={"class": "Big"})
+        >>> validate(torch.nn.Sequential(torch.nn.Linear(2, 3)), t)
+        Traceback (most recent call last):
+        ...
+        actsteer.core.sites.WidthMismatch: Transport does not match Sequential: '0': transport has 4 units, Linear outputs 3 (the transport was fitted on Big)
+    """
+    mismatches = []
+    for site, unit_map in transport.items():
+        name, k = parse_site(site)
+        try:
+            module = get_module(model, name)
+        except KeyError:
+            raise KeyError(missing_site_message(model, name) + fitted_on_note(transport)) from None
+        width = infer_width(module)
+        if width is not None and width != unit_map.dim:
+            mismatches.append((site, unit_map.dim, width, type(module).__name__))
+    if mismatches:
+        problems = [f"{site!r}: transport has {units} units, {cls} outputs {width}"
+                    for site, units, width, cls in mismatches]
+        raise WidthMismatch(
+            f"Transport does not match {type(model).__name__}: " + "; ".join(problems[:5])
+            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "") + fitted_on_note(transport),
+            mismatches,
+        )
+
+
+def present_sites(model: torch.nn.Module, sites: Iterable[str]) -> list[str]:
+    """The sites (in their order) whose module exists in ``model`` (e.g. the layers one pipeline stage holds).
+
+    Example:
+        >>> import torch
+        >>> present_sites(torch.nn.Sequential(torch.nn.Linear(2, 2)), ["0", "1:0", "0:1"])
+        ['0', '0:1']
+    """
+    names = {n for n, _ in model.named_modules()}
+    return [s for s in sites if parse_site(s)[0] in names]

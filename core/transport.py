@@ -15,12 +15,10 @@ from typing import Any, Union
 
 import torch
 
-from .folded import FoldedMap, _fold_cache, _remember, _row_table
+from .folding import FoldedMap, fold
+from .validation import shorten
 
 Strength = Union[float, torch.Tensor]
-
-# Units whose omega is this small cannot be inverted for the reverse (target -> source) transport.
-_MIN_INVERTIBLE_OMEGA = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,68 +82,14 @@ class UnitMap:
 
     def fold(self, strength: Strength = 1.0, *, device: torch.device | str | None = None) -> FoldedMap:
         """Fold a strength into ``weight = 1 + s(omega - 1)``, ``bias = s * beta`` (float32, on ``device``: CPU
-        by default).
+        by default); see `actsteer.core.folding.fold`.
 
-        A negative strength folds the inverse map ``a = (z - beta) / omega`` at ``|s|`` on the target
-        support; units with ``omega`` ~ 0 cannot be inverted and stay the identity. ``strength`` may be
-        a tensor of shape ``(R,)`` (one per batch row): the result holds one table row per distinct strength
-        and ``rows`` (see `FoldedMap`); each batch row gets exactly the fold of its own scalar strength.
-        Folds are cached per map, strength and device, so going back to a recent strength costs a dictionary
-        lookup and no copy to the device. The returned tensors are shared with the cache: treat them as read-only.
+        A negative strength folds the inverse map ``a = (z - beta) / omega`` at ``|s|`` on the target support;
+        units with ``omega`` ~ 0 cannot be inverted and stay the identity. ``strength`` may be a tensor of shape
+        ``(R,)`` (one per batch row). Folds are cached per map, strength and device; the returned tensors are
+        shared with the cache: treat them as read-only.
         """
-        device = None if device is None or torch.device(device).type in ("cpu", "meta") else torch.device(device)
-        if isinstance(strength, torch.Tensor) and strength.dim() == 1:
-            values, rows = _row_table(strength, device)
-            return self._fold_rows(values, rows, device)
-        s = torch.as_tensor(strength, dtype=torch.float64)
-        if s.dim() > 1:
-            raise ValueError(f"`strength` must be a float or a 1-D tensor (one per batch row), got shape {tuple(s.shape)}")
-        if not torch.isfinite(s).all():
-            raise ValueError(f"`strength` must be finite, got {strength!r}")
-        if s.dim() == 1:
-            values, rows = _row_table(s, device)
-            return self._fold_rows(values, rows, device)
-        return self._fold_value(float(s), device)
-
-    def _fold_value(self, value: float, device: torch.device | None = None) -> FoldedMap:
-        cache = _fold_cache(self)
-        folded = cache.get((value, device))
-        if folded is None:
-            folded = FoldedMap(*self._fold_scalar(torch.tensor(value, dtype=torch.float64)))
-            if device is not None:
-                folded = folded.to(device)
-            folded = _remember(cache, (value, device), folded)
-        return folded
-
-    def _fold_rows(self, values: tuple[float, ...], rows: torch.Tensor, device: torch.device | None = None) -> FoldedMap:
-        cache = _fold_cache(self)
-        tables = cache.get((values, device))
-        if tables is None:
-            folds = [self._fold_value(v, device) for v in values]
-            signs = {v > 0 for v in values if v != 0}
-            if len(signs) < 2:  # one support for every row (rows at 0 are the identity whatever the bounds)
-                shared = folds[values.index(next((v for v in values if v != 0), values[0]))]
-                lo, hi, masked = shared.lo, shared.hi, shared.masked
-            else:
-                lo, hi = torch.stack([f.lo for f in folds]), torch.stack([f.hi for f in folds])
-                masked = any(f.masked for f in folds)
-            tables = _remember(cache, (values, device), FoldedMap(
-                torch.stack([f.weight for f in folds]), torch.stack([f.bias for f in folds]), lo, hi, masked))
-        return tables.with_rows(rows)
-
-    def _fold_scalar(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-        omega, beta = self.omega.double(), self.beta.double()
-        if s >= 0:
-            weight, bias, lo, hi = 1 + s * (omega - 1), s * beta, self.lo, self.hi
-        else:
-            a = -s
-            invertible = omega > _MIN_INVERTIBLE_OMEGA
-            safe = torch.where(invertible, omega, torch.ones_like(omega))
-            inv_omega = torch.where(invertible, 1.0 / safe, torch.ones_like(omega))
-            inv_beta = torch.where(invertible, -beta / safe, torch.zeros_like(beta))
-            weight, bias, lo, hi = 1 + a * (inv_omega - 1), a * inv_beta, self.target_lo, self.target_hi
-        masked = bool(torch.isfinite(lo).any() or torch.isfinite(hi).any())
-        return weight.float(), bias.float(), lo.float().clone(), hi.float().clone(), masked
+        return fold(self, strength, device=device)
 
     def __call__(self, x: torch.Tensor, strength: Strength = 1.0) -> torch.Tensor:
         """Transport the last dim of ``x`` (..., D) at ``strength``; returns a new tensor in ``x``'s dtype.
@@ -298,9 +242,13 @@ class Transport(Mapping[str, UnitMap]):
     @classmethod
     def load(cls, path: str | Path) -> Transport:
         """Read a file written by `save` (``.safetensors`` may be left out). Never unpickles anything."""
-        from .io import load_transport
+        from .io import read_transport
 
-        return load_transport(path)
+        path, maps, metadata = read_transport(path, UnitMap)
+        try:
+            return cls(maps, **metadata)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: the transport metadata is invalid ({shorten(str(err), 200)})") from None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Transport):
@@ -316,7 +264,9 @@ class Transport(Mapping[str, UnitMap]):
     def __repr__(self) -> str:
         units = sum(m.dim for m in self._maps.values())
         first = ", ".join(list(self._maps)[:3]) + (", ..." if len(self) > 3 else "")
-        hint = self.model.get("name_or_path") or self.model.get("class") or "?"
+        from .provenance import model_name
+
+        hint = model_name(self) or "?"
         return (
             f"Transport(method={self.method!r}, sites={len(self)} [{first}], units={units}, "
             f"pooling={self.pooling!r}, support={self.support!r}, mode={self.mode!r}, "

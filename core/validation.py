@@ -71,7 +71,7 @@ def check_unit_map(unit_map: UnitMap) -> str | None:
 def check_transport(transport: Transport, where: str = "transport") -> Transport:
     """Refuse a transport that would corrupt a model's activations; returns it unchanged.
 
-    `load_transport` runs the same checks on every file; call this on transports built in memory before
+    `Transport.load` runs the same checks on every file; call this on transports built in memory before
     applying them where a bad value would only show up much later (e.g. a NaN image after sampling).
 
     Args:

@@ -14,12 +14,7 @@ from typing import Any
 
 import torch
 
-from ..core.collect import collect
-from ..core.record import ForwardContext
-from ..core.sites import element
-from ..core.hooks import steer
-from ..core.sites import iter_site_modules
-from ..core.transport import Transport
+from ..core import ForwardContext, Transport, collect, in_support, record_sites, steer
 
 # A unit whose target spread is below this is treated as having this spread, so W1 / std stays finite.
 _MIN_STD = 1e-6
@@ -206,57 +201,57 @@ def support_coverage(
     batch_size: int = 32,
     max_length: int = 128,
 ) -> dict[str, float]:
-    """Per site, the fraction of per-token activations inside the map's support ``[lo, hi]``.
+    """Per site, the fraction of per-token activations that the map transports at ``strength``.
 
     The hook engine applies the support to every token while the maps and ranges are fitted on mean-pooled
     values (ACT_SPEC.md section 3, "per-token" semantics); tokens spread wider than their means, so some are left
-    untouched. This measures how many are transported: each site's input to its map is recorded with the whole
-    transport attached at ``strength`` (so upstream sites are steered, as when generating) and only real tokens
-    count (padding is masked). ``strength=0`` measures the unsteered model.
+    untouched. This measures how many are transported, with the fold's own support test (`UnitMap.fold`: the
+    source support ``[lo, hi]`` for a strength >= 0, the target support for the reverse transport at a negative
+    strength): each site's input to its map is recorded with the whole transport attached at ``strength`` (so
+    upstream sites are steered, as when generating) and only real tokens count (padding is masked).
+    ``strength=0`` measures the unsteered model against the source support.
 
     Args:
         model, transport: as for `transport_fidelity`.
-        inputs: texts (with ``tokenizer``) or tensors; typically the source inputs.
+        inputs: texts (with ``tokenizer``) or tensors; typically the source inputs (the target inputs for a
+            negative strength).
         tokenizer, strength, batch_size, max_length: as for `transport_fidelity`.
 
     Returns:
         ``{site: fraction in [0, 1]}`` in the transport's order; 1.0 for a support of all reals.
+
+    Example:
+        >>> import torch, actsteer
+        >>> model = torch.nn.Sequential(torch.nn.Identity())
+        >>> t = actsteer.Transport({"0": actsteer.UnitMap(torch.ones(1), torch.ones(1), lo=torch.zeros(1),
+        ...                         hi=torch.ones(1), target_lo=torch.ones(1), target_hi=torch.full((1,), 2.0))})
+        >>> x = [torch.tensor([v]) for v in (0.2, 0.5, 0.8, 1.5)]  # source support [0, 1], target support [1, 2]
+        >>> support_coverage(model, t, x, strength=1.0), support_coverage(model, t, x, strength=-1.0)
+        ({'0': 0.75}, {'0': 0.25})
     """
     ctx = ForwardContext()
     run = _runner(model, tokenizer, max_length)
-    inside: dict[str, float] = {}
+    folds = {site: transport[site].fold(strength) for site in transport.sites}
+    inside_count: dict[str, float] = {}
     total: dict[str, float] = {}
-    handles = []
 
-    def make_hook(site: str, k: int | None):
-        unit_map = transport[site]
+    def on_output(site: str, x: torch.Tensor) -> None:
+        if x.dim() == 4:  # (B, C, H, W): the spatial mean per channel is what gets transported
+            x = x.mean(dim=(2, 3))
+        fm = folds[site].to(x.device, x.dtype)  # the bounds the per-call path compares with, in x's dtype
+        ok = in_support(x, fm.lo, fm.hi).float()  # (B, T, D) or (B, D)
+        if x.dim() == 3 and ctx.mask is not None and tuple(ctx.mask.shape) == tuple(x.shape[:2]):
+            w = ctx.mask.to(x.device, torch.float32).unsqueeze(-1)
+            inside_count[site] = inside_count.get(site, 0.0) + float((ok * w).sum())
+            total[site] = total.get(site, 0.0) + float(w.sum()) * x.shape[-1]
+        else:
+            inside_count[site] = inside_count.get(site, 0.0) + float(ok.sum())
+            total[site] = total.get(site, 0.0) + float(ok.numel())
 
-        def hook(module, args, output):
-            x = element(output, k, site)
-            if x.dim() == 4:  # (B, C, H, W): the spatial mean per channel is what gets transported
-                x = x.mean(dim=(2, 3))
-            lo, hi = unit_map.lo.to(x.device, x.dtype), unit_map.hi.to(x.device, x.dtype)
-            ok = ((x >= lo) & (x <= hi)).float()  # (B, T, D) or (B, D)
-            if x.dim() == 3 and ctx.mask is not None and tuple(ctx.mask.shape) == tuple(x.shape[:2]):
-                w = ctx.mask.to(x.device, torch.float32).unsqueeze(-1)
-                inside[site] = inside.get(site, 0.0) + float((ok * w).sum())
-                total[site] = total.get(site, 0.0) + float(w.sum()) * x.shape[-1]
-            else:
-                inside[site] = inside.get(site, 0.0) + float(ok.sum())
-                total[site] = total.get(site, 0.0) + float(ok.numel())
-
-        return hook
-
-    try:
-        # registered BEFORE the steering hooks: the site's own map has not been applied yet when we look
-        for site, _, k, module in iter_site_modules(model, transport.sites):
-            handles.append(module.register_forward_hook(make_hook(site, k)))
-        pad = nullcontext() if tokenizer is None else _padding(tokenizer)
-        with pad, steer(model, transport, strength):
-            for chunk in _batches(list(inputs), batch_size):
-                ctx.mask = None
-                run(chunk, ctx)
-    finally:
-        for h in reversed(handles):
-            h.remove()
-    return {s: inside[s] / total[s] for s in transport.sites if total.get(s)}
+    pad = nullcontext() if tokenizer is None else _padding(tokenizer)
+    # recorded BEFORE the steering hooks: the site's own map has not been applied yet when we look
+    with record_sites(model, transport.sites, on_output, ctx=ctx), pad, steer(model, transport, strength):
+        for chunk in _batches(list(inputs), batch_size):
+            ctx.mask = None
+            run(chunk, ctx)
+    return {s: inside_count[s] / total[s] for s in transport.sites if total.get(s)}

@@ -18,8 +18,7 @@ from typing import Any
 
 import torch
 
-from ..core.hooks import Steering
-from ..core.transport import Transport
+from ..core import Steering, Transport
 from .text import DEFAULT_CONTRAST, DEFAULT_THRESHOLD, Encoder, concept_presence, distinct_n, perplexity
 
 logger = logging.getLogger(__name__)

@@ -11,10 +11,7 @@ from typing import Any
 
 import torch
 
-from ..core.hooks import SiteStrength, SteeringHandle, SteeringLike
-from ..core.hooks import attach as _attach_module
-from ..core.hooks import steer as _steer_module
-from .comfy_names import from_comfy, to_comfy
+from ..core import SiteStrength, SteeringHandle, SteeringLike, attach as _attach_module, steer as _steer_module
 from .generation import disable_steering_lm, enable_steering_lm
 from .lm import fit_lm
 from .pipeline_fit import fit_pipeline, strength_grid
@@ -28,12 +25,10 @@ __all__ = [
     "enable_steering",
     "fit_lm",
     "fit_pipeline",
-    "from_comfy",
     "is_pipeline",
     "lm_sites",
     "steer",
     "strength_grid",
-    "to_comfy",
 ]
 
 
@@ -68,8 +63,8 @@ def attach(model: Any, transport: SteeringLike, strength: SiteStrength = 1.0, **
     """Steer EVERY call of a torch module or diffusers pipeline, in every thread, until ``handle.remove()``.
 
     Model-wide and long-lived (notebooks, a process that owns the model); to steer one request of a shared model
-    use `steer`. See `actsteer.core.engine.attach`. Pipelines accept ``timesteps=(start, end)``, a window in
-    fractions of the schedule (0 = first step).
+    use `steer`. See `actsteer.core.attach`. Pipelines accept ``steps=(start, end)``, a window in
+    fractions of the schedule (0 = first step; `actsteer.core.steps`).
     """
     if is_pipeline(model):
         return attach_pipeline(model, transport, strength, **options)
@@ -85,7 +80,8 @@ def steer(
     """Steer the calls of a torch module or diffusers pipeline made inside the ``with`` block, in this thread or
     asyncio task only (request-scoped: concurrent calls elsewhere on the same object are not affected).
 
-    Pipelines accept ``timesteps=(start, end)``, a window in fractions of the schedule (0 = first step).
+    Pipelines accept ``steps=(start, end)``, a window in fractions of the schedule (0 = first step;
+    `actsteer.core.steps`).
 
     Example:
         >>> import torch, actsteer

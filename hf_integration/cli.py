@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import time
 import traceback
@@ -22,8 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..core.io import resolve_path
-from ..core.validation import shorten
+from ..core import resolve_path, shorten
 from .cli_checks import (
     CliError,
     Parser,
@@ -46,9 +44,10 @@ DEMO_KEYWORDS = (
 
 
 def concept_score(text: str, keywords: Sequence[str] = DEMO_KEYWORDS) -> int:
-    """How many concept keywords a text contains (a cheap presence score for the demo)."""
-    words = re.findall(r"[a-z]+", text.lower())
-    return sum(w in keywords for w in words)
+    """How many concept keywords a text contains (a cheap presence score for the demo; `actsteer.eval.keyword_hits`)."""
+    from ..eval.text import keyword_hits
+
+    return int(keyword_hits([text], keywords)[0])
 
 
 def _load(args: argparse.Namespace):
@@ -74,32 +73,14 @@ def _check_model(args: argparse.Namespace) -> None:
 
 def generate_rows(model, tokenizer, transport, prompts: Sequence[str], strengths: Sequence[float], *,
                   max_new_tokens: int = 40, sample: bool = False, seed: int = 0, apply_to: str = "all") -> list[list[str]]:
-    """Continuations of ``prompts`` (one batched generate per strength); ``rows[s][p]``."""
-    import torch
+    """Continuations of ``prompts`` at each strength, ``rows[s][p]`` (`actsteer.eval.generate_continuations`: all
+    strengths in one batched ``generate``, one strength per row); greedy with repetition penalty 1.2, or sampled
+    (top-p 0.9, temperature 0.8)."""
+    from ..eval.sweep import generate_continuations
 
-    from ..core.hooks import Steering
-    from .generation import enable_steering_lm
-    from .lm import padding_ready
-
-    enable_steering_lm(model)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        with padding_ready(tokenizer):
-            enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(model.device)
-            pad_id = tokenizer.pad_token_id
-        rows = []
-        for s in strengths:
-            torch.manual_seed(seed)
-            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=pad_id, repetition_penalty=1.2)
-            if sample:
-                kwargs.update(top_p=0.9, temperature=0.8)
-            steering = None if transport is None else Steering(transport, float(s), apply_to)
-            out = model.generate(**enc, steering=steering, **kwargs)
-            rows.append(tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
-        return rows
-    finally:
-        tokenizer.padding_side = side
+    sampling = {"do_sample": True, "top_p": 0.9, "temperature": 0.8} if sample else {}
+    return generate_continuations(model, tokenizer, prompts, transport=transport, strengths=strengths,
+                                  apply_to=apply_to, max_new_tokens=max_new_tokens, seed=seed, **sampling)
 
 
 def print_rows(prompts: Sequence[str], strengths: Sequence[float], rows: list[list[str]], score=None) -> None:
@@ -112,7 +93,7 @@ def print_rows(prompts: Sequence[str], strengths: Sequence[float], rows: list[li
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from ..core.estimate import canonical_method
+    from ..core import canonical_method
     from .lm import fit_lm
 
     # Everything that can be checked without the model is checked first: a fit can take minutes.
@@ -137,7 +118,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from ..core.transport import Transport
+    from ..core import Transport
 
     transport = Transport.load(args.steer)
     strengths = args.sweep if args.sweep is not None else [args.strength]
@@ -152,21 +133,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def summarize(transport) -> list[dict[str, Any]]:
-    """Per-site summary: units, mean |beta|, omega range, share of units with a finite support, dead units."""
+    """Per-site summary: units, mean |beta|, omega range, ``ranged`` (the share of units whose support is a finite
+    range rather than all reals), dead units. (How many activations a support covers on real inputs is
+    `actsteer.eval.support_coverage`.)"""
     out = []
     for site, m in transport.items():
-        finite = (m.lo.isfinite() | m.hi.isfinite()).float().mean().item()
+        ranged = (m.lo.isfinite() | m.hi.isfinite()).float().mean().item()
         out.append({
             "site": site, "units": m.dim, "mean_abs_beta": m.beta.abs().mean().item(),
             "omega_min": m.omega.min().item(), "omega_max": m.omega.max().item(),
-            "support_coverage": finite, "dead": int(m.dead.sum()),
+            "ranged": ranged, "dead": int(m.dead.sum()),
         })
     return out
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..core.io import read_header
-    from ..core.transport import Transport
+    from ..core import read_header
+    from ..core import Transport
 
     path = resolve_path(args.path)  # like `generate --steer`, the .safetensors suffix may be left out
     transport = Transport.load(path)
@@ -182,12 +165,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"\n  {'site':<48} {'units':>6} {'mean|beta|':>11} {'omega range':>17} {'ranged':>7} {'dead':>5}")
     for row in summarize(transport):
         print(f"  {shorten(row['site']):<48} {row['units']:>6} {row['mean_abs_beta']:>11.4f} "
-              f"{row['omega_min']:>8.3f}..{row['omega_max']:<7.3f} {row['support_coverage']:>6.0%} {row['dead']:>5}")
+              f"{row['omega_min']:>8.3f}..{row['omega_max']:<7.3f} {row['ranged']:>6.0%} {row['dead']:>5}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..core.transport import Transport
+    from ..core import Transport
     from .default_model import cache_dir
     from .lm import fit_lm
 

@@ -13,8 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..core.steering import check_strength
-from ..core.validation import shorten
+from ..core import check_strength, shorten
 from .texts import check_texts, read_texts
 
 

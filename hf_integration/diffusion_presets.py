@@ -8,45 +8,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from ..core.sites import resolve_sites
-from . import site_groups
-
-Arch = Literal["sdxl", "flux"]
+from ..archs import site_groups
+from ..archs.detect import module_arch
+from ..archs.flux import FLUX_DOUBLE_OUTPUT, FLUX_SINGLE_TUPLE, diffusers_version, flux_single_block_output
+from ..archs.site_groups import Arch
+from ..core import model_record, resolve_sites
 
 DENOISERS = ("unet", "transformer")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-
-# Tuple outputs of FLUX blocks (ACT_SPEC.md section 6, REFERENCE_NOTES.md section 4): double blocks return
-# (encoder_hidden_states, hidden_states) = (text, image); since diffusers 0.35 single blocks do too, before
-# that they returned one cat([text; image]) tensor along the token dim.
-FLUX_DOUBLE_OUTPUT = "tuple(text, image)"
-FLUX_SINGLE_TUPLE = "tuple(text, image)"
-FLUX_SINGLE_CONCAT = "tensor cat(text, image)"
-
-
-def diffusers_version() -> str:
-    import diffusers
-
-    return diffusers.__version__
-
-
-def flux_single_block_output(version: str | None = None) -> str:
-    """What ``single_transformer_blocks.{i}`` return in diffusers ``version`` (default: the installed one)."""
-    version = diffusers_version() if version is None else version
-    major_minor = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
-    return FLUX_SINGLE_TUPLE if major_minor >= (0, 35) else FLUX_SINGLE_CONCAT
-
-
-def is_diffusion_pipeline(obj: Any) -> bool:
-    """True for a diffusers ``DiffusionPipeline`` (without importing diffusers when it was never imported)."""
-    import sys
-
-    diffusers = sys.modules.get("diffusers")
-    return diffusers is not None and isinstance(obj, diffusers.DiffusionPipeline)
 
 
 def denoiser_name(pipe: Any) -> str:
@@ -62,12 +35,11 @@ def denoiser_name(pipe: Any) -> str:
 
 def pipeline_arch(pipe: Any) -> Arch:
     """``"sdxl"`` for UNet pipelines (SDXL and other ``UNet2DConditionModel`` ones), ``"flux"`` for FLUX."""
-    name = denoiser_name(pipe)
-    cls = type(getattr(pipe, name)).__name__
-    if name == "unet" and cls == "UNet2DConditionModel":
-        return "sdxl"
-    if cls == "FluxTransformer2DModel":
-        return "flux"
+    denoiser = getattr(pipe, denoiser_name(pipe))
+    arch = module_arch(denoiser)
+    if arch is not None:
+        return arch
+    cls = type(denoiser).__name__
     raise NotImplementedError(
         f"{type(pipe).__name__} uses a {cls}; actsteer's presets cover UNet2DConditionModel (SDXL) and "
         "FluxTransformer2DModel (FLUX). Pass explicit site names, or open an issue with a minimal example"
@@ -134,7 +106,7 @@ def pipeline_sites(pipe: Any, view: torch.nn.Module, modules: str | Sequence[str
     """Resolve ``modules`` (a preset name, or site names/patterns with component prefixes) to site names.
 
     Presets: ``"auto"`` (SDXL: every UNet normalization layer; FLUX: both streams of every double block and of
-    every single block), the named groups of `actsteer.hf_integration.site_groups` (SDXL: ``"all-norms"``
+    every single block), the named groups of `actsteer.archs.site_groups` (SDXL: ``"all-norms"``
     (also ``"norms"``), ``"fast"``, ``"input-blocks"``, ``"middle-block"``, ``"output-blocks"``,
     ``"attention-norms"``, ``"resnet-norms"``; FLUX: ``"blocks"``, ``"fast"``, ``"double-blocks"``,
     ``"single-blocks"``, ``"image-stream"``, ``"text-stream"``), and ``"text_encoders"`` (the layer norms
@@ -201,16 +173,16 @@ def pipeline_info(pipe: Any) -> dict[str, Any]:
     """Model metadata stored in a pipeline transport: classes, hidden sizes, layout, diffusers version."""
     arch = pipeline_arch(pipe)
     components = site_components(pipe)
-    info: dict[str, Any] = {
-        "class": type(pipe).__name__,
-        "name_or_path": str(getattr(pipe, "name_or_path", "") or ""),
-        "arch": arch,
-        "naming": "diffusers",
-        "denoiser": denoiser_name(pipe),
-        "components": {name: type(m).__name__ for name, m in components.items()},
-        "hidden_sizes": {name: _hidden_size(m) for name, m in components.items()},
-        "diffusers_version": diffusers_version(),
-    }
+    info = model_record(
+        pipe,
+        name_or_path=str(getattr(pipe, "name_or_path", "") or ""),
+        arch=arch,
+        naming="diffusers",
+        denoiser=denoiser_name(pipe),
+        components={name: type(m).__name__ for name, m in components.items()},
+        hidden_sizes={name: _hidden_size(m) for name, m in components.items()},
+        diffusers_version=diffusers_version(),
+    )
     if arch == "sdxl":
         info["unet_layout"] = unet_layout(pipe.unet)
     else:

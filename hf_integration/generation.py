@@ -2,8 +2,9 @@
 
 `enable_steering` sets ``generate`` on the model INSTANCE to a thin wrapper (the class is untouched;
 `disable_steering` deletes the instance attribute). Without ``steering=`` the wrapper calls the original
-``generate`` with exactly the same arguments. With it, the call runs inside `actsteer.steer`: only this
-call is steered, so concurrent ``generate`` calls on the same model in other threads or asyncio tasks each get
+``generate`` with exactly the same arguments. With it, the call is steered request-scoped, as inside
+`actsteer.steer` (per-row strengths spread over the rows ``generate`` adds for beams and ``num_return_sequences``):
+only this call is steered, so concurrent ``generate`` calls on the same model in other threads or asyncio tasks each get
 their own steering, or none. Copies and pickles of the model never carry the wrapper: a deep copy or an
 unpickled model is plain (call `enable_steering` on it again).
 """
@@ -18,12 +19,7 @@ from typing import Any
 
 import torch
 
-from ..core.hooks import Steering, SteeringHandle, SteeringLike, as_steerings, steer
-
-_GENERATE_HINT = (
-    "pass `steering=` to model.generate only after actsteer.enable_steering(model), or steer the whole call "
-    "with `with actsteer.steer(model, transport): model.generate(...)`"
-)
+from ..core import SteeringHandle, SteeringLike, as_steerings, bind
 
 
 class _SteerableGenerate:
@@ -94,24 +90,6 @@ def _prompt_length(args: tuple, kwargs: dict) -> int:
     return ids.shape[1]
 
 
-def _per_row(steerings: list[Steering]) -> bool:
-    return any(isinstance(s.strength, torch.Tensor) and s.strength.dim() == 1 for s in steerings)
-
-
-def _expand_rows(steerings: list[Steering], batch: int) -> list[Steering]:
-    """Repeat per-row strengths for the rows generate() adds (beams, num_return_sequences)."""
-    out = []
-    for s in steerings:
-        st = s.strength
-        if isinstance(st, torch.Tensor) and st.dim() == 1 and st.shape[0] != batch:
-            if batch % st.shape[0]:
-                raise ValueError(f"{st.shape[0]} per-row strengths cannot be spread over a batch of {batch} rows")
-            st = st.repeat_interleave(batch // st.shape[0])
-            s = Steering(s.transport, st, s.apply_to)
-        out.append(s)
-    return out
-
-
 def _past_length(ids: torch.Tensor | None, kwargs: dict) -> int:
     """How many tokens precede this forward's tokens (0 without a cache)."""
     mask = kwargs.get("attention_mask")
@@ -124,23 +102,14 @@ def _past_length(ids: torch.Tensor | None, kwargs: dict) -> int:
     return 0
 
 
-def _position_callback(handle: SteeringHandle, prompt_length: int, steerings: list[Steering]) -> Callable:
-    """Before each forward of generate(): the tokens' positions (for ``apply_to``) and, once, per-row strengths
-    spread over the rows generate() adds."""
-    state = {"expanded": not _per_row(steerings)}
+def _position_callback(handle: SteeringHandle, prompt_length: int) -> Callable:
+    """Before each forward of generate(): where the tokens of this forward sit (for ``apply_to``)."""
 
     def before_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
-        offset = _past_length(ids, kwargs)
-        handle.set_positions(int(offset), prompt_length)
-        if not state["expanded"] and ids is not None:
-            expanded = _expand_rows(steerings, ids.shape[0])
-            for i, s in enumerate(expanded):
-                if s is not steerings[i]:
-                    handle.set_strength(s.strength, index=i)
-            state["expanded"] = True
+        handle.set_positions(int(_past_length(ids, kwargs)), prompt_length)
 
     return before_forward
 
@@ -148,7 +117,12 @@ def _position_callback(handle: SteeringHandle, prompt_length: int, steerings: li
 def _generate(model: torch.nn.Module, original: Callable, args: tuple, kwargs: dict, steering: SteeringLike) -> Any:
     steerings = as_steerings(steering)
     prompt_length = _prompt_length(args, kwargs)
-    with steer(model, steerings) as handle:  # validates every site and width before touching the model
-        if _per_row(steerings) or any(s.apply_to != "all" for s in steerings):  # else nothing to do per forward
-            handle.on_call(model, _position_callback(handle, prompt_length, steerings))
+    # request-scoped, like `steer`; per-row strengths spread over the rows generate() adds (beams,
+    # num_return_sequences: k consecutive rows per input row) in the core, so nothing changes mid-call
+    handle = bind(model, steerings, scope="request", rows="interleaved")  # validates every site and width first
+    try:
+        if any(s.apply_to != "all" for s in steerings):  # else nothing to do per forward
+            handle.on_call(model, _position_callback(handle, prompt_length))
         return original(*args, **kwargs)
+    finally:
+        handle.remove()

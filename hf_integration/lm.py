@@ -10,9 +10,7 @@ from typing import Any
 
 import torch
 
-from ..core.estimate import Support, canonical_method, method_defaults
-from ..core.fit import ForwardContext, fit
-from ..core.transport import Transport
+from ..core import ForwardContext, Support, Transport, canonical_method, fit, method_defaults, model_record
 from .presets import lm_sites
 from .texts import check_balance, check_texts
 
@@ -38,12 +36,9 @@ def padding_ready(tokenizer: Any) -> Iterator[Any]:
 def model_info(model: torch.nn.Module) -> dict[str, Any]:
     """What a transport records about the LM it was fitted on."""
     config = getattr(model, "config", None)
-    info: dict[str, Any] = {"class": type(model).__name__}
-    for key in ("model_type", "name_or_path", "hidden_size", "num_hidden_layers", "n_embd", "n_layer"):
-        value = getattr(config, key if key != "name_or_path" else "_name_or_path", None)
-        if value not in (None, ""):
-            info[key] = value
-    return info
+    fields = {key: getattr(config, key if key != "name_or_path" else "_name_or_path", None)
+              for key in ("model_type", "name_or_path", "hidden_size", "num_hidden_layers", "n_embd", "n_layer")}
+    return model_record(model, **{k: v for k, v in fields.items() if v not in (None, "")})
 
 
 # Config fields that bound how many positions a model can embed (GPT-2: n_positions/n_ctx; most others:
@@ -67,7 +62,7 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def make_runner(model: torch.nn.Module, tokenizer: Any, max_length: int):
-    """``run(texts, ctx)`` for `actsteer.core.fit.fit`: tokenize with padding, mask, forward without cache."""
+    """``run(texts, ctx)`` for `actsteer.core.fit`: tokenize with padding, mask, forward without cache."""
     device = next(model.parameters()).device
     params = inspect.signature(model.forward).parameters
     takes_positions = "position_ids" in params

@@ -9,10 +9,19 @@ from typing import Any
 
 import torch
 
-from ..core.estimate import Support, canonical_method, method_defaults
-from ..core.fit import ForwardContext, fit
-from ..core.hooks import Steering, as_steerings
-from ..core.transport import Transport
+from ..core import (
+    ForwardContext,
+    Steering,
+    StepClock,
+    Steps,
+    Support,
+    Transport,
+    as_steerings,
+    canonical_method,
+    check_steps,
+    fit,
+    method_defaults,
+)
 from .diffusion_presets import (
     component_view,
     denoiser_name,
@@ -20,7 +29,7 @@ from .diffusion_presets import (
     pipeline_sites,
     site_components,
 )
-from .pipelines import Steps, _in_window, _steps_window, is_pipeline_steered, steer_pipeline
+from .pipelines import denoiser_step, is_pipeline_steered, steer_pipeline
 from .texts import check_balance, check_texts
 
 logger = logging.getLogger(__name__)
@@ -59,11 +68,13 @@ def fit_pipeline(
             same in a style), of similar sizes (within 10x); a single string is refused, not split into characters.
         modules: a preset (``"auto"``, ``"fast"``, ``"text_encoders"``, ``"norms"`` for SDXL, ``"blocks"`` for
             FLUX) or site names/patterns with component prefixes; see `pipeline_sites`.
-        method, support, pooling, estimate_options: see `actsteer.estimate` and `actsteer.core.fit.fit`. ``None``
-            takes the method's defaults (`actsteer.core.estimate.method_defaults` with ``spatial=True``: mean
+        method, support, pooling, estimate_options: see `actsteer.estimate` and `actsteer.core.fit`. ``None``
+            takes the method's defaults (`actsteer.core.method_defaults` with ``spatial=True``: mean
             pooling; observed support for the AcT maps, all reals for the additive baselines).
-        steps: ``"first"`` (the highest-noise step, like the paper: one UNet call per batch), ``"all"`` (average
-            over every step), or a window ``(start, end)`` in fractions of the schedule.
+        steps: ``"first"`` (the first step the call runs, its highest-noise step, like the paper: one UNet call per
+            batch), ``"all"`` (average over every step run), or a window ``(start, end)`` in fractions of the
+            scheduler's full schedule, the same clock as steering windows (`actsteer.core.steps`: img2img at
+            strength 0.5 runs steps n/2 .. n-1 of n, so ``(0, 0.5)`` holds none of them).
         num_inference_steps: length of the schedule the steps are taken from (default 4, like the distilled
             models of the paper); later steps are skipped once the window is done.
         guidance_scale: None keeps the pipeline's default; 0 for guidance-distilled models.
@@ -98,14 +109,14 @@ def fit_pipeline(
     defaults = method_defaults(method, spatial=True)
     pooling = defaults["pooling"] if pooling is None else pooling
     support = defaults["support"] if support is None else support
-    window = _steps_window(steps)
+    window = check_steps(steps)
     if "num_images_per_prompt" in call_kwargs or "output_type" in call_kwargs:
         raise ValueError("`num_images_per_prompt` and `output_type` are set by fit_pipeline; remove them")
     view = component_view(pipe)
     sites = pipeline_sites(pipe, view, modules)
     if is_pipeline_steered(pipe):
         raise RuntimeError("The pipeline is being steered; remove its steering before fitting a new transport")
-    n_active = sum(_in_window(window, i, num_inference_steps) for i in range(num_inference_steps))
+    n_active = StepClock.count(window, num_inference_steps)  # at most; img2img runs only the end of the schedule
     # core.fit fits sequentially inside one pass only when every site runs once per pass
     one_pass = not (sequential and n_active > 1)
     if not one_pass:
@@ -119,12 +130,11 @@ def fit_pipeline(
 
     def run(items: Sequence[tuple[int, str]], ctx: ForwardContext) -> None:
         n = len(items)
-        clock = {"step": 0, "encoder_calls": dict.fromkeys(encoders, 0)}
+        clock = StepClock(window)  # this call's clock: each denoiser call located in the full schedule
+        encoder_calls = dict.fromkeys(encoders, 0)
 
         def on_step_end(p: Any, i: int, t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-            clock["step"] = i + 1
-            total = p._num_timesteps
-            if not any(_in_window(window, j, total) for j in range(i + 1, total)):
+            if clock.done():
                 p._interrupt = True  # nothing left to record: skip the remaining steps
             return {}
 
@@ -136,18 +146,20 @@ def fit_pipeline(
                     f"The {denoiser} got a batch of {rows} rows for {n} prompts; expected {n} or {2 * n}"
                 )
             ctx.rows = torch.arange(n, 2 * n) if rows == 2 * n else None  # CFG batches are [uncond, cond]
-            ctx.active = _in_window(window, clock["step"], pipe._num_timesteps)
+            ctx.active = clock.inside(*denoiser_step(pipe, args, kw))
+            recorded[0] += ctx.active
             cost["denoiser_calls"] += 1
 
         def on_encoder(name: str):
             def hook(module: torch.nn.Module, args: Any) -> None:
                 ctx.rows = None
-                ctx.active = clock["encoder_calls"][name] == 0  # later calls encode negative prompts
-                clock["encoder_calls"][name] += 1
+                ctx.active = encoder_calls[name] == 0  # later calls encode negative prompts
+                encoder_calls[name] += 1
 
             return hook
 
         components = site_components(pipe)
+        recorded = [0]  # denoiser calls inside the window
         handles = [components[denoiser].register_forward_pre_hook(on_denoiser, with_kwargs=True)]
         handles += [components[c].register_forward_pre_hook(on_encoder(c)) for c in encoders]
         generators = [torch.Generator("cpu").manual_seed(seed + j) for j, _ in items]
@@ -158,6 +170,12 @@ def fit_pipeline(
             for h in reversed(handles):
                 h.remove()
             pipe._interrupt = False
+        if not recorded[0] and any(s.startswith(denoiser + ".") for s in sites) and clock.last is not None:
+            i, total = clock.last
+            raise ValueError(
+                f"`steps={steps!r}` holds none of the steps this call ran (it ended at step {i} of the {total}-step "
+                "schedule; img2img runs only the end of it): choose a window that overlaps them, or steps='first'"
+            )
 
     training = {m: m.training for m in view.modules()}
     try:
@@ -173,7 +191,7 @@ def fit_pipeline(
     extra = dict(transport.extra)
     extra["fit"] = {**extra.get("fit", {}), **cost}
     extra["diffusion"] = {
-        "steps": steps if isinstance(steps, str) else list(window),
+        "steps": window if isinstance(window, str) else list(window),
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
         "cfg_rows": "conditional",
@@ -200,7 +218,7 @@ def strength_grid(
     *,
     strengths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     seed: int = 0,
-    timesteps: Sequence[float] | None = None,
+    steps: Steps | None = "all",
     label: bool = True,
     **call_kwargs: Any,
 ) -> Any:
@@ -216,7 +234,7 @@ def strength_grid(
             strength (negative = the reverse direction).
         strengths: one column each, left to right.
         seed: the generator seed of every image.
-        timesteps: the step window (see `attach_pipeline`).
+        steps: the step window (see `attach_pipeline`).
         label: draw the labels (a white strip above each row).
         **call_kwargs: passed to ``pipe(...)`` (``num_inference_steps``, ``guidance_scale``, ``height``, ...).
 
@@ -241,7 +259,7 @@ def strength_grid(
                 row.append(pipe(text, **kwargs).images[0])
                 continue
             steerings = [dataclasses.replace(st, strength=float(s)) for st in as_steerings(transport)]
-            with steer_pipeline(pipe, steerings, timesteps=timesteps):
+            with steer_pipeline(pipe, steerings, steps=steps):
                 row.append(pipe(text, **kwargs).images[0])
         rows.append(row)
     w, h = rows[0][0].size

@@ -3,8 +3,9 @@
 
 A pipeline transport names sites with the component as prefix (``"unet.mid_block.resnets.0.norm1"``). One core
 `SteeringHandle` steers all components at once, through a `ModuleDict` view of them (the same view fitting uses).
-A timestep window is a per-call callback on the denoiser: it reads the call's ``timestep``, finds its place in the
-scheduler's schedule, and pauses the denoiser's sites outside the window; text-encoder sites are not windowed.
+A step window is a per-call callback on the denoiser: it reads the call's ``timestep``, finds its place in the
+scheduler's full schedule (`denoiser_step`, the clock fitting uses too), and pauses the denoiser's sites outside the
+window for that call only; text-encoder sites are not windowed.
 """
 
 from __future__ import annotations
@@ -14,61 +15,31 @@ import copyreg
 import inspect
 import logging
 import re
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal, Union
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
-from ..core.engine import SteeringHandle, bind, steering_of
-from ..core.steering import SiteStrength, SteeringLike, as_steerings
-from ..core.transport import Transport
-from .diffusion_presets import (
-    FLUX_SINGLE_CONCAT,
-    FLUX_SINGLE_TUPLE,
-    component_view,
-    denoiser_name,
-    diffusers_version,
-    flux_single_block_output,
-    site_components,
+from ..core import (
+    SiteStrength,
+    Steps,
+    SteeringHandle,
+    SteeringLike,
+    Transport,
+    Window,
+    as_steerings,
+    bind,
+    check_steps,
+    in_window,
+    locate,
+    naming_of,
+    steering_of,
 )
+from ..archs.flux import FLUX_SINGLE_CONCAT, FLUX_SINGLE_TUPLE, diffusers_version, flux_single_block_output
+from .diffusion_presets import component_view, denoiser_name, site_components
 
 logger = logging.getLogger(__name__)
 
-Steps = Union[Literal["first", "all"], tuple[float, float]]
-Window = tuple[float, float]
-
-
-# Step windows ---------------------------------------------------------------------------------------------
-def _check_window(window: Sequence[float] | None, name: str) -> Window | None:
-    if window is None:
-        return None
-    try:
-        start, end = (float(v) for v in window)
-    except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be a pair (start, end) of fractions of the schedule, got {window!r}") from None
-    if not 0.0 <= start < end <= 1.0:
-        raise ValueError(
-            f"`{name}=({start}, {end})` must satisfy 0 <= start < end <= 1 (fractions of the schedule, 0 = first "
-            "step); e.g. (0, 0.5) for the first half of the steps"
-        )
-    return start, end
-
-
-def _in_window(window: Window | None, step: int, total: int) -> bool:
-    """Step ``step`` of ``total`` is inside when ``start <= step / total < end``."""
-    return window is None or window[0] <= step / max(total, 1) < window[1]
-
-
-def _steps_window(steps: Steps) -> Window | None:
-    if steps == "all":
-        return None
-    if steps == "first":
-        return (0.0, 1e-9)  # only step 0: 0 / total < 1e-9 for any total
-    if isinstance(steps, str):
-        raise ValueError(
-            f"Unknown `steps={steps!r}`; use 'first' (the paper's choice), 'all', or (start, end) fractions"
-        )
-    return _check_window(steps, "steps")
 
 
 # pipe(..., steering=...) ----------------------------------------------------------------------------------
@@ -80,14 +51,14 @@ def _base_class(pipe: Any) -> type:
     return cls.__mro__[1] if cls in _STEERABLE.values() else cls
 
 
-def _steerable_call(self, *args: Any, steering: SteeringLike | None, steering_timesteps: Sequence[float] | None,
+def _steerable_call(self, *args: Any, steering: SteeringLike | None, steering_steps: Steps | None,
                     **kwargs: Any) -> Any:
     base = _base_class(self)
     if steering is None:
-        if steering_timesteps is not None:
-            raise ValueError("`steering_timesteps` was given without `steering=`; pass the transport(s) to steer with")
+        if steering_steps is not None:
+            raise ValueError("`steering_steps` was given without `steering=`; pass the transport(s) to steer with")
         return base.__call__(self, *args, **kwargs)
-    with steer_pipeline(self, steering, timesteps=steering_timesteps):
+    with steer_pipeline(self, steering, steps=steering_steps):
         return base.__call__(self, *args, **kwargs)
 
 
@@ -100,17 +71,17 @@ def _reduce_as_base(self, protocol: int) -> Any:
 
 
 def _steerable_class(base: type) -> type:
-    """A subclass of ``base`` with the same name whose ``__call__`` also takes ``steering``/``steering_timesteps``."""
+    """A subclass of ``base`` with the same name whose ``__call__`` also takes ``steering``/``steering_steps``."""
     if base not in _STEERABLE:
 
-        def __call__(self, *args: Any, steering: SteeringLike | None = None,
-                     steering_timesteps: Sequence[float] | None = None, **kwargs: Any) -> Any:
-            return _steerable_call(self, *args, steering=steering, steering_timesteps=steering_timesteps, **kwargs)
+        def __call__(self, *args: Any, steering: SteeringLike | None = None, steering_steps: Steps | None = None,
+                     **kwargs: Any) -> Any:
+            return _steerable_call(self, *args, steering=steering, steering_steps=steering_steps, **kwargs)
 
         sig = inspect.signature(base.__call__)
         params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
         params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None)
-                   for n in ("steering", "steering_timesteps")]
+                   for n in ("steering", "steering_steps")]
         params += [p for p in sig.parameters.values() if p.kind == p.VAR_KEYWORD]
         __call__.__signature__ = sig.replace(parameters=params)
         __call__.__doc__ = (base.__call__.__doc__ or "") + _STEERING_DOC
@@ -124,13 +95,13 @@ def _steerable_class(base: type) -> type:
 _STEERING_DOC = """
         actsteer (added by `enable_steering`):
             steering (`Transport`, `Steering` or a list of them, *optional*): steer this call (see `actsteer.steer`).
-            steering_timesteps (`tuple[float, float]`, *optional*): steer the denoiser's sites only at steps i of n
-                with ``start <= i / n < end``; None = every step.
+            steering_steps (`tuple[float, float]`, *optional*): steer the denoiser's sites only at steps i of n
+                of the full schedule with ``start <= i / n < end``; None = every step (`actsteer.core.steps`).
 """
 
 
 def enable_pipeline_steering(pipe: Any) -> Any:
-    """Let ``pipe(..., steering=..., steering_timesteps=(start, end))`` steer one call. Idempotent.
+    """Let ``pipe(..., steering=..., steering_steps=(start, end))`` steer one call. Idempotent.
 
     Without ``steering=`` the pipeline behaves exactly as before. Undo with `disable_pipeline_steering`.
     Deep copies and pickles of the pipeline are plain pipelines of its own class.
@@ -162,10 +133,10 @@ def _check_names(pipe: Any, transport: Transport) -> None:
     for site in transport:
         component, sep, _ = site.partition(".")
         if not sep or component not in components:
-            naming = transport.model.get("naming")
             hint = (
                 "; it uses ComfyUI names: translate it with actsteer.from_comfy(transport, arch)"
-                if naming == "comfyui" else f"; site names must start with one of: {', '.join(components)}"
+                if naming_of(transport) == "comfyui"
+                else f"; site names must start with one of: {', '.join(components)}"
             )
             raise KeyError(f"Site {site[:200]!r} names no component of {type(pipe).__name__}{hint}")
     _check_single_block_semantics(pipe, transport)
@@ -187,55 +158,40 @@ def _check_single_block_semantics(pipe: Any, transport: Transport) -> None:
         )
 
 
-def schedule_position(scheduler: Any, timestep: Any) -> tuple[int, int]:
-    """``(i, n)``: the denoiser's ``timestep`` is step ``i`` of the scheduler's ``n``-step schedule.
+def denoiser_step(pipe: Any, args: tuple, kwargs: dict) -> tuple[int, int]:
+    """``(i, n)``: the denoiser call with these arguments runs step ``i`` of the ``n``-step schedule of ``pipe``'s
+    scheduler (`actsteer.core.steps.locate`; the one clock of fitting and steering).
 
-    UNets get the scheduler's timestep itself; FLUX-style transformers get it divided by 1000; the nearest
-    entry of ``scheduler.timesteps`` under either scale is the step. Repeated calls of one step (e.g. true CFG)
-    map to the same ``i``.
+    UNets get the scheduler's timestep itself; FLUX-style transformers get it divided by 1000; the nearest entry
+    of ``scheduler.timesteps`` under either scale is the step.
+
+    Raises:
+        NotImplementedError: the scheduler has no ``timesteps`` schedule, or the call no ``timestep``.
     """
-    schedule = getattr(scheduler, "timesteps", None)
+    schedule = getattr(pipe.scheduler, "timesteps", None)
     if not isinstance(schedule, torch.Tensor) or schedule.numel() == 0:
         raise NotImplementedError(
-            f"{type(scheduler).__name__} exposes no `timesteps` schedule, which a timestep window needs; steer "
-            "without `timesteps`, or open an issue with a minimal example"
+            f"{type(pipe.scheduler).__name__} exposes no `timesteps` schedule, which a step window needs; steer "
+            "without `steps`, or open an issue with a minimal example"
         )
+    timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
     if timestep is None:
-        raise NotImplementedError("The denoiser was called without a `timestep`; steer without `timesteps`")
-    t = float(torch.as_tensor(timestep).reshape(-1)[0])
-    ts = _host_schedule(schedule)
-    gaps = torch.stack([(ts - t).abs(), (ts / 1000 - t).abs()])
-    scale = int(gaps.min(dim=1).values.argmin())
-    return int(gaps[scale].argmin()), ts.numel()
-
-
-_HOST_SCHEDULE: list[Any] = [None]  # (the last schedule tensor, its float64 CPU copy)
-
-
-def _host_schedule(schedule: torch.Tensor) -> torch.Tensor:
-    """A float64 CPU copy of ``schedule``, made once per schedule (not at every denoiser call)."""
-    last = _HOST_SCHEDULE[0]
-    if last is None or last[0] is not schedule or last[1].shape != schedule.shape:
-        last = _HOST_SCHEDULE[0] = (schedule, schedule.detach().double().cpu())
-    return last[1]
+        raise NotImplementedError("The denoiser was called without a `timestep`; steer without `steps`")
+    return locate(timestep, schedule, divisors=(1.0, 1000.0))
 
 
 def _window_callback(pipe: Any, handle: SteeringHandle, window: Window, denoiser: str) -> Callable:
     under = denoiser + "."
 
     def before_denoiser(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        step, total = schedule_position(pipe.scheduler, timestep)
-        handle.set_active(_in_window(window, step, total), under=under)
+        handle.set_active(in_window(window, *denoiser_step(pipe, args, kwargs)), under=under)  # for this call only
 
     return before_denoiser
 
 
-def _pipeline_handle(pipe: Any, steering: SteeringLike, strength: SiteStrength, timesteps: Sequence[float] | None,
+def _pipeline_handle(pipe: Any, steering: SteeringLike, strength: SiteStrength, steps: Steps | None,
                      scope: str) -> tuple[SteeringHandle, Callable]:
-    window = _check_window(timesteps, "timesteps")
-    if window == (0.0, 1.0):
-        window = None
+    window = check_steps(steps, first=False)
     steerings = as_steerings(steering, strength)
     for st in steerings:
         _check_names(pipe, st.transport)
@@ -243,14 +199,14 @@ def _pipeline_handle(pipe: Any, steering: SteeringLike, strength: SiteStrength, 
     denoiser = denoiser_name(pipe)
 
     def setup(handle: SteeringHandle) -> None:
-        if window is not None and any(s.startswith(denoiser + ".") for s in handle.sites):
+        if window != "all" and any(s.startswith(denoiser + ".") for s in handle.sites):
             handle.on_call(getattr(pipe, denoiser), _window_callback(pipe, handle, window, denoiser))
 
     return bind(view, steerings, scope=scope), setup
 
 
 def attach_pipeline(
-    pipe: Any, steering: SteeringLike, strength: SiteStrength = 1.0, *, timesteps: Sequence[float] | None = None
+    pipe: Any, steering: SteeringLike, strength: SiteStrength = 1.0, *, steps: Steps | None = "all"
 ) -> SteeringHandle:
     """Steer EVERY call of ``pipe`` (model-wide: all threads) until ``handle.remove()``.
 
@@ -259,9 +215,10 @@ def attach_pipeline(
         steering: a `Transport`, a `Steering`, or a list of them (applied in order); sites carry component
             prefixes (``"unet."``, ``"transformer."``, ``"text_encoder."``).
         strength: strength for bare transports: 0 identity, 1 full transport, negative the reverse transport.
-        timesteps: ``(start, end)`` fractions of the scheduler's full schedule (0 = first step): the denoiser's
+        steps: ``(start, end)`` fractions of the scheduler's full schedule (0 = first step): the denoiser's
             sites are steered at step ``i`` of ``n`` when ``start <= i / n < end`` (img2img at strength 0.5 runs
-            steps n/2..n); None steers every step. Text-encoder sites run once per call, before the denoising
+            steps n/2..n; `actsteer.core.steps`); ``"all"`` (or None) steers every step. The window is per call:
+            concurrent calls never move each other's. Text-encoder sites run once per call, before the denoising
             loop, and are steered whatever the window.
 
     Returns:
@@ -274,7 +231,7 @@ def attach_pipeline(
     With classifier-free guidance both halves of the batch (unconditional and conditional) are steered, as the
     ComfyUI nodes do, so the effect is not multiplied by the guidance scale.
     """
-    handle, setup = _pipeline_handle(pipe, steering, strength, timesteps, "model")
+    handle, setup = _pipeline_handle(pipe, steering, strength, steps, "model")
     try:
         setup(handle)
     except BaseException:
@@ -285,17 +242,17 @@ def attach_pipeline(
 
 @contextlib.contextmanager
 def steer_pipeline(
-    pipe: Any, steering: SteeringLike, strength: SiteStrength = 1.0, *, timesteps: Sequence[float] | None = None
+    pipe: Any, steering: SteeringLike, strength: SiteStrength = 1.0, *, steps: Steps | None = "all"
 ) -> Iterator[SteeringHandle]:
     """Steer the calls of ``pipe`` made inside the ``with`` block, in this thread or asyncio task only.
 
     Arguments as `attach_pipeline`; hooks are removed on exit, also when the body raises.
 
     Example:
-        >>> with steer_pipeline(pipe, transport, strength=0.8, timesteps=(0.0, 0.5)):  # doctest: +SKIP
+        >>> with steer_pipeline(pipe, transport, strength=0.8, steps=(0.0, 0.5)):  # doctest: +SKIP
         ...     image = pipe("a cat", num_inference_steps=4, guidance_scale=0.0).images[0]
     """
-    handle, setup = _pipeline_handle(pipe, steering, strength, timesteps, "request")
+    handle, setup = _pipeline_handle(pipe, steering, strength, steps, "request")
     try:
         setup(handle)
         yield handle

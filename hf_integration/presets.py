@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..core.sites import list_sites, resolve_sites
+from ..core import list_sites, resolve_sites
 
 _L = r"model\.layers\.\d+"
 # Decoder-layer norms of the Llama family (Llama, SmolLM2, Mistral, Qwen2/3, Phi-3): the norms before

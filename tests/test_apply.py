@@ -8,7 +8,7 @@ import torch
 
 import actsteer
 from actsteer.core.apply import make_applier, transport_traced
-from actsteer.core.folded import masked_affine
+from actsteer.core.folding import masked_affine
 
 INF = float("inf")
 

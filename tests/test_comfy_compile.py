@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_harness import clip, encode, forward_hook_count, ksample, one_thread, pack, tiny_sdxl  # noqa: F401
+from support.comfy import clip, encode, forward_hook_count, ksample, one_thread, pack, tiny_sdxl  # noqa: F401
 from test_comfy_patching import _apply, _random_transport, _sites
 from torch._dynamo.utils import counters
 

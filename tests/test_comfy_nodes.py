@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_harness import (  # noqa: F401  (fixtures)
+from support.comfy import (  # noqa: F401  (fixtures)
     REPO,
     clip,
     comfy_dirs,
@@ -182,7 +182,7 @@ def test_apply_translates_diffusers_transports(pack, clip, sdxl, flux, caplog):
               "unet.mid_block.attentions.0.norm": 64, "unet.conv_norm_out": 32}
     fitted = _transport(pack, widths, model={"naming": "diffusers", "arch": "sdxl", "unet_layout": layout})
     same = pack.core.Transport({names[s]: fitted[s] for s in fitted}, support="all")
-    assert checks.is_diffusers_transport(fitted) and not checks.is_diffusers_transport(same)
+    assert pack.archs.is_diffusers_transport(fitted) and not pack.archs.is_diffusers_transport(same)
     apply = _node("ActSteerApply").execute
     patched = apply(model=sdxl, transport=fitted, strength=1.0, start_percent=0.0, end_percent=1.0, layers="")[0]
     assert patching.steering_patch(patched).entries[0].transport.sites == list(names.values())
@@ -307,11 +307,3 @@ def test_errors_tell_an_artist_what_to_change_in_the_graph(pack, clip, sdxl, flu
     for_artist = pack.comfy_nodes.checks.for_artist
     assert for_artist("Site 'x' not found in Flux (9 submodules); see actsteer.list_sites(model) (fitted on 'SDXL')",
                       "do this") == "Site 'x' not found in Flux (9 submodules) (fitted on 'SDXL'); do this"
-
-
-def test_comfy_layer_docstring_examples_run(pack):
-    import doctest
-
-    for module in (pack.comfy_nodes.inputs, pack.comfy_nodes.checks):
-        result = doctest.testmod(module)
-        assert result.attempted > 0 and result.failed == 0, module.__name__

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_harness import (  # noqa: F401  (fixtures)
+from support.comfy import (  # noqa: F401  (fixtures)
     clip,
     encode,
     flux,
@@ -33,7 +33,7 @@ def _random_transport(pack, model, sites, *, seed: int = 0, scale: float = 0.5):
     maps = {}
     for site in sites:
         module = dm.get_submodule(site.split(":")[0])
-        width = pack.comfy_nodes.checks.site_width(module)
+        width = pack.core.infer_width(module)
         omega = 1 + scale * (torch.rand(width, generator=g) - 0.5)
         beta = scale * torch.randn(width, generator=g)
         maps[site] = core.UnitMap(omega, beta)

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from comfy_harness import (  # noqa: F401  (fixtures)
+from support.comfy import (  # noqa: F401  (fixtures)
     Session,
     comfy_dirs,
     one_thread,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfy_harness import REPO, comfyui_path
+from support.comfy import REPO, comfyui_path
 
 pytestmark = pytest.mark.slow
 aiohttp = pytest.importorskip("aiohttp")

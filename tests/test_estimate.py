@@ -150,7 +150,7 @@ def test_estimate_dead_source_unit_is_a_pure_shift(gen, caplog, method, noise):
     source = torch.randn(100, 3, generator=gen, dtype=torch.float64)
     source[:, 1] = 5.0 + noise * torch.randn(100, generator=gen, dtype=torch.float64)  # the reference gets omega ~ 1e6
     target = 2.0 * torch.randn(100, 3, generator=gen, dtype=torch.float64) - 1.0
-    with caplog.at_level(logging.WARNING, logger="actsteer.core.estimate"):
+    with caplog.at_level(logging.WARNING, logger="actsteer.core.estimators"):
         m = actsteer.estimate(source, target, method=method, support="all")
     assert torch.isfinite(m.omega).all() and torch.isfinite(m.beta).all()
     assert m.dead.tolist() == [False, True, False]
@@ -161,7 +161,7 @@ def test_estimate_dead_source_unit_is_a_pure_shift(gen, caplog, method, noise):
 
 def test_estimate_no_dead_units_logs_no_warning(gaussians, caplog):
     source, target, _ = gaussians
-    with caplog.at_level(logging.WARNING, logger="actsteer.core.estimate"):
+    with caplog.at_level(logging.WARNING, logger="actsteer.core.estimators"):
         m = actsteer.estimate(source, target, method="linear-act")
     assert not m.dead.any()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

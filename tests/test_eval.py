@@ -231,6 +231,21 @@ def test_support_coverage_all_reals_is_full_and_observed_is_partial(tiny_llama):
     assert _hooks(model) == 0
 
 
+def test_support_coverage_is_what_the_fold_transports_also_at_negative_strength():
+    """Coverage uses the fold's own support test: the reverse transport (strength < 0) acts on the TARGET support."""
+    model = torch.nn.Sequential(torch.nn.Identity())
+    source_support, target_support = (torch.zeros(3), torch.ones(3)), (torch.ones(3), torch.full((3,), 2.0))
+    transport = actsteer.Transport({"0": actsteer.UnitMap(
+        torch.ones(3), torch.ones(3), lo=source_support[0], hi=source_support[1], target_lo=target_support[0],
+        target_hi=target_support[1])})
+    target_like = [torch.full((3,), v) for v in (1.2, 1.5, 1.9)]
+    with torch.no_grad(), actsteer.steer(model, transport, strength=-1.0):  # the reverse map moves every value...
+        moved = model(torch.stack(target_like))
+    assert not torch.isclose(moved, torch.stack(target_like)).any()
+    assert support_coverage(model, transport, target_like, strength=-1.0) == {"0": 1.0}  # ...so all are covered
+    assert support_coverage(model, transport, target_like, strength=1.0) == {"0": 0.0}  # the forward map moves none
+
+
 # --- sweep ---------------------------------------------------------------------------------------------------
 
 
@@ -298,12 +313,3 @@ def test_import_actsteer_eval_needs_no_transformers():
     code = "import sys, actsteer.eval; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-
-
-@pytest.mark.parametrize("name", ["actsteer.eval", "actsteer.eval.text", "actsteer.eval.sweep", "actsteer.eval.fidelity"])
-def test_eval_doctests_run(name):
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0, f"{result.failed} doctest(s) failed in {name}"

@@ -1,4 +1,4 @@
-"""Tests for the generic fitting driver `actsteer.core.fit.fit` (ACT_SPEC.md sections 1 and 5).
+"""Tests for the generic fitting driver `actsteer.core.fit` (ACT_SPEC.md sections 1 and 5).
 
 Known answers come from hand computations with `actsteer.estimate` on the pooled activations: the
 sequential map of a later site is estimated on source activations produced with the EARLIER sites'
@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 import actsteer
 from actsteer import Transport, UnitMap
-from actsteer.core.fit import ForwardContext, fit
+from actsteer.core import ForwardContext, fit
 from actsteer.core.pooling import pool
 from actsteer.core.sites import resolve_sites
 

@@ -117,6 +117,19 @@ def test_generate_beam_search_and_sampling(lm):
     assert _hooks(model) == 0
 
 
+def test_generate_per_row_strengths_never_change_the_handle_mid_call(lm, monkeypatch):
+    """The rows generate() adds for beams are spread in the core: generate sets no strength while it runs."""
+    model, _, transport, inputs = lm
+    actsteer.enable_steering(model)
+    changed = []
+    original = actsteer.SteeringHandle.set_strength
+    monkeypatch.setattr(actsteer.SteeringHandle, "set_strength",
+                        lambda self, *a, **kw: changed.append(a) or original(self, *a, **kw))
+    st = actsteer.Steering(transport, torch.tensor([0.0, 4.0]))
+    beams = _gen(model, inputs, steering=st, num_beams=3, num_return_sequences=2)
+    assert beams.shape[0] == 4 and changed == []
+
+
 def test_generate_apply_to_generated_keeps_the_first_token(lm):
     model, _, transport, inputs = lm
     actsteer.enable_steering(model)

@@ -1,4 +1,4 @@
-"""Tests for the hook engine (`actsteer.attach`, `actsteer.steer`, `SteeringHandle`, `core.hooks.validate`).
+"""Tests for the hook engine (`actsteer.attach`, `actsteer.steer`, `SteeringHandle`, `core.validate`).
 
 Every engine test compares against closed forms written here in float64 (ACT_SPEC.md section 4):
 ``T_s(x) = x + s((omega - 1) x + beta)`` on ``lo <= x <= hi``, the identity elsewhere; for ``(B, C, H, W)``
@@ -17,7 +17,7 @@ from torch.testing import assert_close
 
 import actsteer
 from actsteer import Steering, Transport, UnitMap
-from actsteer.core.hooks import validate
+from actsteer.core import validate
 
 F32 = dict(rtol=1e-5, atol=1e-5)
 # bf16/fp16 keep 8/11 mantissa bits; the folded weight and bias are rounded to the activation dtype too.
@@ -440,6 +440,54 @@ def test_steer_per_row_strength(mlp, tokens):
         mlp, Transport({"1": m}), strength=s
     ):
         mlp(tokens[:2])
+    assert hook_count(mlp) == 0
+
+
+def test_bind_interleaved_rows_spread_per_row_strengths(mlp, tokens):
+    """``rows="interleaved"``: R strengths over a batch of k*R rows, k consecutive rows each (generate's layout)."""
+    from actsteer.core import bind
+
+    m = unit_map(8, seed=36)
+    s = torch.tensor([0.0, 1.0])
+    batch = tokens[:2].repeat_interleave(2, dim=0)  # rows 0, 0, 1, 1
+    with torch.no_grad():
+        with tap(mlp, ["1"]) as raw:
+            mlp(batch)
+        handle = bind(mlp, Transport({"1": m}), s, rows="interleaved")
+        try:
+            with tap(mlp, ["1"]) as got:
+                mlp(batch)
+            with pytest.raises(ValueError, match=r"2 per-row strengths .* 3 rows or a multiple"):
+                mlp(tokens[:3])
+        finally:
+            handle.remove()
+    assert torch.equal(got["1"][:2], raw["1"][:2])  # strength 0 for the first two rows
+    assert_close(got["1"][2:].double(), closed_form(raw["1"][2:], m, 1.0), **F32)
+    assert hook_count(mlp) == 0
+
+
+def test_set_active_under_pauses_only_this_thread(mlp, tokens):
+    """A step window belongs to one call: a model-wide handle paused in one thread still steers another's calls."""
+    import threading
+
+    m = unit_map(8, seed=36, support="all")
+    with torch.no_grad():
+        plain = mlp(tokens)
+        handle = actsteer.attach(mlp, Transport({"1": m}))
+        try:
+            steered = mlp(tokens)
+            handle.set_active(False, under="1")
+            here = mlp(tokens)
+            there = {}
+            worker = threading.Thread(target=lambda: there.update(out=mlp(tokens)))
+            worker.start()
+            worker.join()
+            handle.set_active(True, under="1")
+            again = mlp(tokens)
+        finally:
+            handle.remove()
+    assert not torch.equal(steered, plain)
+    assert torch.equal(here, plain) and torch.equal(there["out"], steered) and torch.equal(again, steered)
     assert hook_count(mlp) == 0
 
 

@@ -65,7 +65,7 @@ def test_fit_lm_records_metadata_and_moves_pooled_activations(tiny_lm_factory, a
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # The last site's mean pooled source activation, steered, equals the target's: the map is affine and was
     # fitted sequentially on the same (steered-upstream) source activations it now sees.
-    from actsteer.core.fit import ForwardContext
+    from actsteer.core import ForwardContext
     from actsteer.hf_integration.lm import make_runner
     from actsteer.core.pooling import pool
 

@@ -1,31 +1,18 @@
-"""The miniature diffusion evidence kit (benchmarks/miniature): dataset, captions, tokenizer, identity VAE, and the
+"""The miniature diffusion evidence kit (tests/support/miniature): dataset, captions, tokenizer, identity VAE, and the
 committed pipeline and judges loading into real diffusers/transformers classes.
 """
 
 from __future__ import annotations
 
-import doctest
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
-
-from benchmarks.miniature import judges as judges_module  # noqa: E402
-from benchmarks.miniature import metrics, shapes  # noqa: E402
-from benchmarks.miniature import model as M  # noqa: E402
-
-
-def test_miniature_doctests_pass():
-    for module in (shapes, M, judges_module):
-        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-        assert result.attempted > 0 and result.failed == 0, module.__name__
+from support.miniature import judges as judges_module
+from support.miniature import metrics, shapes
+from support.miniature import model as M
 
 
 def test_shapes_caption_names_every_attribute_and_only_nonflat_styles():

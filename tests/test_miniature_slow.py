@@ -1,4 +1,4 @@
-"""Semantic steering on the miniature text-to-image model trained here (benchmarks/miniature), judged with ground truth.
+"""Semantic steering on the miniature text-to-image model trained here (tests/support/miniature), judged with ground truth.
 
 Fails if steering stops working *semantically*, in the two settings where it works on this model
 (benchmarks/diffusion_style.py and diffusion_negation.py have the full versions, benchmarks/RESULTS.md "Diffusion in
@@ -16,21 +16,15 @@ Measured with the committed weights (16 + 16 captions): induction presence 0.00 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import actsteer
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
-
-from benchmarks.miniature import metrics  # noqa: E402
-from benchmarks.miniature.judges import Judges  # noqa: E402
-from benchmarks.miniature.model import load_pipeline  # noqa: E402
+from support.miniature import metrics
+from support.miniature.judges import Judges
+from support.miniature.model import load_pipeline
 
 pytestmark = pytest.mark.slow
 

@@ -62,7 +62,8 @@ def test_wheel_contains_subpackages_and_data(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     (wheel,) = tmp_path.glob("actsteer-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for required in ("actsteer/__init__.py", "actsteer/core/hooks.py", "actsteer/hf_integration/cli.py",
+    for required in ("actsteer/__init__.py", "actsteer/core/engine.py", "actsteer/archs/site_groups.py",
+                     "actsteer/hf_integration/cli.py",
                      "actsteer/comfy_nodes/nodes.py", "actsteer/eval/__init__.py",
                      "actsteer/hf_integration/data/neutral.txt", "actsteer/hf_integration/data/ocean.txt"):
         assert required in names, required

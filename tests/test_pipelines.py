@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import actsteer
-from diffusers_support import (
+from support.tiny_pipelines import (
     flux_call_kwargs,
     make_flux_pipeline,
     make_sdxl_pipeline,
@@ -248,11 +248,11 @@ def test_steer_pipeline_timestep_window_fires_only_inside(sdxl, sdxl_transport):
         seen.append(handle.calls.get(site, 0))
         return callback_kwargs
 
-    with steer_pipeline(sdxl, sdxl_transport, timesteps=(0.25, 0.75)) as handle:
+    with steer_pipeline(sdxl, sdxl_transport, steps=(0.25, 0.75)) as handle:
         sdxl("a cat", **sdxl_call_kwargs(num_inference_steps=4, callback_on_step_end=user_callback))
     assert seen == [0, 1, 2, 2]  # steps 1 and 2 of 4 (fractions 0.25, 0.5); the user's callback still runs
     assert set(handle.calls.values()) == {2}
-    with steer_pipeline(sdxl, sdxl_transport, timesteps=(0.5, 1.0)) as handle:
+    with steer_pipeline(sdxl, sdxl_transport, steps=(0.5, 1.0)) as handle:
         sdxl("a cat", **sdxl_call_kwargs(num_inference_steps=4))
     assert handle.calls[site] == 2
 
@@ -262,7 +262,7 @@ def test_steer_pipeline_leaves_pipeline_unmodified_even_on_error(sdxl, sdxl_tran
     base = sdxl("a cat", **sdxl_call_kwargs()).images
     hooks = _hooks(sdxl)
     with pytest.raises(ZeroDivisionError):
-        with steer_pipeline(sdxl, sdxl_transport, timesteps=(0.0, 0.5)):
+        with steer_pipeline(sdxl, sdxl_transport, steps=(0.0, 0.5)):
             assert type(sdxl) is cls and len(_hooks(sdxl)) > len(hooks)  # hooks only: the class is never swapped
             sdxl("a cat", **sdxl_call_kwargs())
             1 / 0
@@ -278,7 +278,7 @@ def test_steer_pipeline_window_counts_the_full_schedule_with_a_shared_unet(sdxl,
     image = sdxl("a cat", **sdxl_call_kwargs(output_type="pil")).images[0]
     hooks = _hooks(sdxl)
     kw = dict(image=image, strength=0.5, num_inference_steps=4, guidance_scale=0.0, output_type="pt")
-    with steer_pipeline(img2img, sdxl_transport, timesteps=(0.5, 0.75)) as handle:
+    with steer_pipeline(img2img, sdxl_transport, steps=(0.5, 0.75)) as handle:
         img2img("a cat", generator=torch.Generator().manual_seed(0), **kw)
         # strength 0.5 runs steps 2 and 3 of the 4-step schedule; the window (0.5, 0.75) holds step 2 only
         assert handle.calls["unet.conv_norm_out"] == 1
@@ -287,12 +287,34 @@ def test_steer_pipeline_window_counts_the_full_schedule_with_a_shared_unet(sdxl,
     assert _hooks(sdxl) == hooks and type(img2img) is StableDiffusionXLImg2ImgPipeline
 
 
+def test_fit_pipeline_window_counts_the_full_schedule_like_steering(sdxl):
+    """img2img at strength 0.5 runs steps 2 and 3 of a 4-step schedule: fitting locates them in the full schedule,
+    as steering does, so the window (0.5, 0.75) records step 2, the first step the call runs (it recorded step 3)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(sdxl)
+    image = sdxl("a cat", **sdxl_call_kwargs(output_type="pil")).images[0]
+    kw = dict(modules="fast", image=image, strength=0.5, num_inference_steps=4, guidance_scale=0.0, sequential=False,
+              progress=False)
+    window = fit_pipeline(img2img, SOURCE, TARGET, steps=(0.5, 0.75), **kw)
+    first = fit_pipeline(img2img, SOURCE, TARGET, steps="first", **kw)
+    assert window.sites == first.sites
+    for site in window:
+        assert torch.equal(window[site].beta, first[site].beta) and torch.equal(window[site].omega, first[site].omega)
+    with steer_pipeline(img2img, window, steps=(0.5, 0.75)) as handle:  # steering holds the same one step
+        img2img("a cat", generator=torch.Generator().manual_seed(0), strength=0.5, num_inference_steps=4, image=image,
+                guidance_scale=0.0, output_type="pt")
+    assert set(handle.calls.values()) == {1}
+    with pytest.raises(ValueError, match=r"holds none of the steps this call ran"):
+        fit_pipeline(img2img, SOURCE, TARGET, steps=(0.0, 0.5), **kw)
+
+
 def test_enable_pipeline_steering_adds_steering_keyword(flux, flux_transport):
     from diffusers import FluxPipeline
 
     base = flux("a cat", **flux_call_kwargs()).images
     hooks = _hooks(flux)
-    with steer_pipeline(flux, flux_transport, strength=0.7, timesteps=(0.0, 0.5)):
+    with steer_pipeline(flux, flux_transport, strength=0.7, steps=(0.0, 0.5)):
         expected = flux("a cat", **flux_call_kwargs()).images
     enable_pipeline_steering(flux)
     enable_pipeline_steering(flux)  # idempotent
@@ -301,7 +323,7 @@ def test_enable_pipeline_steering_adds_steering_keyword(flux, flux_transport):
         assert torch.equal(flux("a cat", **flux_call_kwargs()).images, base)
         zero = flux("a cat", steering=Steering(flux_transport, 0.0), **flux_call_kwargs()).images
         assert torch.equal(zero, base)
-        steered = flux("a cat", steering=Steering(flux_transport, 0.7), steering_timesteps=(0.0, 0.5),
+        steered = flux("a cat", steering=Steering(flux_transport, 0.7), steering_steps=(0.0, 0.5),
                        **flux_call_kwargs()).images
         assert torch.equal(steered, expected)
         assert _hooks(flux) == hooks
@@ -369,7 +391,7 @@ def test_steer_pipeline_text_encoder_sites_ignore_the_window(flux):
     assert transport.extra["fit"]["forward_calls"] == 1
     both = transport.sites + ["transformer.transformer_blocks.0:1"]
     combined = fit_pipeline(flux, SOURCE, TARGET, modules=both, progress=False, **FLUX_FIT_KW)
-    with steer_pipeline(flux, combined, timesteps=(0.5, 1.0)) as handle:
+    with steer_pipeline(flux, combined, steps=(0.5, 1.0)) as handle:
         flux("a cat", **flux_call_kwargs(num_inference_steps=4))
     calls = handle.calls
     assert calls["transformer.transformer_blocks.0:1"] == 2
@@ -408,7 +430,7 @@ def test_fit_pipeline_transport_save_load_round_trip(tmp_path, flux, flux_transp
 def test_steer_pipeline_rejects_bad_windows_and_foreign_names(flux, flux_transport):
     hooks = _hooks(flux)
     with pytest.raises(ValueError, match="start < end"):
-        attach_pipeline(flux, flux_transport, timesteps=(0.5, 0.5))
+        attach_pipeline(flux, flux_transport, steps=(0.5, 0.5))
     comfy_named = flux_transport.replace({"double_blocks.0:0": flux_transport["transformer.transformer_blocks.0:1"]},
                                          model=dict(flux_transport.model, naming="comfyui"))
     with pytest.raises(KeyError, match="from_comfy"):
@@ -423,9 +445,9 @@ def test_steer_pipeline_rejects_bad_windows_and_foreign_names(flux, flux_transpo
 
 def test_top_level_api_dispatches_pipelines(flux, flux_transport):
     plain = flux("a cat", **flux_call_kwargs()).images
-    with actsteer.steer(flux, flux_transport, strength=0.0, timesteps=(0.0, 1.0)):
+    with actsteer.steer(flux, flux_transport, strength=0.0, steps=(0.0, 1.0)):
         assert torch.equal(flux("a cat", **flux_call_kwargs()).images, plain)
-    handle = actsteer.attach(flux, flux_transport, strength=1.0, timesteps=(0.5, 1.0))
+    handle = actsteer.attach(flux, flux_transport, strength=1.0, steps=(0.5, 1.0))
     try:
         steered = flux("a cat", **flux_call_kwargs()).images
     finally:
@@ -433,7 +455,7 @@ def test_top_level_api_dispatches_pipelines(flux, flux_transport):
     assert not torch.equal(steered, plain)
     assert not handle.calls or all(v > 0 for v in handle.calls.values())
     with pytest.raises(TypeError, match="unexpected options"):
-        actsteer.attach(torch.nn.Linear(2, 2), flux_transport, timesteps=(0, 1))
+        actsteer.attach(torch.nn.Linear(2, 2), flux_transport, steps=(0, 1))
     comfy = actsteer.to_comfy(flux_transport)
     assert all(s.startswith(("double_blocks.", "single_blocks.")) for s in comfy.sites)
     back = actsteer.from_comfy(comfy, "flux")

@@ -51,7 +51,7 @@ def served(tiny_lm_factory_module):
 
 @pytest.fixture(scope="module")
 def tiny_lm_factory_module():
-    from conftest import make_tiny_lm
+    from support.tiny_lm import make_tiny_lm
 
     return make_tiny_lm
 

@@ -3,7 +3,6 @@ SDXL and FLUX.1 layouts (built on the meta device: names only, no memory), and t
 
 from __future__ import annotations
 
-import doctest
 import importlib
 import subprocess
 import sys
@@ -12,7 +11,9 @@ import pytest
 import torch
 
 from actsteer.core.transport import Transport, UnitMap
-from actsteer.hf_integration import comfy_names, site_groups
+from support.comfy import setup_comfy
+
+from actsteer.archs import comfy_names, site_groups
 from actsteer.hf_integration.diffusion_presets import component_view, pipeline_sites, preset_names
 
 SDXL_GROUPS = site_groups.group_names("sdxl")
@@ -26,13 +27,12 @@ def _modules(model: torch.nn.Module, prefix: str = "") -> list[tuple[str, bool]]
 @pytest.fixture(scope="module")
 def sdxl_both():
     """The SDXL base UNet in both implementations, on the meta device: (diffusers modules, ComfyUI modules)."""
-    from diffusers_support import SDXL_UNET_CONFIG
+    from support.tiny_pipelines import SDXL_UNET_CONFIG
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
-    comfy = pytest.importorskip("comfy_harness")
-    comfy.setup_comfy()
+    setup_comfy()
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
@@ -55,8 +55,7 @@ def flux_both():
     with torch.device("meta"):
         transformer = FluxTransformer2DModel(num_layers=19, num_single_layers=38, attention_head_dim=16,
                                              num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32)
-    comfy = pytest.importorskip("comfy_harness")
-    comfy.setup_comfy()
+    setup_comfy()
     import comfy.ops
     from comfy.ldm.flux.model import Flux
 
@@ -72,17 +71,12 @@ def _as_comfy(sites: list[str], arch: str) -> list[str]:
     return comfy_names.to_comfy(transport, arch).sites
 
 
-def test_site_groups_doctests_run():
-    result = doctest.testmod(importlib.import_module("actsteer.hf_integration.site_groups"))
-    assert result.attempted > 0 and result.failed == 0
-
-
 def test_site_groups_module_imports_neither_torch_nor_comfy():
     code = ("import importlib.util, sys\n"
             "spec = importlib.util.spec_from_file_location('site_groups', sys.argv[1])\n"
             "module = sys.modules['site_groups'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'comfy', 'diffusers', 'transformers'}))\n")
-    path = importlib.import_module("actsteer.hf_integration.site_groups").__file__
+    path = importlib.import_module("actsteer.archs.site_groups").__file__
     res = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
@@ -138,7 +132,7 @@ def test_site_groups_errors_name_the_family_and_the_choices():
 
 
 def test_pipeline_presets_take_every_group_and_the_old_names(sdxl_both):
-    from diffusers_support import make_flux_pipeline, make_sdxl_pipeline
+    from support.tiny_pipelines import make_flux_pipeline, make_sdxl_pipeline
 
     sdxl, flux = make_sdxl_pipeline(), make_flux_pipeline()
     for pipe, arch in ((sdxl, "sdxl"), (flux, "flux")):

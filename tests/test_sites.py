@@ -166,6 +166,15 @@ class LlamaRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
 
+class _Sized(nn.Module):
+    """A module that says its output width through an attribute, as non-torch layers do."""
+
+    def __init__(self, **width: int) -> None:
+        super().__init__()
+        for name, value in width.items():
+            setattr(self, name, value)
+
+
 @pytest.mark.parametrize(
     ("module", "width"),
     [
@@ -181,6 +190,9 @@ class LlamaRMSNorm(nn.Module):
         (nn.BatchNorm2d(6), 6),
         (nn.GELU(), None),
         (nn.Sequential(nn.Linear(2, 3)), None),
+        (_Sized(hidden_size=16), 16),  # transformer blocks that say their width (ComfyUI's FLUX blocks, HF layers)
+        (_Sized(hidden_dim=24), 24),
+        (_Sized(output_size_per_partition=5), 5),  # vLLM's parallel linears: this rank's share
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else str(v),
 )

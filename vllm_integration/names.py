@@ -34,8 +34,7 @@ from typing import Any
 
 import torch
 
-from ..core.sites import parse_site
-from ..core.transport import Transport, UnitMap
+from ..core import Transport, UnitMap, fitted_on_note, parse_site
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -264,7 +263,7 @@ def to_vllm(transport: Transport, shape: ModelShape) -> Transport:
         if unit_map.dim != expected:
             raise ValueError(
                 f"Site {site!r}: the transport has {unit_map.dim} units but {shape.architecture} outputs {expected} "
-                f"there; the transport was fitted on a different model{_fitted_on(transport)}"
+                f"there; the transport was fitted on a different model{fitted_on_note(transport)}"
             )
         for piece in plan:
             pieces.setdefault(piece.vllm_site, []).append((piece, unit_map, site))
@@ -274,6 +273,24 @@ def to_vllm(transport: Transport, shape: ModelShape) -> Transport:
     extra = dict(transport.extra)
     extra["vllm_sites_from"] = transport.sites
     return transport.replace(maps, extra=extra)
+
+
+def site_width(site: str, shape: ModelShape) -> int:
+    """Units of a vLLM site on this rank: the fused q/k/v and gate/up outputs are column-parallel shards, the
+    others (norms, embeddings, all-reduced outputs) are the hidden size.
+
+    Example:
+        >>> s = ModelShape("LlamaForCausalLM", num_layers=2, hidden_size=8, intermediate_size=16, num_heads=2,
+        ...                num_kv_heads=1, head_dim=4, tp_size=2)
+        >>> site_width("model.layers.0.mlp.gate_up_proj:0", s), site_width("model.norm:0", s)
+        (16, 8)
+    """
+    last = parse_site(site)[0].rsplit(".", 1)[-1]
+    if last == "qkv_proj":
+        return shape.qkv_width
+    if last == "gate_up_proj":
+        return shape.gate_up_width
+    return shape.hidden_size
 
 
 def _hf_width(site: str, shape: ModelShape) -> int:
@@ -310,8 +327,3 @@ def _merge(vllm_site: str, parts: list[tuple[_Piece, UnitMap, str]]) -> UnitMap:
         for field, value in unit_map.to_tensors().items():
             fields[field][dest] = value[piece.source_units]
     return UnitMap(**fields)
-
-
-def _fitted_on(transport: Transport) -> str:
-    hint = transport.model.get("name_or_path") or transport.model.get("class")
-    return f" (it was fitted on {str(hint)[:200]!r})" if hint else ""

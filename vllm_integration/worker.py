@@ -1,15 +1,13 @@
-"""Steering inside a vLLM worker: one model-wide `SteeringHandle` on the worker's model, with per-token strengths.
+"""Steering inside a vLLM worker: the stacked slots of `actsteer.vllm_integration.bank`, filled per step.
 
-vLLM flattens the tokens of every scheduled request into one ``(num_tokens, D)`` batch. Before each forward,
-`WorkerSteering.prepare` reads the batch's request order (``input_batch.req_ids``) and the token range of each
-request (``query_start_loc`` of the attention metadata in vLLM's forward context), and gives every composed
-transport a 1-D strength with one value per token: the request's strength for that transport, 0 (untouched,
-bit-identical) for requests that did not ask for it and for padding. Prefill, chunked prefill, decode and
-prefix-cached requests are all just rows of that batch.
-
-The handle composes a *layout*: a list of ``(name, version)`` slots such that every steered request's list of
-transports is a subsequence of it, so each request gets its own transports in its own order. The layout grows
-when a request needs a combination it cannot express, and is rebuilt from the live requests when it gets long.
+`WorkerSteering.install` runs once, right after vLLM loads the model and before it compiles it: it puts a `Bank`
+with one hook per planned site on the model (the plan, `Settings.plan`, is the union of the sites of the
+transports the front end found in the folder at start-up; vLLM sends it to every worker in its config). Before
+each forward, `WorkerSteering.prepare` reads the batch's request order (``input_batch.req_ids``) and the token
+range of each request (``query_start_loc`` of the attention metadata in vLLM's forward context), makes sure each
+requested transport is resident in a slot (least recently used slots are reused), and writes one (table row,
+``|strength|``) pair per composition position and token. Prefill, chunked prefill, decode and prefix-cached
+requests are all just rows of that batch; unsteered requests and padding get row 0 (bit-identical).
 """
 
 from __future__ import annotations
@@ -17,56 +15,30 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..core.hooks import Steering, SteeringHandle, attach
-from ..core.sites import iter_site_modules
-from ..core.transport import Transport
-from .names import ModelShape
-from .store import RequestSteering, TransportStore, parse_request, transports_dir
+from ..core import Transport, infer_width, iter_site_modules
+from .bank import Bank, install
+from .names import ModelShape, site_width
+from .store import RequestSteering, Settings, TransportStore, parse_request
 
-logger = logging.getLogger(__name__)
-
-MAX_SLOTS = 8  # past this many composed slots the layout is rebuilt from the live requests only
+logger = logging.getLogger("vllm." + __name__)  # under "vllm", so that vLLM's logging config applies
 
 Slot = tuple[str, str]  # (transport name, file version)
 _Resolved = tuple[tuple[Slot, ...], tuple[float, ...]]
 
 
-def _subsequence(wanted: tuple[Slot, ...], layout: list[Slot]) -> list[int] | None:
-    """Slot indices of ``layout`` that hold ``wanted`` in order (first fit), or None."""
-    found, j = [], 0
-    for slot in wanted:
-        while j < len(layout) and layout[j] != slot:
-            j += 1
-        if j == len(layout):
-            return None
-        found.append(j)
-        j += 1
-    return found
-
-
-def _module_width(module: torch.nn.Module) -> int | None:
-    """The output width of a vLLM module on this rank, where the module says it."""
-    for attr in ("output_size_per_partition", "embedding_dim"):
-        value = getattr(module, attr, None)
-        if isinstance(value, int):
-            return value
-    weight = getattr(module, "weight", None)
-    if type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor) and weight.dim() == 1:
-        return weight.shape[0]
-    return None
-
-
 class WorkerSteering:
-    """The steering state of one vLLM model runner (created on its first forward).
+    """The steering state of one vLLM model runner.
 
     Args:
-        runner: the worker's model runner (``GPUModelRunner`` or a subclass such as ``CPUModelRunner``).
-        folder: the transports folder.
+        runner: the worker's model runner (``GPUModelRunner`` or a subclass such as ``CPUModelRunner``), with its
+            model loaded.
+        settings: the plugin's settings, with the plan of sites.
     """
 
-    def __init__(self, runner: Any, folder: Any) -> None:
+    def __init__(self, runner: Any, settings: Settings) -> None:
         from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
         config = runner.vllm_config
@@ -76,31 +48,63 @@ class WorkerSteering:
                 "micro-batches whose rows differ from the scheduled batch; start vLLM without it"
             )
         self.runner = runner
+        self.settings = settings
         self.shape = ModelShape.from_config(
             config.model_config.hf_config,
             tp_rank=get_tensor_model_parallel_rank(),
             tp_size=get_tensor_model_parallel_world_size(),
         )
-        self.store = TransportStore(folder, self.shape)
+        # the front end checked each transport's model; the worker only translates and loads
+        self.store = TransportStore(settings.folder, self.shape, settings=settings)
         self.model: torch.nn.Module = runner.get_model()
         self.pipeline = config.parallel_config.pipeline_parallel_size > 1
-        self.handle: SteeringHandle | None = None
-        self.layout: list[Slot] = []
-        self._last: list[float | torch.Tensor] = []
-        self._last_key: list[Any] = []  # per slot, what `_last` was built from (`_set`)
+        widths = self._widths(settings.plan or ())
+        max_tokens = max(int(config.scheduler_config.max_num_batched_tokens),
+                         int(getattr(config.compilation_config, "max_cudagraph_capture_size", 0) or 0))
+        device = next(self.model.parameters()).device
+        self.bank: Bank | None = None
+        if widths:
+            self.bank, self._handles = install(self.model, widths, slots=settings.max_transports,
+                                               depth=settings.max_composed, max_tokens=max_tokens, device=device)
+        self.resident: list[Slot | None] = [None] * (settings.max_transports + 1)  # index 0: the identity
+        self.last_used = [0] * (settings.max_transports + 1)
+        self.step = 0
         self._requests: dict[str, _Resolved | None] = {}
         self._loaded: dict[Slot, Transport] = {}  # the transport of each slot, as read when a request resolved it
-        logger.info("actsteer: steering enabled in this worker (transports from %s)", folder)
+        self._last_key: Any = None
+        self._used = 0
+        logger.info("actsteer: worker steers %d sites with %d transport slots, %d composed per request",
+                    len(widths), settings.max_transports, settings.max_composed)
 
     @classmethod
     def for_runner(cls, runner: Any) -> WorkerSteering | None:
-        """The runner's steering state, created once; None when no transports folder is configured."""
-        state = runner.__dict__.get("_actsteer", False)
-        if state is False:
-            folder = transports_dir(runner.vllm_config.additional_config)
-            state = cls(runner, folder) if folder is not None else None
-            runner._actsteer = state
+        """The runner's steering state (None when steering is off: no folder, or no planned site)."""
+        return runner.__dict__.get("_actsteer")
+
+    @classmethod
+    def install_on(cls, runner: Any) -> WorkerSteering | None:
+        """Create the runner's steering state after its model is loaded (before vLLM compiles the model)."""
+        settings = Settings.from_config(runner.vllm_config.additional_config)
+        state = cls(runner, settings) if settings.folder is not None and settings.plan else None
+        runner._actsteer = state
         return state
+
+    def _widths(self, sites: tuple[str, ...]) -> dict[str, int]:
+        """The planned sites that exist on this rank (pipeline stages hold some layers), with their widths."""
+        widths = {}
+        for site in sites:
+            try:
+                ((_, _, _, module),) = iter_site_modules(self.model, [site])
+            except KeyError:
+                if self.pipeline:
+                    continue
+                raise
+            width = site_width(site, self.shape)
+            found = infer_width(module)  # the core's one width rule
+            if found is not None and found != width:
+                raise ValueError(f"actsteer: site {site!r} has {found} units in vLLM's model, {width} expected")
+            widths[site] = width
+        return widths
 
     # requests ------------------------------------------------------------------------------------------
     def _resolve(self, req_id: str) -> _Resolved | None:
@@ -115,115 +119,87 @@ class WorkerSteering:
             if spec is not None and any(s != 0.0 for s in spec.strengths):
                 loaded = [(name, *self.store.get(name)) for name in spec.names]
                 for name, version, transport in loaded:
-                    self._loaded.setdefault((name, version), transport)
+                    self._loaded.setdefault((name, version), self._local(transport))
                 resolved = (tuple((name, version) for name, version, _ in loaded), spec.strengths)
         except (KeyError, ValueError, OSError) as err:
             # The front end checked this request; a file removed or broken since then cannot fail it from here.
             logger.error("actsteer: request %s is NOT steered: %s", req_id, err)
         if len(self._requests) > 2 * len(self.runner.requests) + 64:  # forget finished requests
             self._requests = {k: v for k, v in self._requests.items() if k in self.runner.requests}
+            live = {slot for r in self._requests.values() if r for slot in r[0]} | set(self.resident)
+            self._loaded = {slot: t for slot, t in self._loaded.items() if slot in live}
         self._requests[req_id] = resolved
         return resolved
 
-    def _relayout(self, wanted: list[tuple[Slot, ...]]) -> None:
-        """Compose a layout in which every wanted list is a subsequence, and attach a handle for it."""
-        layout = list(self.layout)
-        for slots in wanted:
-            if _subsequence(slots, layout) is None:
-                layout.extend(slots)
-        if len(layout) > MAX_SLOTS:
-            layout = []
-            for slots in wanted:
-                if _subsequence(slots, layout) is None:
-                    layout.extend(slots)
-        # each slot holds the file version its requests resolved, even if the file has changed since
-        transports = [self._local(self._loaded[slot]) for slot in layout]
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
-        self.layout, self._last, self._last_key = [], [], []
-        handle = attach(self.model, [Steering(t, strength=0.0) for t in transports])
-        handle.active = False
-        self.handle, self.layout = handle, layout
-        self._last, self._last_key = [0.0] * len(layout), [0.0] * len(layout)
-        live = set(layout).union(*(r[0] for r in self._requests.values() if r))
-        self._loaded = {slot: t for slot, t in self._loaded.items() if slot in live}
-        logger.info("actsteer: steering layout is now %s", [name for name, _ in layout])
-
     def _local(self, transport: Transport) -> Transport:
-        """The sites of a translated transport that live on this rank, checked against the real modules."""
-        keep, problems = [], []
-        for site in transport:
-            try:
-                ((_, name, _, module),) = iter_site_modules(self.model, [site])
-            except KeyError:
-                if self.pipeline:  # another pipeline stage holds this layer
-                    continue
-                raise
-            width = _module_width(module)
-            if width is not None and width != transport[site].dim:
-                problems.append(f"{site!r}: transport {transport[site].dim} units, {type(module).__name__} {width}")
-            keep.append(site)
-        if problems:
-            raise ValueError("actsteer: translated transport does not match the vLLM model: " + "; ".join(problems[:3]))
-        return transport.select(keep)
+        """The sites of a translated transport that live on this rank."""
+        assert self.bank is not None
+        return transport.select([site for site in transport if site in self.bank.index])
+
+    def _place(self, wanted: set[Slot]) -> dict[Slot, int]:
+        """Slot numbers for the transports a batch uses, loading the missing ones into the least recently used
+        slots that this batch does not need; transports that find no slot are left out (and logged)."""
+        assert self.bank is not None
+        where = {slot: k for k, slot in enumerate(self.resident) if slot is not None and slot in wanted}
+        for slot in sorted(wanted - set(where)):
+            free = [k for k in range(1, len(self.resident)) if self.resident[k] not in wanted]
+            if not free:
+                logger.error("actsteer: this batch uses more than %d transports (max_transports); requests with %r "
+                             "are NOT steered in this step", self.settings.max_transports, slot[0])
+                continue
+            k = min(free, key=lambda i: (self.resident[i] is not None, self.last_used[i]))
+            self.bank.load_slot(k, self._loaded[slot])
+            self.resident[k] = slot
+            where[slot] = k
+        for k in where.values():
+            self.last_used[k] = self.step
+        return where
 
     # forward ---------------------------------------------------------------------------------------------
-    def prepare(self, num_rows: int) -> bool:
-        """Set per-token strengths for the coming forward of ``num_rows`` rows; True when anything is steered."""
+    def prepare(self, num_rows: int) -> None:
+        """Write the per-token rows and amounts of the coming forward of ``num_rows`` rows (zeros: unsteered)."""
+        if self.bank is None:
+            return
+        self.step += 1
         req_ids = list(self.runner.input_batch.req_ids)
         resolved = [self._resolve(r) for r in req_ids]
         if not any(resolved):
-            return False
+            self.bank.clear_tokens()
+            self._last_key = None
+            return
         starts = self._query_start_loc(len(req_ids))
         if starts is None or starts[-1] > num_rows:
             logger.error("actsteer: cannot map the batch's %d rows to its requests; this step is not steered", num_rows)
-            return False
-        steered = [(i, r) for i, r in enumerate(resolved) if r]
-        matches = [_subsequence(r[0], self.layout) for _, r in steered]
-        if any(m is None for m in matches) or self.handle is None:
-            self._relayout(list(dict.fromkeys(r[0] for _, r in steered)))
-            matches = [_subsequence(r[0], self.layout) for _, r in steered]
-        per_slot = [[0.0] * len(req_ids) for _ in self.layout]
-        for (i, r), match in zip(steered, matches):
-            for j, s in zip(match, r[1]):
-                per_slot[j][i] = s
+            self.bank.clear_tokens()
+            self._last_key = None
+            return
+        where = self._place({slot for r in resolved if r for slot in r[0]})
+        per_request = []
+        for r in resolved:
+            pairs: tuple = ()
+            if r and all(slot in where for slot in r[0]):
+                pairs = tuple((2 * where[slot] - (s > 0), abs(s)) for slot, s in zip(*r) if s != 0.0)
+            per_request.append(pairs)
         counts = tuple(b - a for a, b in zip(starts, starts[1:]))
-        for j, values in enumerate(per_slot):
-            self._set(j, values, counts, num_rows)
-        self.handle.active = True
-        return True
+        key = (tuple(per_request), counts)
+        if key == self._last_key:  # decode steps of an unchanged batch: the buffers already hold it
+            self.bank.used = self._used
+            return
+        depth = self.bank.depth
+        rows = np.zeros((depth, starts[-1]), dtype=np.int64)
+        amount = np.zeros((depth, starts[-1]), dtype=np.float32)
+        for i, pairs in enumerate(per_request):
+            for c, (row, a) in enumerate(pairs):
+                rows[c, starts[i]:starts[i + 1]] = row
+                amount[c, starts[i]:starts[i + 1]] = a
+        used = max((len(p) for p in per_request), default=0)
+        self.bank.set_tokens(torch.from_numpy(rows), torch.from_numpy(amount), used)
+        self._last_key, self._used = key, used
 
     def finish(self) -> None:
-        """After the forward: steer nothing else (vLLM's warm-up and dummy runs call the model directly)."""
-        if self.handle is not None:
-            self.handle.active = False
-
-    def _set(self, j: int, values: list[float], counts: tuple[int, ...], num_rows: int) -> None:
-        uniform = all(v == values[0] for v in values)
-        key = values[0] if uniform else (tuple(values), counts, num_rows)
-        if key == self._last_key[j]:  # decode steps of an unchanged batch: the strengths set last, nothing to build
-            return
-        # vLLM runs the model under torch.inference_mode; the handle keeps this strength across calls, so it is
-        # built as an ordinary tensor (inference tensors cannot be updated or versioned outside that mode).
-        with torch.inference_mode(False):
-            if uniform:
-                value: float | torch.Tensor = values[0]  # one strength for every row: the engine's scalar path
-            else:
-                per_token = torch.repeat_interleave(
-                    torch.tensor(values, dtype=torch.float32), torch.tensor(counts, dtype=torch.long)
-                )
-                value = torch.zeros(num_rows, dtype=torch.float32)
-                value[: per_token.shape[0]] = per_token
-            last = self._last[j]
-            same = (
-                (not isinstance(value, torch.Tensor) and not isinstance(last, torch.Tensor) and value == last)
-                or (isinstance(value, torch.Tensor) and isinstance(last, torch.Tensor) and torch.equal(value, last))
-            )
-            if not same:  # an unchanged per-token strength (a new batch of the same rows) keeps its folds
-                self.handle.set_strength(value, index=j)
-                self._last[j] = value
-        self._last_key[j] = key
+        """After an eager forward: steer nothing else (vLLM's warm-up and dummy runs call the model directly)."""
+        if self.bank is not None:
+            self.bank.used = 0  # eager dummy runs skip the hooks; compiled ones read the buffers and are discarded
 
     @staticmethod
     def _query_start_loc(num_reqs: int) -> list[int] | None:

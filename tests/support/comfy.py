@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIZE = 64  # pixels: 8x8 latents keep every test well under a second of sampling on 2 slow cores
 _STATE: dict[str, Any] = {}
 

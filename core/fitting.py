@@ -24,11 +24,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .estimate import Support, canonical_method, estimate
+from .estimators import Support, canonical_method, estimate
 from .pooling import check_pooling
-from .record import ForwardContext, Recorder
-from .sites import element, iter_site_modules, replace_element
-from .folded import FoldedMap
+from .provenance import model_record
+from .record import ForwardContext, Recorder, record_sites
+from .sites import iter_site_modules
+from .folding import FoldedMap
 from .transport import Transport, UnitMap
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ def fit(
     model_info: dict[str, Any] | None = None,
     description: str = "",
     estimate_options: dict[str, Any] | None = None,
+    log_summary: bool = True,
 ) -> Transport:
     """Fit one `UnitMap` per site from two collections of inputs.
 
@@ -88,6 +90,8 @@ def fit(
         model_info: hint stored in the transport's metadata (class, name_or_path, hidden size, ...).
         description: free text stored in the metadata.
         estimate_options: extra options for the estimator (e.g. ``{"pair": 0}`` for actadd).
+        log_summary: log the one ``info`` line "fitted ... in N s" (hosts that time the parts of a longer run,
+            e.g. the ComfyUI Learn node, log their own line instead).
 
     Returns:
         A `Transport` whose sites are in execution order. ``transport.extra["fit"]`` records the cost:
@@ -95,7 +99,7 @@ def fit(
 
     Example:
         >>> import torch, actsteer
-        >>> from actsteer.core.fit import fit
+        >>> from actsteer.core import fit
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4)).eval()
         >>> src, tgt = list(torch.randn(16, 4)), list(torch.randn(16, 4) + 1)
         >>> t = fit(model, ["0", "2"], src, tgt, run=lambda items, ctx: model(torch.stack(items)), progress=False)
@@ -113,7 +117,7 @@ def fit(
             raise ValueError(f"Need at least 2 {name} inputs to estimate a distribution, got {len(items)}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size}")
-    resolved = iter_site_modules(model, sites)  # KeyError with near misses on a bad name
+    iter_site_modules(model, sites)  # KeyError with near misses on a bad name, before anything runs
     items = source + target
     labels = torch.tensor([True] * len(source) + [False] * len(target))
     bs = len(items) if batch_size is None else min(batch_size, len(items))
@@ -132,18 +136,19 @@ def fit(
     model.eval()
     try:
         if sequential and len(batches) == 1 and one_pass is not False:
-            maps, order = _fit_one_pass(model, resolved, batches[0], run, pooling, fit_site, progress)
+            maps, order = _fit_one_pass(model, sites, batches[0], run, pooling, fit_site, progress)
             stats["forward_calls"], stats["forward_equivalents"] = 1, 1.0
         else:
-            maps, order = _fit_passes(model, resolved, batches, run, pooling, fit_site, sequential, progress, stats)
+            maps, order = _fit_passes(model, sites, batches, run, pooling, fit_site, sequential, progress, stats)
     finally:
         for module, mode in modes.items():
             module.training = mode
-    logger.info(
-        "actsteer: fitted %s on %d sites (%s) from %d source / %d target inputs in %.1fs, %d forward calls",
-        method, len(order), "sequential" if sequential else "at once", len(source), len(target),
-        time.perf_counter() - t0, stats["forward_calls"],
-    )
+    if log_summary:
+        logger.info(
+            "actsteer: fitted %s on %d sites (%s) from %d source / %d target inputs in %.1fs, %d forward calls",
+            method, len(order), "sequential" if sequential else "at once", len(source), len(target),
+            time.perf_counter() - t0, stats["forward_calls"],
+        )
     return Transport(
         {s: maps[s] for s in order},
         method=method,
@@ -152,55 +157,38 @@ def fit(
         mode="sequential" if sequential else "at-once",
         n_source=len(source),
         n_target=len(target),
-        model=model_info or {"class": type(model).__name__},
+        model=model_info or model_record(model),
         description=description,
         extra={"fit": {**stats, "batch_size": bs, "batches": len(batches)}},
     )
 
 
-def _fit_one_pass(model, resolved, batch, run, pooling, fit_site, progress):
-    """Sequential fit inside ONE forward pass: each hook estimates its map, then transports the source rows."""
+def _fit_one_pass(model, sites, batch, run, pooling, fit_site, progress):
+    """Sequential fit inside ONE forward pass: each site's hook estimates its map, then transports the source rows."""
     items, is_source = batch
     ctx = ForwardContext()
-    recorder = Recorder([s for s, *_ in resolved], pooling)
+    recorder = Recorder(sites, pooling)
     recorder.batch_rows = len(items)
     maps: dict[str, UnitMap] = {}
     folded: dict[str, FoldedMap] = {}
-    bar = tqdm(total=len(resolved), desc="actsteer: fitting sites", disable=not progress, leave=False)
-    by_module: dict[str, list[tuple[str, int | None]]] = {}
-    modules = {}
-    for site, name, k, module in resolved:
-        by_module.setdefault(name, []).append((site, k))
-        modules[name] = module
+    bar = tqdm(total=len(sites), desc="actsteer: fitting sites", disable=not progress, leave=False)
 
-    def make_hook(plan):
-        def hook(module, args, output):
-            if not ctx.active:
-                return None
-            out = output
-            for site, k in plan:
-                x = element(out, k, site)
-                if site not in maps:
-                    pooled = recorder.add(site, x, ctx)
-                    maps[site] = fit_site(site, pooled, is_source)
-                    folded[site] = maps[site].fold(1.0)
-                    bar.update(1)
-                else:
-                    recorder.count_call(site)
-                out = replace_element(out, k, _select_source_rows(x, ctx, is_source, folded[site]))
-            return out
+    def on_output(site: str, x: torch.Tensor) -> torch.Tensor:
+        if site not in maps:
+            pooled = recorder.add(site, x, ctx)
+            maps[site] = fit_site(site, pooled, is_source)
+            folded[site] = maps[site].fold(1.0)
+            bar.update(1)
+        else:
+            recorder.count_call(site)
+        return _select_source_rows(x, ctx, is_source, folded[site])
 
-        return hook
-
-    handles = [modules[name].register_forward_hook(make_hook(plan)) for name, plan in by_module.items()]
     try:
-        with torch.no_grad():
+        with record_sites(model, sites, on_output, ctx=ctx), torch.no_grad():
             run(items, ctx)
     finally:
-        for h in reversed(handles):
-            h.remove()
         bar.close()
-    counts = recorder.end_batch([s for s, *_ in resolved])
+    counts = recorder.end_batch(sites)
     repeated = [s for s, c in counts.items() if c > 1]
     if repeated:
         raise RuntimeError(
@@ -210,37 +198,22 @@ def _fit_one_pass(model, resolved, batch, run, pooling, fit_site, progress):
     return maps, recorder.order
 
 
-def _fit_passes(model, resolved, batches, run, pooling, fit_site, sequential, progress, stats):
+def _fit_passes(model, all_sites, batches, run, pooling, fit_site, sequential, progress, stats):
     """At-once fitting (one pass over the data), or sequential fitting with one early-stopping pass per site."""
     ctx = ForwardContext()
-    all_sites = [s for s, *_ in resolved]
-    info = {s: (name, k, module) for s, name, k, module in resolved}
     labels = torch.cat([lab for _, lab in batches])
     state: dict[str, Any] = {"is_source": None, "record": set(all_sites), "stop_after": None, "calls": {}}
     maps: dict[str, UnitMap] = {}
     folded: dict[str, FoldedMap] = {}
     recorder = Recorder(all_sites, pooling)
 
-    by_module: dict[str, list[tuple[str, int | None]]] = {}
-    for s in all_sites:
-        by_module.setdefault(info[s][0], []).append((s, info[s][1]))
-
-    def make_hook(plan):
-        def hook(module, args, output):
-            if not ctx.active:
-                return None
-            out = output
-            for site, k in plan:
-                x = element(out, k, site)
-                if site in state["record"]:
-                    recorder.add(site, x, ctx)
-                    if site == state["stop_after"]:
-                        raise _EarlyStop
-                elif site in folded:
-                    out = replace_element(out, k, _select_source_rows(x, ctx, state["is_source"], folded[site]))
-            return None if out is output else out
-
-        return hook
+    def on_output(site: str, x: torch.Tensor) -> torch.Tensor | None:
+        if site in state["record"]:
+            recorder.add(site, x, ctx)
+            if site == state["stop_after"]:
+                raise _EarlyStop
+            return None
+        return _select_source_rows(x, ctx, state["is_source"], folded[site]) if site in folded else None
 
     def run_pass(record: list[str], stop_after: str | None, desc: str) -> None:
         state["record"], state["stop_after"] = set(record), stop_after
@@ -261,25 +234,20 @@ def _fit_passes(model, resolved, batches, run, pooling, fit_site, sequential, pr
             for site, c in counts.items():
                 state["calls"][site] = max(state["calls"].get(site, 0), c)
 
-    handles = [info[plan[0][0]][2].register_forward_hook(make_hook(plan)) for plan in by_module.values()]
     order: list[str] = []
-    try:
-        with torch.no_grad():
-            run_pass(all_sites, None, "actsteer: recording")
-            order = list(recorder.order)
-            # A site that runs several times per batch (e.g. every denoising step) is averaged over its calls,
-            # so later passes must run to the end instead of stopping at the site's first call.
-            may_stop = max(state["calls"].values(), default=1) <= 1
-            first = order if not sequential else order[:1]
-            for site in first:
+    with record_sites(model, all_sites, on_output, ctx=ctx), torch.no_grad():
+        run_pass(all_sites, None, "actsteer: recording")
+        order = list(recorder.order)
+        # A site that runs several times per batch (e.g. every denoising step) is averaged over its calls,
+        # so later passes must run to the end instead of stopping at the site's first call.
+        may_stop = max(state["calls"].values(), default=1) <= 1
+        first = order if not sequential else order[:1]
+        for site in first:
+            maps[site] = fit_site(site, recorder.stacked(site), labels)
+            folded[site] = maps[site].fold(1.0)
+        if sequential:
+            for site in tqdm(order[1:], desc="actsteer: sequential sites", disable=not progress):
+                run_pass([site], site if may_stop else None, f"actsteer: {site}")
                 maps[site] = fit_site(site, recorder.stacked(site), labels)
                 folded[site] = maps[site].fold(1.0)
-            if sequential:
-                for site in tqdm(order[1:], desc="actsteer: sequential sites", disable=not progress):
-                    run_pass([site], site if may_stop else None, f"actsteer: {site}")
-                    maps[site] = fit_site(site, recorder.stacked(site), labels)
-                    folded[site] = maps[site].fold(1.0)
-    finally:
-        for h in reversed(handles):
-            h.remove()
     return maps, order

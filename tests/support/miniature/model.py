@@ -203,14 +203,14 @@ def load_pipeline(path: str | Path = PIPELINE_DIR):
     """Load the committed miniature pipeline (a diffusers folder) on the CPU, in float32.
 
     Raises:
-        FileNotFoundError: no ``model_index.json`` under ``path``; run ``benchmarks/miniature/train.py``.
+        FileNotFoundError: no ``model_index.json`` under ``path``; run ``python -m tests.support.miniature.train``.
     """
     from diffusers import StableDiffusionPipeline
 
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
-            f"No miniature pipeline at {path}: train it with `python benchmarks/miniature/train.py --out {path}`"
+            f"No miniature pipeline at {path}: train it with `python -m tests.support.miniature.train --out {path}`"
         )
     pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

@@ -9,11 +9,11 @@ Why uniform weights: AcT fits diffusion maps on the responses of the first, nois
 on distilled models, whose first step already draws a coarse image. At low SNR the v-target is about -x0, so the
 plain v-loss trains the early steps to predict the caption's average image (which shows the fixed-phase stripes).
 Min-SNR weights (``--snr-gamma 5``, Hang et al. 2023) give those steps a weight of ~SNR ~ 0. Measured at the same
-budget (`benchmarks.miniature.evaluate`, benchmarks/RESULTS.md): with min-SNR-5 the model drew equally good samples
+budget (`tests.support.miniature.evaluate`, benchmarks/RESULTS.md): with min-SNR-5 the model drew equally good samples
 but no stripes in its x0 prediction at t=899..599 (contrast <= 0); with uniform weights it draws them there.
 
 The committed weights were made with (see benchmarks/RESULTS.md, "Diffusion in miniature", for the wall time):
-    nice -n 10 .venv/bin/python -m benchmarks.miniature.train --out benchmarks/miniature/weights/pipeline
+    nice -n 10 .venv/bin/python -m tests.support.miniature.train --out tests/support/miniature/weights/pipeline
 (it ran as ``--out /tmp/mini/repro``; ``train_log.json`` in the weights folder has the loss curve, wall and CPU
 time). Two runs of the same command give the same bits (checked on 40-step runs).
 
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
                 ema_decay=args.ema_decay, log_every=args.log_every, save_every=args.save_every,
                 snr_gamma=args.snr_gamma)
     log.update({
-        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.miniature.train", *(argv or sys.argv[1:])]),
+        "command": " ".join([Path(sys.executable).name, "-m", "tests.support.miniature.train", *(argv or sys.argv[1:])]),
         "args": {k: str(v) for k, v in vars(args).items()},
         "torch": torch.__version__, "threads": args.threads, "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),

@@ -1,7 +1,7 @@
 """How well the miniature model follows its captions, judged with ground truth, and a figure of its samples.
 
 Generates one image per caption for every (shape, colour, style) combination with random position and size
-(60 captions, one seed each), judges them (benchmarks/miniature/judges.py) and reports the judged accuracy of
+(60 captions, one seed each), judges them (tests/support/miniature/judges.py) and reports the judged accuracy of
 each attribute, per style. The same judges on real procedural images give the ceiling (their held-out accuracy).
 
 It also measures what the model draws at its noisiest steps (`stripe_contrast`): the stripe contrast of the UNet's
@@ -9,7 +9,7 @@ x0 prediction from pure noise at t = 999, 899, 799, 599 for striped and flat cap
 the captions' true average image. AcT fits diffusion maps on these early responses (``steps="first"``).
 
 Run (15 s on one CPU thread):
-    .venv/bin/python -m benchmarks.miniature.evaluate --figure benchmarks/figures/miniature_samples.png
+    .venv/bin/python -m tests.support.miniature.evaluate --figure benchmarks/figures/miniature_samples.png
 """
 
 from __future__ import annotations

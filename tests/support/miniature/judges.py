@@ -6,7 +6,7 @@ the diffusion model are still judged) and tested on images it never saw. The hel
 the weights file's metadata and reported in benchmarks/RESULTS.md.
 
 Train (13 min wall on 2 CPU cores shared with 4-6 other jobs, one thread; see benchmarks/RESULTS.md):
-    nice -n 10 .venv/bin/python -m benchmarks.miniature.judges --out benchmarks/miniature/weights/judges.safetensors
+    nice -n 10 .venv/bin/python -m tests.support.miniature.judges --out tests/support/miniature/weights/judges.safetensors
 """
 
 from __future__ import annotations
@@ -77,14 +77,14 @@ class Judges:
         """Load trained judges (`JUDGES_FILE` by default).
 
         Raises:
-            FileNotFoundError: the file is missing; train the judges with ``python -m benchmarks.miniature.judges``.
+            FileNotFoundError: the file is missing; train the judges with ``python -m tests.support.miniature.judges``.
         """
         from safetensors import safe_open
         from safetensors.torch import load_file
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"No judges at {path}: run `python -m benchmarks.miniature.judges --out {path}`")
+            raise FileNotFoundError(f"No judges at {path}: run `python -m tests.support.miniature.judges --out {path}`")
         state = load_file(path)
         with safe_open(path, "pt") as f:
             metadata = f.metadata() or {}
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         "heldout_accuracy": json.dumps(clean), "heldout_accuracy_noise0.1": json.dumps(noisy),
         "test_size": str(args.test_size), "train_steps": str(args.steps), "batch_size": str(args.batch_size),
         "seed": str(args.seed), "threads": str(args.threads), "train_wall_s": f"{wall:.0f}",
-        "command": " ".join(["python -m benchmarks.miniature.judges", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python -m tests.support.miniature.judges", *(sys.argv[1:] if argv is None else argv)]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     judges.save(args.out)

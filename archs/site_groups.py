@@ -11,7 +11,7 @@ ComfyUI and ``(text, image)`` in diffusers, so "image-stream" is ``:0`` in one n
 ComfyUI's single blocks return one ``cat([text, image])`` tensor, so the stream groups cover the double blocks.
 
 Example:
-    >>> from actsteer.hf_integration import site_groups
+    >>> from actsteer.archs import site_groups
     >>> modules = [("input_blocks.1.0.in_layers.0", True), ("input_blocks.1.0.in_layers.2", False),
     ...            ("middle_block.1.norm", True), ("output_blocks.0.0.out_layers.0", True), ("out.0", True)]
     >>> site_groups.select("middle-block", "sdxl", "comfyui", modules)

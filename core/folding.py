@@ -1,5 +1,10 @@
-"""Folded maps: a `UnitMap` at one strength, ready for the per-call path (`FoldedMap`, `masked_affine`), and the
-caches that fold each distinct strength once (ACT_SPEC.md section 4: ``weight = 1 + s(omega - 1)``, ``bias = s beta``).
+"""Folding: a `UnitMap` at one strength, ready for the per-call path, and the one per-call formula.
+
+- `fold` turns a map and a strength (a number, or one per batch row) into a `FoldedMap` (ACT_SPEC.md section 4:
+  ``weight = 1 + s(omega - 1)``, ``bias = s beta``; a negative strength folds the inverse map on the target
+  support), cached so that each distinct strength is folded once;
+- `masked_affine` / `bind_affine` are the formula every steered call runs:
+  ``where(lo <= x <= hi, x * weight + bias, x)``, written with float ops only.
 """
 
 from __future__ import annotations
@@ -7,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -14,7 +20,9 @@ import torch
 if TYPE_CHECKING:
     from .transport import UnitMap
 
-_HALF = (torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # folds keep float32 weights for these (see `FoldedMap.to`)
+# Units whose omega is this small cannot be inverted for the reverse (target -> source) transport.
+_MIN_INVERTIBLE_OMEGA = 1e-6
 
 
 def _round_inwards(bound: torch.Tensor, dtype: torch.dtype, *, up: bool) -> torch.Tensor:
@@ -32,27 +40,42 @@ def _round_inwards(bound: torch.Tensor, dtype: torch.dtype, *, up: bool) -> torc
 
 
 
-def masked_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lo: torch.Tensor | None,
-                  hi: torch.Tensor | None) -> torch.Tensor:
-    """``where(lo <= x <= hi, x * weight + bias, x)`` in ``x``'s dtype (no bounds: ``x * weight + bias``).
+def bind_affine(weight: torch.Tensor, bias: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor | None,
+                dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The per-call formula with its tensors bound, for activations of ``dtype``: ``x -> where(lo <= x <= hi,
+    x * weight + bias, x)`` (no bounds: ``x * weight + bias``), a new tensor in ``dtype``.
 
-    The one formula of the per-call path (ACT_SPEC.md section 4), written with float ops only: on CPU, ops that
-    produce or read a bool tensor (``==``, ``where``) are not vectorised and cost 3-6x a float op at
+    This is the one formula of the per-call path (ACT_SPEC.md section 4), written with float ops only: on CPU, ops
+    that produce or read a bool tensor (``==``, ``where``) are not vectorised and cost 3-6x a float op at
     diffusion/prefill sizes. ``clamp(x, lo, hi) != x`` becomes 1.0/0.0 in place, and ``moved.lerp_(x, 0.0)`` is
     ``moved + 0 * (x - moved) = moved`` and ``moved.lerp_(x, 1.0)`` is ``x - (x - moved) * 0 = x`` exactly, so
     the result equals the ``where`` form (``torch.equal``; a zero may change sign) for every finite ``x`` (NaN
     stays outside and is kept); a ``+-inf`` activation outside the support (a model that has already
-    overflowed) comes out NaN.
+    overflowed) comes out NaN. In place into the two fresh buffers: large CPU allocations cost page faults.
     Weights may be float32 for half-precision ``x``: the multiply-add runs in float32 and is rounded once.
+    Each variant is its own function, so that a call costs the ops and nothing else.
     """
-    moved = torch.addcmul(bias, x, weight)
-    if moved.dtype != x.dtype:
-        moved = moved.to(x.dtype)
+    cast = torch.promote_types(weight.dtype, dtype) != dtype
     if lo is None:
-        return moved
-    # outside = 1.0 where x is outside [lo, hi] (or NaN), else 0.0; moved.lerp_(x, outside) keeps moved or takes x.
-    # In place into the two fresh buffers: large CPU allocations cost page faults, and this saves one per call.
-    return moved.lerp_(x, torch.clamp(x, lo, hi).ne_(x))
+        if cast:
+            return lambda x: torch.addcmul(bias, x, weight).to(dtype)
+        return lambda x: torch.addcmul(bias, x, weight)
+    # outside = 1.0 where x is outside [lo, hi] (or NaN), else 0.0; moved.lerp_(x, outside) keeps moved or takes x
+    if cast:
+        return lambda x: torch.addcmul(bias, x, weight).to(dtype).lerp_(x, torch.clamp(x, lo, hi).ne_(x))
+    return lambda x: torch.addcmul(bias, x, weight).lerp_(x, torch.clamp(x, lo, hi).ne_(x))
+
+
+def masked_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lo: torch.Tensor | None,
+                  hi: torch.Tensor | None) -> torch.Tensor:
+    """``where(lo <= x <= hi, x * weight + bias, x)`` in ``x``'s dtype (no bounds: ``x * weight + bias``); see
+    `bind_affine`, which this calls."""
+    return bind_affine(weight, bias, lo, hi, x.dtype)(x)
+
+
+def in_support(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """The support test of the formula: True where ``lo <= x <= hi`` (False for NaN), as `bind_affine` decides."""
+    return torch.clamp(x, lo, hi) == x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +119,7 @@ class FoldedMap:
                 (checked eagerly; while torch.compile traces, the check is left to the eager calls).
         """
         rows = None if self.rows is None else self.rows.to(device=device)
-        if dtype not in _HALF:
+        if dtype not in HALF_DTYPES:
             if (rows is self.rows and (dtype is None or dtype == self.weight.dtype)
                     and (device is None or torch.device(device) == self.weight.device)):
                 return self  # already there: no copies, no new object
@@ -205,3 +228,91 @@ def _row_table(strength: torch.Tensor, device: torch.device | None = None) -> tu
     if on_device is None:
         on_device = last[3][device] = last[3][None].to(device)
     return last[2], on_device
+
+
+# Folding ----------------------------------------------------------------------------------------------------
+def fold(unit_map: UnitMap, strength: Any = 1.0, *, device: torch.device | str | None = None) -> FoldedMap:
+    """``unit_map`` at ``strength``: ``weight = 1 + s(omega - 1)``, ``bias = s * beta`` (float32, on ``device``: CPU
+    by default), with the support the strength's direction uses.
+
+    A negative strength folds the inverse map ``a = (z - beta) / omega`` at ``|s|`` on the target support; units
+    with ``omega`` ~ 0 cannot be inverted and stay the identity. ``strength`` may be a tensor of shape ``(R,)``
+    (one per batch row): the result holds one table row per distinct strength and ``rows`` (see `FoldedMap`); each
+    batch row gets exactly the fold of its own scalar strength. Folds are cached per map, strength and device, so
+    going back to a recent strength costs a dictionary lookup and no copy to the device. The returned tensors are
+    shared with the cache: treat them as read-only.
+
+    Raises:
+        ValueError: a strength that is not finite, or not a number or a 1-D tensor.
+
+    Example:
+        >>> import torch, actsteer
+        >>> m = actsteer.UnitMap(torch.tensor([2.0]), torch.tensor([1.0]), lo=torch.zeros(1), hi=torch.ones(1))
+        >>> f = fold(m, 0.5)
+        >>> f.weight, f.bias, f.masked
+        (tensor([1.5000]), tensor([0.5000]), True)
+    """
+    device = None if device is None or torch.device(device).type in ("cpu", "meta") else torch.device(device)
+    if isinstance(strength, torch.Tensor) and strength.dim() == 1:
+        values, rows = _row_table(strength, device)
+        return _fold_rows(unit_map, values, rows, device)
+    s = torch.as_tensor(strength, dtype=torch.float64)
+    if s.dim() > 1:
+        raise ValueError(f"`strength` must be a float or a 1-D tensor (one per batch row), got shape {tuple(s.shape)}")
+    if not torch.isfinite(s).all():
+        raise ValueError(f"`strength` must be finite, got {strength!r}")
+    if s.dim() == 1:
+        values, rows = _row_table(s, device)
+        return _fold_rows(unit_map, values, rows, device)
+    return _fold_value(unit_map, float(s), device)
+
+
+def _fold_value(unit_map: UnitMap, value: float, device: torch.device | None = None) -> FoldedMap:
+    cache = _fold_cache(unit_map)
+    folded = cache.get((value, device))
+    if folded is None:
+        folded = FoldedMap(*_fold_scalar(unit_map, torch.tensor(value, dtype=torch.float64)))
+        if device is not None:
+            folded = folded.to(device)
+        folded = _remember(cache, (value, device), folded)
+    return folded
+
+
+def _fold_rows(unit_map: UnitMap, values: tuple[float, ...], rows: torch.Tensor,
+               device: torch.device | None = None) -> FoldedMap:
+    cache = _fold_cache(unit_map)
+    tables = cache.get((values, device))
+    if tables is None:
+        folds = [_fold_value(unit_map, v, device) for v in values]
+        signs = {v > 0 for v in values if v != 0}
+        if len(signs) < 2:  # one support for every row (rows at 0 are the identity whatever the bounds)
+            shared = folds[values.index(next((v for v in values if v != 0), values[0]))]
+            lo, hi, masked = shared.lo, shared.hi, shared.masked
+        else:
+            lo, hi = torch.stack([f.lo for f in folds]), torch.stack([f.hi for f in folds])
+            masked = any(f.masked for f in folds)
+        tables = _remember(cache, (values, device), FoldedMap(
+            torch.stack([f.weight for f in folds]), torch.stack([f.bias for f in folds]), lo, hi, masked))
+    return tables.with_rows(rows)
+
+
+def inverse_affine(omega: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reverse (target -> source) map's slope and offset, ``1/omega`` and ``-beta/omega``; units with ``omega``
+    ~ 0 cannot be inverted and stay the identity (slope 1, offset 0)."""
+    invertible = omega > _MIN_INVERTIBLE_OMEGA
+    safe = torch.where(invertible, omega, torch.ones_like(omega))
+    inv_omega = torch.where(invertible, 1.0 / safe, torch.ones_like(omega))
+    return inv_omega, torch.where(invertible, -beta / safe, torch.zeros_like(beta))
+
+
+def _fold_scalar(unit_map: UnitMap, s: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(weight, bias, lo, hi, masked)`` of ``unit_map`` at the scalar strength ``s`` (float64 math, float32 out)."""
+    omega, beta = unit_map.omega.double(), unit_map.beta.double()
+    if s >= 0:
+        weight, bias, lo, hi = 1 + s * (omega - 1), s * beta, unit_map.lo, unit_map.hi
+    else:
+        a = -s
+        inv_omega, inv_beta = inverse_affine(omega, beta)
+        weight, bias, lo, hi = 1 + a * (inv_omega - 1), a * inv_beta, unit_map.target_lo, unit_map.target_hi
+    masked = bool(torch.isfinite(lo).any() or torch.isfinite(hi).any())
+    return weight.float(), bias.float(), lo.float().clone(), hi.float().clone(), masked

@@ -12,15 +12,15 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
-from ..core.sites import parse_site
-from ..core.transport import Transport, UnitMap
-from .diffusion_presets import FLUX_SINGLE_CONCAT, FLUX_SINGLE_TUPLE, flux_single_block_output
+from ..core import Transport, UnitMap, naming_of, parse_site
+from .detect import transport_arch
+from .flux import FLUX_SINGLE_CONCAT, FLUX_SINGLE_TUPLE, flux_single_block_output
+from .site_groups import Arch
 
 logger = logging.getLogger(__name__)
 
-ComfyArch = Literal["sdxl", "flux"]
 
 # The SDXL base UNet, used when a transport does not record its UNet layout.
 SDXL_LAYOUT = {
@@ -203,14 +203,17 @@ def _flux_site(site: str, to_comfy: bool, single: str, notes: list[str]) -> list
     raise KeyError(f"Site {site!r} has no known {side} equivalent in FLUX; translate block outputs")
 
 
-def _infer_arch(transport: Transport, arch: str | None) -> str:
-    arch = arch or transport.model.get("arch")
-    if arch is None:
-        names = " ".join(transport.sites)
-        arch = "flux" if re.search(r"transformer_blocks|double_blocks|single_blocks", names) else "sdxl"
-    if arch not in ("sdxl", "flux"):
-        raise ValueError(f"Unknown `arch={arch!r}`; ComfyUI name translation supports 'sdxl' and 'flux'")
-    return arch
+_DIFFUSERS_PREFIXES = ("unet.", "transformer.", "text_encoder", "down_blocks.", "up_blocks.", "mid_block.",
+                       "conv_norm_out", "transformer_blocks.", "single_transformer_blocks.")
+
+
+def is_diffusers_transport(transport: Transport) -> bool:
+    """True when the transport's sites are diffusers names (fitted with actsteer's diffusers API): what its
+    metadata records, else what its site names look like."""
+    recorded = naming_of(transport)
+    if recorded is not None:
+        return recorded == "diffusers"
+    return bool(transport.sites) and all(s.startswith(_DIFFUSERS_PREFIXES) for s in transport.sites)
 
 
 def _log(notes: list[str], direction: str) -> None:
@@ -222,7 +225,7 @@ def _log(notes: list[str], direction: str) -> None:
         )
 
 
-def to_comfy(transport: Transport, arch: ComfyArch | None = None) -> Transport:
+def to_comfy(transport: Transport, arch: Arch | None = None) -> Transport:
     """A copy of a diffusers pipeline transport with ComfyUI ``diffusion_model`` site names.
 
     Component prefixes (``unet.``, ``transformer.``) are dropped; text-encoder sites have no ComfyUI model
@@ -238,8 +241,8 @@ def to_comfy(transport: Transport, arch: ComfyArch | None = None) -> Transport:
     Raises:
         KeyError: a site with no known ComfyUI equivalent (e.g. a whole ``down_blocks.0``).
     """
-    arch = _infer_arch(transport, arch)
-    if transport.model.get("naming") == "comfyui":
+    arch = transport_arch(transport, arch)
+    if naming_of(transport) == "comfyui":
         raise ValueError("This transport already uses ComfyUI names")
     prefix = _DENOISER_PREFIX[arch] + "."
     layout = transport.model.get("unet_layout") or SDXL_LAYOUT
@@ -279,7 +282,7 @@ def to_comfy(transport: Transport, arch: ComfyArch | None = None) -> Transport:
 
 def from_comfy(
     transport: Transport,
-    arch: ComfyArch,
+    arch: Arch,
     *,
     layout: Mapping[str, Any] | None = None,
     diffusers_version: str | None = None,
@@ -294,7 +297,7 @@ def from_comfy(
         diffusers_version: decides what FLUX single blocks return; default the installed diffusers. Since 0.35 a
             ComfyUI single block's map (fitted on [text; image]) goes to both ``:0`` and ``:1``, with a warning.
     """
-    arch = _infer_arch(transport, arch)
+    arch = transport_arch(transport, arch)
     layout = layout or transport.model.get("unet_layout") or transport.model.get("unet_config") or SDXL_LAYOUT
     single = flux_single_block_output(diffusers_version)
     prefix = _DENOISER_PREFIX[arch] + "."
