@@ -15,8 +15,8 @@ sentences (what fit_lm takes) and as minimal pairs (what repeng is made for). Pe
     pip install --no-deps steering-vectors==0.12.2 repeng==0.4.0 scikit-learn joblib threadpoolctl
 
 Runs (one torch thread; cells are cached under --cache, so a run can be stopped and resumed):
-    python benchmarks/frontier.py --cache /tmp/actsteer/frontier --figures benchmarks/figures
-    python benchmarks/frontier.py --reduced --out /tmp/frontier.json     # the CI version (a few minutes)
+    python -m benchmarks.frontier --cache /tmp/actsteer/frontier --figures benchmarks/figures
+    python -m benchmarks.frontier --reduced --out /tmp/frontier.json     # the CI version (a few minutes)
 """
 
 from __future__ import annotations
@@ -26,18 +26,15 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules when imported from elsewhere
-
-import frontier_data as fd  # noqa: E402
-from frontier_arms import PEER_ARMS, Arm, Steerer, actsteer_arm, fmt_setting, sweep_arm  # noqa: E402
-from frontier_cells import NEW_TOKENS, Cache, decode, generate_ids, run_cell  # noqa: E402
+from benchmarks import frontier_data as fd
+from benchmarks.frontier_arms import PEER_ARMS, Arm, Steerer, actsteer_arm, fmt_setting, sweep_arm
+from benchmarks.frontier_cells import NEW_TOKENS, Cache, decode, generate_ids, run_cell
 
 # actsteer arms: the current defaults, the demo's sites, and (once chosen) the new defaults
 ACTSTEER_ARMS = {

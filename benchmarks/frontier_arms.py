@@ -14,8 +14,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import frontier_data as fd
-from frontier_cells import Cache, decode, fingerprint, generate_ids
+from benchmarks import frontier_data as fd
+from benchmarks.frontier_cells import Cache, decode, fingerprint, generate_ids
 
 BOUNDED_GRID = (0.5, 0.75, 1.0, 1.25)
 REFINE = ((2.0, 1), (1.5, 1))  # (perplexity budget as a multiple of unsteered, bisection rounds)
@@ -105,7 +105,7 @@ class Steerer:
                 self.transport.save(path, overwrite=True)
             actsteer.enable_steering(model)
             return
-        import frontier_peers as peers
+        from benchmarks import frontier_peers as peers
 
         cls = peers.SteeringVectorsPeer if arm.family == "sv" else peers.RepengPeer
         state = cache.get(fit_key)

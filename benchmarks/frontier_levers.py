@@ -5,22 +5,19 @@ Every lever is an actsteer arm (`frontier_arms.py`) swept over strength and scor
 made here on the ``select`` concepts (food, music) and the 24 dev prompts only; `frontier.py` then checks the
 chosen defaults on all benchmark concepts, the fresh concept and the 48 held-out prompts.
 
-    python benchmarks/frontier_levers.py --cache /tmp/actsteer/frontier --out /tmp/actsteer/levers.json
+    python -m benchmarks.frontier_levers --cache /tmp/actsteer/frontier --out /tmp/actsteer/levers.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import frontier_data as fd  # noqa: E402
-from frontier import BUDGETS, frontier_table, load_model, markdown, run_concept  # noqa: E402
-from frontier_arms import actsteer_arm  # noqa: E402
-from frontier_cells import NEW_TOKENS, Cache  # noqa: E402
+from benchmarks import frontier_data as fd
+from benchmarks.frontier import BUDGETS, frontier_table, load_model, markdown, run_concept
+from benchmarks.frontier_arms import actsteer_arm
+from benchmarks.frontier_cells import NEW_TOKENS, Cache
 
 L = r"model\.layers\.\d+"
 NORMS = [rf"{L}\.input_layernorm", rf"{L}\.post_attention_layernorm"]

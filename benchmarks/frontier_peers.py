@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from frontier_cells import padded
+from benchmarks.frontier_cells import padded
 
 REPENG_LAYERS = list(range(-5, -18, -1))  # repeng README: layers 13..25 of a 30-layer model
 VERSIONS = {"steering_vectors": "0.12.2", "repeng": "0.4.0"}

@@ -10,7 +10,7 @@ multiples of the unsteered values. These are the ingredients of the levers in `f
 Only the ``select`` concepts (food, music) and the 24 dev prompts are used here: the benchmark concepts sports
 and ocean, the fresh concept space and the 48 held-out prompts check what is chosen from this.
 
-    python benchmarks/frontier_sites.py --cache /tmp/actsteer/frontier --out /tmp/actsteer/sites.json
+    python -m benchmarks.frontier_sites --cache /tmp/actsteer/frontier --out /tmp/actsteer/sites.json
 """
 
 from __future__ import annotations
@@ -18,16 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import frontier_data as fd  # noqa: E402
-from frontier import load_model, markdown  # noqa: E402
-from frontier_arms import Steerer, actsteer_arm  # noqa: E402
-from frontier_cells import NEW_TOKENS, Cache, decode, fingerprint, generate_ids, run_cell  # noqa: E402
+from benchmarks import frontier_data as fd
+from benchmarks.frontier import load_model, markdown
+from benchmarks.frontier_arms import Steerer, actsteer_arm
+from benchmarks.frontier_cells import NEW_TOKENS, Cache, decode, fingerprint, generate_ids, run_cell
 
 
 def layer_of(site: str) -> int | None:
