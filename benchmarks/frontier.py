@@ -36,11 +36,15 @@ from benchmarks import frontier_data as fd
 from benchmarks.frontier_arms import PEER_ARMS, Arm, Steerer, actsteer_arm, fmt_setting, sweep_arm
 from benchmarks.frontier_cells import NEW_TOKENS, Cache, decode, generate_ids, run_cell
 
-# actsteer arms: the current defaults, the demo's sites, and (once chosen) the new defaults
+# actsteer arms: the defaults, the paper's Llama sites (the old default), the demo's sites, and the norms before
+# attention (every layer, and the middle two thirds of the layers: chosen in frontier_sites/frontier_levers)
+_ATTN = r"model\.layers\.{}\.input_layernorm"
 ACTSTEER_ARMS = {
     "defaults": actsteer_arm("actsteer fit_lm defaults"),
-    "auto": actsteer_arm("actsteer auto (mlp)", modules="auto"),
+    "auto": actsteer_arm("actsteer mlp (paper; old default)", modules="mlp"),
     "all-norms": actsteer_arm("actsteer all-norms", modules="all-norms"),
+    "attn-norms": actsteer_arm("actsteer attn-norms (every layer)", modules=[_ATTN.format(r"\d+")]),
+    "attn-mid": actsteer_arm("actsteer attn-norms, layers 5-24", modules=[_ATTN.format(i) for i in range(5, 25)]),
     "defaults-pairs": actsteer_arm("actsteer fit_lm defaults", "pairs"),
 }
 BUDGETS = (1.25, 1.5, 1.75, 2.0)
@@ -101,7 +105,7 @@ def run_concept(name: str, arms: list[Arm], model, tok, prompts: list[str], cach
                 if not steerer:
                     steerer.append(Steerer(arm, name, model, tok, prompts, cache))
                 return steerer[0].texts(s)
-            return cell(f"{arm.key()}/{fmt_setting(s)}", produce, meta={"arm": arm.label, "setting": s})
+            return cell(f"{arm.key(model)}/{fmt_setting(s)}", produce, meta={"arm": arm.label, "setting": s})
 
         kw = {} if grid is None else {"grid": grid}
         if not refine:

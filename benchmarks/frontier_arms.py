@@ -41,20 +41,38 @@ class Arm:
     def bounded(self) -> bool:
         return self.family == "actsteer"
 
-    def key(self) -> str:
-        defaults = fit_lm_defaults() if self.family == "actsteer" else None
-        return f"{self.family}-{self.name.replace(' ', '_').replace('/', '_')}-{self.data}-" + fingerprint(
-            self.family, self.data, self.options, self.apply_to, defaults, *((self.weights,) if self.weights else ()))
+    def key(self, model=None) -> str:
+        """The cache folder of this arm's fits and cells. actsteer arms are keyed by what fit_lm RESOLVES their
+        options to on ``model`` (sites, method, pooling, support, ...), so an arm spelled two ways (the defaults,
+        or the preset they pick) shares its cells, and a changed default gets new ones."""
+        if self.family != "actsteer":
+            return f"{self.family}-{self.name.replace(' ', '_').replace('/', '_')}-{self.data}-" + fingerprint(
+                self.family, self.data, self.options, self.apply_to)
+        return "actsteer-" + fingerprint(self.data, self.apply_to, self.weights, resolved_fit(model, self.options))
 
 
-def fit_lm_defaults() -> dict[str, Any]:
-    """fit_lm's current keyword defaults: part of an actsteer arm's cache key, so a changed default refits."""
+def resolved_fit(model, options: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    """What ``fit_lm(model, ..., **options)`` fits with: its defaults filled in, the sites resolved."""
     import inspect
 
     import actsteer
+    from actsteer.core import canonical_method, method_defaults
+    from actsteer.hf_integration.presets import lm_sites
 
     params = inspect.signature(actsteer.fit_lm).parameters.values()
-    return {p.name: repr(p.default) for p in params if p.default is not inspect.Parameter.empty}
+    opts = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    opts.update({k: list(v) if isinstance(v, tuple) else v for k, v in options})
+    method = canonical_method(opts.pop("method"))
+    defaults = method_defaults(method)
+    pooling, support = opts.pop("pooling"), opts.pop("support")
+    out = {
+        "sites": lm_sites(model, opts.pop("modules")), "method": method,
+        "pooling": defaults["pooling"] if pooling is None else pooling,
+        "support": repr(defaults["support"] if support is None else support),
+    }
+    for k in ("progress", "description"):
+        opts.pop(k, None)
+    return {**out, **{k: repr(v) for k, v in sorted(opts.items())}}
 
 
 def actsteer_arm(name: str, data: str = "unmatched", apply_to: str = "all", weights: dict[str, float] | None = None,
@@ -90,7 +108,7 @@ class Steerer:
     def __init__(self, arm: Arm, concept: str, model, tokenizer, prompts: list[str], cache: Cache) -> None:
         self.arm, self.model, self.tok, self.prompts = arm, model, tokenizer, prompts
         opts = dict(arm.options)
-        fit_key = f"fits/{concept}/{arm.key()}"
+        fit_key = f"fits/{concept}/{arm.key(model)}"
         if arm.family == "actsteer":
             import actsteer
 

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
                     return decode(tok, generate_ids(model, tok, prompts, new_tokens=args.new_tokens,
                                                     steering=steering))
 
-                key = f"{prefix}/{name}/sites/{arm.key()}/s{args.strength:g}-{fingerprint(sorted(subset))}"
+                key = f"{prefix}/{name}/sites/{arm.key(model)}/s{args.strength:g}-{fingerprint(sorted(subset))}"
                 c = run_cell(cache, key, model, tok, prompts, desc, produce, meta={"subset": label})["summary"]
                 rows.append({
                     "concept": name, "modules": modules, "subset": label, "n_sites": len(subset),
