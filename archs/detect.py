@@ -8,6 +8,7 @@ told apart by their class names and module layout, never by importing diffusers 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -37,6 +38,30 @@ def module_arch(denoiser: torch.nn.Module) -> Arch | None:
         return "sdxl"
     if names & _FLUX or (hasattr(denoiser, "double_blocks") and hasattr(denoiser, "single_blocks")):
         return "flux"
+    return None
+
+
+def checkpoint_arch(keys: Iterable[str]) -> Arch | None:
+    """The architecture of a checkpoint from its tensor names (ComfyUI's original layout, with or without the
+    ``model.diffusion_model.`` prefix of full checkpoints, or diffusers' layout); None for anything else (SD3, ...).
+
+    Example:
+        >>> checkpoint_arch(["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.down.0"])
+        'sdxl'
+        >>> checkpoint_arch(["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"])
+        'flux'
+        >>> checkpoint_arch(["joint_blocks.0.x_block.attn.qkv.weight"]) is None
+        True
+    """
+    keys = list(keys)
+    prefix = "model.diffusion_model."
+    if any(k.startswith(prefix) for k in keys):
+        keys = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+    tops = {k.split(".", 1)[0] for k in keys}
+    if {"double_blocks", "single_blocks"} <= tops or "single_transformer_blocks" in tops:
+        return "flux"
+    if "input_blocks" in tops or "down_blocks" in tops:
+        return "sdxl"
     return None
 
 

@@ -11,11 +11,13 @@ from typing import Any
 async def comfy_entrypoint() -> Any:
     """Return the pack's ``ComfyExtension`` (ComfyUI calls this via the repository root's ``comfy_entrypoint``).
 
-    Also registers the ``models/act_transports`` folder with ComfyUI's ``folder_paths``.
+    Also registers the ``models/act_transports`` folder with ComfyUI's ``folder_paths`` and, in a running server,
+    the handler that lets queue-time checks see the queued graph (`graph.remember_prompt`).
     """
     from comfy_api.latest import ComfyExtension
 
     from .files import register_folder
+    from .graph import register as register_graph_checks
     from .nodes import NODES
 
     class ActSteerExtension(ComfyExtension):
@@ -25,4 +27,5 @@ async def comfy_entrypoint() -> Any:
             return list(NODES)
 
     register_folder()
+    register_graph_checks()  # in a server: queue-time checks of each node's MODEL family (see graph.py)
     return ActSteerExtension()

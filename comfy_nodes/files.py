@@ -199,7 +199,7 @@ def save(transport: Transport, name: str, if_exists: str = "add number") -> Save
         raise ValueError(f"Cannot write {_relative(path)!r} in {FOLDER}: {reason}; change filename on the AcT Save "
                          "node, or check that folder") from None
     saved = _relative(path)
-    logger.info("actsteer: saved transport %s (%d sites) to %s", saved, len(transport), _root())
+    logger.info("actsteer: saved transport %s (%d layers) to %s", saved, len(transport), _root())
     return Saved(saved, True, len(transport))
 
 
@@ -253,6 +253,62 @@ def fingerprint(name: str) -> str:
     except (OSError, ValueError):
         return f"missing:{name}"
     return f"{name}:{stat.st_mtime_ns}:{stat.st_size}"
+
+
+_NUMBER = re.compile(r"_\d{5}\Z")
+
+
+def newest_copy(name: str) -> str:
+    """The newest save of a listed file's name: its highest numbered copy (``name_00002``), else the file itself.
+
+    ``name`` may itself be a numbered copy: ``x_00001.safetensors`` stands for ``x``. Returns ``name`` when nothing
+    under that name exists (the caller's checks then report the missing file).
+    """
+    if not isinstance(name, str) or not name.endswith(EXTENSION):
+        return name
+    base = _NUMBER.sub("", name[: -len(EXTENSION)]) + EXTENSION
+    for root in _roots():
+        latest = _latest(os.path.join(root, base))
+        if latest is not None:
+            return os.path.relpath(latest, root).replace(os.sep, "/")
+    return name
+
+
+def _roots() -> list[str]:
+    import folder_paths
+
+    register_folder()
+    return [os.path.abspath(p) for p in folder_paths.get_folder_paths(FOLDER)]
+
+
+# Save's cache fingerprint: the files under a name as the last Save left them keep the last fingerprint, so
+# queuing an unchanged graph again reuses Save and everything after it; a file deleted or added by hand changes it.
+_SAVE_STATE: dict[tuple[str, str], tuple[tuple, str]] = {}
+_SAVE_STATE_LIMIT = 256
+
+
+def _save_state(name: str) -> tuple:
+    try:
+        path = _target_path(safe_name(name))
+    except ValueError:
+        return ("unsafe", name)
+    files = [p for p in [path, *(c for _, c in _copies(path))] if os.path.isfile(p)]
+    return tuple((p, (s := os.stat(p)).st_mtime_ns, s.st_size) for p in files)
+
+
+def save_fingerprint(name: str, if_exists: str) -> str:
+    """AcT Save's fingerprint for ComfyUI's cache: the state of the files under ``name`` (see `saved_state`)."""
+    state = _save_state(name)
+    last = _SAVE_STATE.get((name, if_exists))
+    return last[1] if last is not None and last[0] == state else repr((if_exists, state))
+
+
+def saved_state(name: str, if_exists: str, fingerprint_before: str) -> None:
+    """Record the files under ``name`` after a Save that ran with ``fingerprint_before``: until they change, the
+    next fingerprint is that same value (the Save's own new file does not count as a change)."""
+    if len(_SAVE_STATE) >= _SAVE_STATE_LIMIT:
+        _SAVE_STATE.pop(next(iter(_SAVE_STATE)))
+    _SAVE_STATE[(name, if_exists)] = (_save_state(name), fingerprint_before)
 
 
 def announce(saved: Saved) -> None:

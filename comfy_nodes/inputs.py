@@ -15,6 +15,7 @@ from typing import Any
 
 from comfy_api.latest import io
 
+from ..core import shorten
 from .presets import APPLY_GROUPS, GROUP_TOOLTIP
 
 CATEGORY = "model_patches/steering (AcT)"
@@ -59,15 +60,80 @@ def layer_filter_inputs() -> list[io.Input]:
     ]
 
 
-def number_problem(name: str, value: float | None, lo: float, hi: float) -> str | None:
-    """What is wrong with a number widget's value (NaN, infinity, out of range), or None."""
+def number_problem(name: str, value: Any, lo: float, hi: float) -> str | None:
+    """What is wrong with a number widget's value (not a number, NaN, infinity, out of range), or None.
+
+    Never raises: ComfyUI calls ``validate_inputs`` with the raw value when its own conversion failed (a text such
+    as ``"1,5"`` sent over the API), and an exception there would be reported on the next node instead.
+
+    Example:
+        >>> number_problem("strength", "1,5", -3, 3)
+        "strength is '1,5', not a number; set a number between -3 and 3"
+    """
     if value is None:
         return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return f"{name} is {shorten(value, 40)!r}, not a number; set a number between {lo:g} and {hi:g}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{name} is a {type(value).__name__}, not a number; set a number between {lo:g} and {hi:g}"
     if not math.isfinite(value):
         return f"{name} is {value}; set a number between {lo:g} and {hi:g}"
     if not lo <= value <= hi:
         return f"{name} = {value:g} is outside {lo:g} to {hi:g}; set a number in that range"
     return None
+
+
+def int_problem(name: str, value: Any, lo: int, hi: int) -> str | None:
+    """`number_problem` for a whole-number widget (``2.5`` or ``"20 steps"`` sent over the API are refused)."""
+    problem = number_problem(name, value, lo, hi)
+    if problem is None and value is not None and float(value) != int(float(value)):
+        return f"{name} = {value} is not a whole number; set a whole number between {lo} and {hi}"
+    return problem
+
+
+def window_problem(start: Any, end: Any) -> str | None:
+    """What is wrong with a ``start_percent``/``end_percent`` pair (each 0..1, start not after end), or None.
+
+    Example:
+        >>> window_problem(0.8, 0.2)
+        'start_percent (0.8) is after end_percent (0.2), so no step would be steered; set start_percent below end_percent'
+    """
+    problem = number_problem("start_percent", start, 0.0, 1.0) or number_problem("end_percent", end, 0.0, 1.0)
+    if problem or start is None or end is None:
+        return problem
+    if float(start) > float(end):
+        return (f"start_percent ({float(start):g}) is after end_percent ({float(end):g}), so no step would be steered; "
+                "set start_percent below end_percent")
+    return None
+
+
+def regex_problem(name: str, pattern: Any, fix: str) -> str | None:
+    """What is wrong with a regex typed into the text input ``name`` (None when it compiles, or is a link's None).
+
+    Example:
+        >>> regex_problem("layers", "input_blocks.(", "or clear it to steer every layer")
+        "layers: 'input_blocks.(' is not a valid regex (missing ), unterminated subpattern at position 13); fix it, or clear it to steer every layer"
+    """
+    if pattern is None or not str(pattern).strip():
+        return None
+    try:
+        re.compile(str(pattern).strip())
+    except re.error as err:
+        return f"{name}: {shorten(str(pattern), 60)!r} is not a valid regex ({err}); fix it, {fix}"
+    return None
+
+
+def steering_problem(start_percent: Any, end_percent: Any, layers: Any, layer_group: Any) -> str | None:
+    """The queue-time checks AcT Apply and the Sweep share: the schedule window, the ``layers`` regex and the
+    ``layer_group`` choice (ComfyUI skips its own list check for inputs a ``validate_inputs`` reads)."""
+    if layer_group is not None and layer_group not in APPLY_GROUPS:
+        return (f"layer_group: {shorten(str(layer_group), 40)!r} is not one of its choices; pick one of: "
+                f"{', '.join(APPLY_GROUPS)}")
+    return window_problem(start_percent, end_percent) or regex_problem(
+        "layers", layers, "or clear it to steer every layer")
 
 
 _TOKENS = re.compile(r"[,;\s]+")

@@ -90,11 +90,17 @@ class _StopSampling(Exception):
 
 
 def parse_prompts(text: str, what: str) -> list[str]:
-    """One prompt per non-empty line; raises a ValueError naming ``what`` when fewer than 2 remain."""
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    """One prompt per non-empty line; raises a ValueError naming the input (``<what>_prompts``) when fewer than 2 remain.
+
+    Example:
+        >>> parse_prompts("a cat\\n\\n a dog ", "source")
+        ['a cat', 'a dog']
+    """
+    prompts = [line.strip() for line in str(text).splitlines() if line.strip()]
     if len(prompts) < 2:
         raise ValueError(
-            f"Need at least 2 {what} prompts (one per line) to estimate a distribution, got {len(prompts)}"
+            f"Need at least 2 {what} prompts in {what}_prompts (one per line) to estimate a distribution, got "
+            f"{len(prompts)}"
         )
     return prompts
 
@@ -237,7 +243,10 @@ def learn(
         expected_calls = 1
     else:
         expected_calls = batches * len(sites)  # a recording call, then one per further site
-    progress = comfy.utils.ProgressBar(expected_calls)
+    # every prompt is encoded once, before sampling: one progress unit each (on a slow machine most of the time
+    # goes there), then one per recorded model call
+    distinct = list(dict.fromkeys([s.negative_prompt, *source, *target]))
+    progress = comfy.utils.ProgressBar(len(distinct) + expected_calls)
 
     collector = _Collector(s.collect_steps, progress)
     work = model.clone()
@@ -260,6 +269,9 @@ def learn(
             spent["encode"] += time.perf_counter() - t0
         return cache[prompt]
 
+    for prompt in distinct:
+        encoded(prompt)
+        progress.update(1)
     negative = encoded(s.negative_prompt)
     channels = model.model.latent_format.latent_channels
 

@@ -7,13 +7,17 @@ shows on the node and that says what to change in the graph.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 
 from comfy_api.latest import io, ui
 
-from ..core import ESTIMATORS
+from ..core import ESTIMATORS, shorten
+from . import learn_cache
 from .checks import diffusion_model, for_artist
 from .file_nodes import ActSteerLoad, ActSteerSave
+from .graph import queue_problem
 from .inputs import (
     CATEGORY,
     MODEL_IN_TIP,
@@ -23,17 +27,41 @@ from .inputs import (
     TRANSPORT_OUT_TIP,
     Transport,
     input_check,
+    int_problem,
     layer_filter_inputs,
     number_problem,
+    regex_problem,
+    steering_problem,
     strength_input,
     window_inputs,
 )
 from .learn import FIT_MODES, CollectSettings, learn, parse_prompts
-from .presets import LAYER_PRESETS, LAYERS_TOOLTIP, preset_sites
+from .presets import APPLY_GROUPS, LAYER_PRESETS, LAYERS_TOOLTIP, preset_sites
 from .steer import steer_model
 from .sweep import ActSteerSweep
 
 logger = logging.getLogger(__name__)
+MAX_STEPS = 1000  # Learn's steps and collect_steps
+
+
+def _layers_problem(layers, layer_regex) -> str | None:
+    if layers is None:
+        return None
+    if layers not in LAYER_PRESETS:
+        return f"layers: {shorten(str(layers), 40)!r} is not one of its choices; pick one of: {', '.join(LAYER_PRESETS)}"
+    if layers != "regex":
+        return None
+    if layer_regex is not None and not str(layer_regex).strip():
+        return ("layers = regex needs a pattern in layer_regex (e.g. 'double_blocks\\.1:0'), or pick a named layer "
+                "group in layers")
+    return regex_problem("layer_regex", layer_regex, "or pick a named layer group in layers")
+
+
+def _schedule_problem(steps, collect_steps) -> str | None:
+    if steps is None or collect_steps is None or int(collect_steps) <= int(steps):
+        return None
+    return (f"collect_steps ({int(collect_steps)}) is more than steps ({int(steps)}): only the first steps of the "
+            "schedule can be pooled; set collect_steps to at most steps")
 
 
 class ActSteerLearn(io.ComfyNode):
@@ -67,7 +95,7 @@ class ActSteerLearn(io.ComfyNode):
                 io.String.Input("layer_regex", default="",
                                 tooltip="With layers = regex: a regex matched in full against layer names of the "
                                         "diffusion model; end with ':0', ':1' or ':(0|1)' for FLUX double-block streams"),
-                io.Int.Input("steps", default=20, min=1, max=1000,
+                io.Int.Input("steps", default=20, min=1, max=MAX_STEPS,
                              tooltip="Length of the sampling schedule; only the first collect_steps steps are run"),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Noise seed of the learning samples (seed, seed+1, ... per prompt); fixed, so "
@@ -82,7 +110,7 @@ class ActSteerLearn(io.ComfyNode):
                 io.Int.Input("samples_per_prompt", default=1, min=1, max=64,
                              tooltip="Seeds per prompt (seed, seed+1, ...); each sample is one data point and adds "
                                      "one image's worth of work to the batch"),
-                io.Int.Input("collect_steps", default=1, min=1, max=1000,
+                io.Int.Input("collect_steps", default=1, min=1, max=MAX_STEPS,
                              tooltip="Pool the activations of this many first steps (1 = the highest-noise step, as "
                                      "in the paper; more than 1 costs one sampling run per layer in sequential mode)"),
                 io.Combo.Input("fit_mode", options=list(FIT_MODES), default="sequential",
@@ -99,12 +127,25 @@ class ActSteerLearn(io.ComfyNode):
                                      "sequential mode each batch costs a partial model call per layer"),
             ],
             outputs=[Transport.Output(display_name="transport", tooltip=TRANSPORT_OUT_TIP)],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
-    def validate_inputs(cls, source_prompts=None, target_prompts=None) -> bool | str:
-        source = input_check(source_prompts, parse_prompts, "source")
-        return source if source is not True else input_check(target_prompts, parse_prompts, "target")
+    def validate_inputs(cls, source_prompts=None, target_prompts=None, layers=None, layer_regex=None, steps=None,
+                        collect_steps=None) -> bool | str:
+        # ComfyUI skips its own range and list checks for the inputs named here, and shows the message returned on
+        # each of them: every message names the input(s) to change (web/js/actsteer.js keeps it on those)
+        for prompts, what in ((source_prompts, "source"), (target_prompts, "target")):
+            if (problem := input_check(prompts, parse_prompts, what)) is not True:
+                return problem
+        problem = (
+            _layers_problem(layers, layer_regex)
+            or int_problem("steps", steps, 1, MAX_STEPS)
+            or int_problem("collect_steps", collect_steps, 1, MAX_STEPS)
+            or _schedule_problem(steps, collect_steps)
+            or queue_problem(cls, "ActSteerLearn", "layers", layers, LAYER_PRESETS, with_transport=False)
+        )
+        return problem or True
 
     @classmethod
     def execute(cls, model, clip, source_prompts, target_prompts, method, layers, layer_regex, steps, seed, cfg,
@@ -117,6 +158,21 @@ class ActSteerLearn(io.ComfyNode):
             steps=steps, seed=seed, cfg=cfg, width=width, height=height, samples_per_prompt=samples_per_prompt,
             collect_steps=collect_steps,
         )
+        hidden = getattr(cls, "hidden", None)
+        key = learn_cache.make_key(
+            getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None), model, clip,
+            {"source": source, "target": target, "method": method, "layers": layers, "layer_regex": layer_regex,
+             "settings": dataclasses.asdict(settings), "fit_mode": fit_mode, "support": support,
+             "batch_size": batch_size},
+        )
+        if (cached := learn_cache.get(key)) is not None:
+            import comfy.utils
+
+            comfy.utils.ProgressBar(1).update_absolute(1)
+            when = time.strftime("%H:%M", time.localtime(cached.learned_at))
+            logger.info("actsteer: reused the transport learned at %s (same MODEL, prompts and settings)", when)
+            return io.NodeOutput(cached.transport, ui=ui.PreviewText(
+                f"reused what was learned at {when} (same MODEL, prompts and settings); {cached.summary}"))
         try:
             sites = preset_sites(diffusion_model(model), layers, layer_regex)
             transport, timing = learn(
@@ -127,6 +183,7 @@ class ActSteerLearn(io.ComfyNode):
             raise ValueError(for_artist(err, "change layers or layer_regex on the AcT Learn node", always=False)) from None
         summary = (f"learned {len(transport)} layers from {transport.n_source} + {transport.n_target} samples: "
                    f"{timing.line()}")
+        learn_cache.put(key, transport, summary)
         return io.NodeOutput(transport, ui=ui.PreviewText(summary))
 
 
@@ -145,11 +202,18 @@ class ActSteerApply(io.ComfyNode):
                     strength_input(), *window_inputs(), *layer_filter_inputs()],
             outputs=[io.Model.Output(tooltip="A steered copy of the MODEL: connect it to your KSampler (the input "
                                              "MODEL and other branches stay unsteered)")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def validate_inputs(cls, strength=None) -> bool | str:
-        return number_problem("strength", strength, STRENGTH_MIN, STRENGTH_MAX) or True
+    def validate_inputs(cls, strength=None, start_percent=None, end_percent=None, layers=None,
+                        layer_group=None) -> bool | str:
+        problem = (
+            number_problem("strength", strength, STRENGTH_MIN, STRENGTH_MAX)
+            or steering_problem(start_percent, end_percent, layers, layer_group)
+            or queue_problem(cls, "ActSteerApply", "layer_group", layer_group, APPLY_GROUPS)
+        )
+        return problem or True
 
     @classmethod
     def execute(cls, model, transport, strength, start_percent, end_percent, layers="", layer_group="all") -> io.NodeOutput:

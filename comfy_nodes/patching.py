@@ -148,7 +148,7 @@ class SteeringPatch:
             self.last_run = run.log
             steered = sum(s for _, s in run.log.calls)
             logger.info(
-                "actsteer: steered %d/%d model calls with %d transport(s) on %d sites",
+                "actsteer: steered %d/%d model calls with %d transport(s) on %d layers",
                 steered, len(run.log.calls), len(entries), len(run.handle.sites),
             )
 

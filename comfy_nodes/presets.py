@@ -41,6 +41,36 @@ GROUP_TOOLTIP = (
 )
 
 
+def group_archs(name: str) -> tuple[str, ...]:
+    """The architectures (``"sdxl"``, ``"flux"``) that have a layer group or alias called ``name``.
+
+    Example:
+        >>> group_archs("blocks"), group_archs("fast"), group_archs("regex")
+        (('flux',), ('sdxl', 'flux'), ())
+    """
+    return tuple(a for a in site_groups.ARCHS if name in site_groups.group_names(a) or name in site_groups.ALIASES[a])
+
+
+def family_problem(option: str, group: str, arch: str | None, where: str, choices: tuple[str, ...]) -> str | None:
+    """What is wrong with picking ``group`` for a MODEL of ``arch`` (None when it fits, or either is unknown).
+
+    Args:
+        option: the node input that holds the group (``"layers"``, ``"layer_group"``).
+        where: how to name the MODEL in the message, e.g. ``"SDXL (sd_xl_base_1.0.safetensors)"``.
+        choices: the input's own options; the message lists those that fit ``arch``.
+
+    Example:
+        >>> family_problem("layer_group", "blocks", "sdxl", "SDXL", ("all", "fast", "input-blocks", "blocks"))
+        "layer_group: 'blocks' is a layer group of FLUX, and the MODEL is SDXL; choose one of: all, fast, input-blocks"
+    """
+    owners = group_archs(group)
+    if arch is None or not owners or arch in owners:
+        return None
+    fitting = [c for c in choices if c in ("all", "auto", "regex") or arch in group_archs(c)]
+    return (f"{option}: {group!r} is a layer group of {' and '.join(o.upper() for o in owners)}, and the MODEL is "
+            f"{where}; choose one of: {', '.join(fitting)}")
+
+
 def _modules(diffusion_model: torch.nn.Module) -> list[tuple[str, bool]]:
     return [(name, isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)))
             for name, m in diffusion_model.named_modules() if name]
@@ -102,6 +132,10 @@ def group_sites(diffusion_model: torch.nn.Module, sites: list[str], group: str) 
     if arch is None:
         raise ValueError(f"layer_group {group!r}: named layer groups cover SDXL-style UNets and FLUX, not "
                          f"{type(diffusion_model).__name__}; set layer_group to 'all' and use the layers regex")
+    problem = family_problem("layer_group", group, arch, f"{arch.upper()} ({type(diffusion_model).__name__})",
+                             APPLY_GROUPS)
+    if problem:
+        raise ValueError(problem)
     try:
         return site_groups.filter_sites(sites, group, arch, "comfyui")
     except ValueError as err:

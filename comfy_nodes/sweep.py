@@ -15,8 +15,11 @@ from .inputs import (
     input_check,
     layer_filter_inputs,
     parse_strengths,
+    steering_problem,
     window_inputs,
 )
+from .graph import queue_problem
+from .presets import APPLY_GROUPS
 from .steer import steer_model
 
 logger = logging.getLogger(__name__)
@@ -75,11 +78,18 @@ class ActSteerSweep(io.ComfyNode):
             ],
             outputs=[io.Image.Output(display_name="images", tooltip="One image per strength, in the order given: "
                                                                      "connect it to Preview Image or Save Image")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def validate_inputs(cls, strengths=None) -> bool | str:
-        return input_check(strengths, parse_strengths)
+    def validate_inputs(cls, strengths=None, start_percent=None, end_percent=None, layers=None,
+                        layer_group=None) -> bool | str:
+        checked = input_check(strengths, parse_strengths)
+        if checked is not True:
+            return checked
+        problem = (steering_problem(start_percent, end_percent, layers, layer_group)
+                   or queue_problem(cls, "ActSteerSweep", "layer_group", layer_group, APPLY_GROUPS))
+        return problem or True
 
     @classmethod
     def execute(cls, model, transport, vae, positive, negative, latent_image, strengths, seed, steps, cfg,

@@ -2,8 +2,8 @@
 
 ComfyUI's frontend (1.32) shows a custom node pack's example workflows under Templates with the file name as
 the title and ``/api/workflow_templates/<pack>/<name>.jpg`` as the thumbnail. No image model runs here, so the
-thumbnail is a schematic of the workflow: its title and its main nodes, left to right, as the canvas lays them
-out. Run it after changing a workflow:
+thumbnail is a schematic of the workflow: its title and its main nodes, left to right in the order data flows
+through them. Run it after changing a workflow:
 
     python scripts/make_workflow_thumbnails.py
 """
@@ -32,12 +32,23 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def _columns(workflow: dict) -> list[list[dict]]:
-    """The shown nodes grouped by canvas column (x position), each column top to bottom."""
-    nodes = sorted((n for n in workflow["nodes"] if n["type"] in SHOWN), key=lambda n: (n["pos"][0], n["pos"][1]))
+    """The shown nodes in columns by how far data flows to reach them (longest path over the shown nodes), each
+    column in canvas order top to bottom."""
+    shown = {n["id"]: n for n in workflow["nodes"] if n["type"] in SHOWN}
+    before: dict[int, set[int]] = {i: set() for i in shown}
+    for src, dst in _edges(workflow):
+        before[dst].add(src)
+    depth: dict[int, int] = {}
+
+    def level(node: int, seen: frozenset = frozenset()) -> int:
+        if node not in depth:
+            depth[node] = 1 + max((level(p, seen | {node}) for p in before[node] if p not in seen), default=-1)
+        return depth[node]
+
     columns: dict[int, list[dict]] = {}
-    for node in nodes:
-        columns.setdefault(round(node["pos"][0] / 200), []).append(node)
-    return [columns[k] for k in sorted(columns)]
+    for node_id in shown:
+        columns.setdefault(level(node_id), []).append(shown[node_id])
+    return [sorted(columns[k], key=lambda n: (n["pos"][1], n["pos"][0])) for k in sorted(columns)]
 
 
 def _edges(workflow: dict) -> set[tuple[int, int]]:
@@ -86,7 +97,7 @@ def draw(workflow_path: Path) -> Path:
             box = boxes[node["id"]]
             colour = ACT_COLOUR if node["type"].startswith("ActSteer") else OTHER_COLOUR
             pen.rounded_rectangle(box, radius=8, outline=colour, width=2, fill=(34, 38, 46))
-            label = textwrap.wrap(SHOWN[node["type"]], width=max(6, int(width / 8.5)))
+            label = textwrap.wrap(SHOWN[node["type"]], width=max(6, int(width / 8.5)), break_long_words=False)
             for i, line in enumerate(label[:2]):
                 pen.text((box[0] + 6, box[1] + 5 + 17 * i), line, font=_font(13), fill=(225, 228, 235))
     out = workflow_path.with_suffix(".jpg")

@@ -98,9 +98,33 @@ def test_learn_at_once_pools_several_steps_and_reports_progress(pack, clip, flux
     assert transport.mode == "at-once" and len(transport) == 6
     assert transport.extra["fit"]["forward_calls"] == 3  # 8 items in batches of 3
     assert transport.extra["comfy"]["collect_steps"] == 2
-    assert updates[-1] == (6, 6)  # 3 batches x 2 pooled steps
+    encodes = 1 + 4 + 4  # the negative prompt and every prompt, once each
+    assert updates[-1] == (encodes + 6, encodes + 6)  # then 3 batches x 2 pooled steps
     one_step = _learn(flux, clip, fit_mode="at-once", collect_steps=1, steps=4, batch_size=3, samples_per_prompt=1)
     assert not torch.equal(one_step["double_blocks.0:0"].beta, transport["double_blocks.0:0"].beta)
+
+
+def test_learn_progress_moves_while_prompts_are_encoded(pack, clip, sdxl, monkeypatch):
+    import comfy.utils
+    import nodes
+
+    updates, seen_by_encode = [], []
+    encode = nodes.CLIPTextEncode.encode
+
+    def counting_encode(self, clip, text):
+        seen_by_encode.append(len(updates))  # progress updates the bar had received when this prompt was encoded
+        return encode(self, clip, text)
+
+    monkeypatch.setattr(nodes.CLIPTextEncode, "encode", counting_encode)
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
+    try:
+        _learn(sdxl, clip, layers="fast", samples_per_prompt=1)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    encodes = 1 + 4 + 4  # the negative prompt and 4 + 4 distinct prompts
+    assert seen_by_encode == list(range(encodes))  # one step of the bar per encoded prompt, as it happens
+    total = encodes + 1  # then the one batched model call of the sequential fit
+    assert updates == [(i, total) for i in range(1, total + 1)]
 
 
 def test_learn_sequential_pools_several_steps_with_one_call_per_site(pack, clip, flux):

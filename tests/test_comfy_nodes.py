@@ -118,9 +118,10 @@ def test_save_writes_no_duplicate_and_says_why(pack, comfy_dirs):
     transport, other = _transport(pack, {"a": 4}), _transport(pack, {"a": 4}, seed=1)
     save = _node("ActSteerSave").execute
     first = save(transport=transport, filename="ocean", if_exists="add number")
-    assert first.result == ("ocean.safetensors",) and first.ui.as_dict() == {"text": ("saved ocean.safetensors (1 layers)",)}
+    assert first.result[0] == "ocean.safetensors" and first.ui.as_dict() == {"text": ("saved ocean.safetensors (1 layers)",)}
+    assert first.result[1] is transport  # passed on, for AcT Apply (so a bad file name stops the graph early)
     again = save(transport=transport, filename="ocean", if_exists="add number")  # the same transport, queued again
-    assert again.result == ("ocean.safetensors",)
+    assert again.result == ("ocean.safetensors", transport)
     assert again.ui.as_dict()["text"][0].startswith("not saved again: ocean.safetensors already holds this transport")
     for mode in ("error", "overwrite"):  # neither errors nor rewrites for the same transport
         assert save(transport=transport, filename="ocean", if_exists=mode).ui.as_dict()["text"][0].startswith("not saved")
@@ -250,7 +251,10 @@ def test_apply_layer_group_steers_only_that_part_of_the_model(pack, sdxl, flux):
     with pytest.raises(ValueError, match="layer_group: None of the transport's 2 layers is in the group 'input-blocks'; "
                                          "it has layers in: .*middle-block.*; pick another layer_group, or 'all'"):
         steered(sdxl, transport.select(["middle_block.1.norm", "middle_block.2.out_layers.0"]), "input-blocks")
-    with pytest.raises(ValueError, match="'image-stream' is a FLUX layer group; for this SDXL model choose one of"):
+    # the choices offered are Apply's own (its list has "all", not Learn's "auto" or "regex")
+    with pytest.raises(ValueError, match=r"^layer_group: 'image-stream' is a layer group of FLUX, and the MODEL is SDXL "
+                                         r"\(UNetModel\); choose one of: all, fast, all-norms, input-blocks, "
+                                         r"middle-block, output-blocks, attention-norms, resnet-norms$"):
         steered(sdxl, transport, "image-stream")
 
     streams = _transport(pack, {"double_blocks.0:0": 64, "double_blocks.0:1": 64, "single_blocks.1": 64},

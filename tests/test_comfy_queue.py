@@ -4,12 +4,14 @@ errors before any model loads, ui outputs on the nodes, and a Save that runs aga
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
 from support.comfy import (  # noqa: F401  (fixtures)
     Session,
     comfy_dirs,
+    fresh_learn_cache,
     one_thread,
     pack,
 )
@@ -69,6 +71,20 @@ def test_queue_rejects_a_missing_transport_name_before_any_model_loads(pack, com
         ("ActSteerSave", {"filename": "con"}, "filename - Unsafe transport file name 'con': it uses 'con', a name "
                                               "Windows reserves for devices; change filename on the AcT Save node"),
         ("ActSteerLearn", {"source_prompts": "just one"}, "source_prompts - Need at least 2 source prompts"),
+        # checked when queued, not after the checkpoint loaded (issue 21)
+        ("ActSteerLearn", {"steps": 20, "collect_steps": 30}, "source_prompts - collect_steps (30) is more than steps (20)"),
+        ("ActSteerLearn", {"layers": "regex", "layer_regex": "input_blocks.("},
+         "source_prompts - layer_regex: 'input_blocks.(' is not a valid regex"),
+        ("ActSteerLearn", {"layers": "regex", "layer_regex": "  "}, "source_prompts - layers = regex needs a pattern in layer_regex"),
+        ("ActSteerLearn", {"steps": 0}, "source_prompts - steps = 0 is outside 1 to 1000"),
+        ("ActSteerApply", {"start_percent": 0.8, "end_percent": 0.2},
+         "strength - start_percent (0.8) is after end_percent (0.2), so no step would be steered"),
+        ("ActSteerApply", {"layers": "input_blocks.("}, "strength - layers: 'input_blocks.(' is not a valid regex"),
+        ("ActSteerApply", {"layer_group": "everything"}, "strength - layer_group: 'everything' is not one of its choices"),
+        ("ActSteerApply", {"end_percent": 1.5}, "strength - end_percent = 1.5 is outside 0 to 1"),
+        # a strength typed as text over the API: ComfyUI's own conversion fails and calls validate_inputs anyway
+        ("ActSteerApply", {"strength": "1,5"}, "strength - strength is '1,5', not a number"),
+        ("ActSteerSweep", {"start_percent": 0.9, "end_percent": 0.1}, "strengths - start_percent (0.9) is after"),
     ],
 )
 def test_queue_rejects_bad_values_with_one_clear_line(pack, comfy_dirs, node, inputs, message):
@@ -93,14 +109,58 @@ def test_queue_rejects_bad_values_with_one_clear_line(pack, comfy_dirs, node, in
     prompt[node_id]["inputs"].update(inputs)
     _, _, node_errors = Session.validate(prompt)  # other outputs of the graph stay valid
     assert list(node_errors) == [node_id]
-    # ComfyUI repeats a validate_inputs message once per input it checked (Learn: both prompt lists); the message
-    # itself names the input to fix
+    # ComfyUI repeats a validate_inputs message once per input it checked (Learn: six, so the first copy is under
+    # source_prompts); the message itself names the input to fix
     details = _node_error(node_errors, node_id)
     assert details[0].startswith(message) and len({d.split(" - ", 1)[1] for d in details}) == 1
     assert "\n" not in details[0] and "list_sites" not in details[0]
+    assert all(not e["details"].startswith("exception") for e in node_errors[node_id]["errors"])
 
 
-def test_save_runs_again_when_queued_again_and_says_what_it_did(pack, comfy_dirs):
+def _named_inputs(message: str, node: str) -> set[str]:
+    """The inputs of ``node`` a message names as words (what web/js/node_errors.js keeps it on)."""
+    import nodes
+
+    spec = nodes.NODE_CLASS_MAPPINGS[node].INPUT_TYPES()
+    names = [n for section in ("required", "optional") for n in spec.get(section, {})]
+    return {n for n in names if re.search(rf"(?<![A-Za-z0-9_]){re.escape(n)}(?![A-Za-z0-9_])", message, re.IGNORECASE)}
+
+
+@pytest.mark.parametrize(
+    ("node", "inputs", "named"),
+    [
+        ("ActSteerLearn", {"source_prompts": "just one"}, {"source_prompts"}),
+        ("ActSteerLearn", {"target_prompts": "just one"}, {"target_prompts"}),
+        ("ActSteerLearn", {"steps": 4, "collect_steps": 5}, {"steps", "collect_steps"}),
+        ("ActSteerLearn", {"layers": "regex", "layer_regex": "("}, {"layer_regex", "layers"}),
+        ("ActSteerApply", {"start_percent": 0.8, "end_percent": 0.2}, {"start_percent", "end_percent"}),
+        ("ActSteerApply", {"strength": 9.0}, {"strength"}),
+    ],
+)
+def test_each_queue_time_message_names_the_inputs_it_is_about(pack, comfy_dirs, node, inputs, named):
+    # ComfyUI 0.3.75 attaches a validate_inputs message to every input the check reads (Learn: six); the message
+    # itself must name the input(s) to change, so that the frontend extension keeps it there (issue 21, item 12)
+    _transport(pack).save(comfy_dirs / "style.safetensors")
+    prompt = _steer_graph()
+    prompt["12"] = _learn_node()
+    prompt["13"] = {"class_type": "ActSteerSave", "inputs": {"transport": ["12", 0], "filename": "x", "if_exists": "add number"}}
+    node_id = {"ActSteerApply": "3", "ActSteerLearn": "12"}[node]
+    prompt[node_id]["inputs"].update(inputs)
+    _, _, node_errors = Session.validate(prompt)
+    messages = {e["details"].split(" - ", 1)[1] for e in node_errors[node_id]["errors"]}
+    assert len(messages) == 1
+    assert _named_inputs(messages.pop(), node) == named
+
+
+def _learn_node(**inputs) -> dict:
+    return {"class_type": "ActSteerLearn", "inputs": {
+        "model": ["2", 0], "clip": ["2", 1], "source_prompts": SOURCE, "target_prompts": TARGET, "method": "linear-act",
+        "layers": "auto", "layer_regex": "", "steps": 2, "seed": 0, "cfg": 1.0, "width": 64, "height": 64,
+        "samples_per_prompt": 1, "collect_steps": 1, "fit_mode": "sequential", "support": "observed", "batch_size": 0,
+        **inputs}}
+
+
+def test_save_is_reused_until_its_files_change_and_says_what_it_did(pack, comfy_dirs):
     _transport(pack, seed=0).save(comfy_dirs / "a.safetensors")
     _transport(pack, seed=1).save(comfy_dirs / "b.safetensors")
     session = Session()
@@ -116,15 +176,22 @@ def test_save_runs_again_when_queued_again_and_says_what_it_did(pack, comfy_dirs
 
     session.run(save_graph("a.safetensors"))
     assert shown() == "saved copy.safetensors (2 layers)"
-    session.run(save_graph("a.safetensors"))  # queued again, nothing changed
+    # queued again, nothing changed: Save is reused like any node (its own new file is no change), and so is what
+    # follows it (a graph that takes the transport from Save does not sample again)
+    session.run(save_graph("a.safetensors"))
     (cached,) = session.events("execution_cached")
-    assert "1" in cached["nodes"] and "2" not in cached["nodes"]  # Load is reused, Save runs
-    assert shown().startswith("not saved again: copy.safetensors already holds this transport")
+    assert sorted(cached["nodes"]) == ["1", "2"]
+    assert shown() == "saved copy.safetensors (2 layers)"  # ComfyUI sends a cached output node's text again
+    assert sorted(p.name for p in comfy_dirs.glob("copy*")) == ["copy.safetensors"]
     session.run(save_graph("b.safetensors"))  # another transport: "add number" adds
     assert shown() == "saved copy_00001.safetensors (2 layers)"
     (comfy_dirs / "copy_00001.safetensors").unlink()  # deleted by hand: queuing again saves it again
     session.run(save_graph("b.safetensors"))
     assert shown() == "saved copy_00001.safetensors (2 layers)"
+    assert sorted(p.name for p in comfy_dirs.glob("copy*")) == ["copy.safetensors", "copy_00001.safetensors"]
+    session = Session()  # ComfyUI's cache gone (e.g. another workflow ran): Save runs and writes no duplicate
+    session.run(save_graph("b.safetensors"))
+    assert shown().startswith("not saved again: copy_00001.safetensors already holds this transport")
     assert sorted(p.name for p in comfy_dirs.glob("copy*")) == ["copy.safetensors", "copy_00001.safetensors"]
 
 

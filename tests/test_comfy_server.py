@@ -48,6 +48,33 @@ def _transport(seed: int):
     return Transport(maps, support="all", model={"framework": "comfyui", "class": "SDXL"})
 
 
+def _model_files(models: Path) -> None:
+    """The model files the example workflows name: headers that say SDXL / FLUX (tiny tensors; never loaded here),
+    and empty placeholders for the text encoders and the VAE (their names only have to be listed)."""
+    from safetensors.torch import save_file
+
+    headers = {
+        "checkpoints/sd_xl_base_1.0.safetensors": ["model.diffusion_model.input_blocks.0.0.weight",
+                                                   "model.diffusion_model.middle_block.1.norm.weight"],
+        "diffusion_models/flux1-schnell.safetensors": ["double_blocks.0.img_attn.qkv.weight",
+                                                       "single_blocks.0.linear1.weight"],
+    }
+    for name, keys in headers.items():
+        (models / name).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: torch.zeros(1) for k in keys}, str(models / name))
+    for name in ("text_encoders/clip_l.safetensors", "text_encoders/t5xxl_fp8_e4m3fn.safetensors", "vae/ae.safetensors"):
+        (models / name).parent.mkdir(parents=True, exist_ok=True)
+        (models / name).touch()
+
+
+def _template_prompt(name: str) -> dict:
+    """An example workflow as the browser queues it (real loaders and file names), built with the pack loaded here."""
+    from support.comfy import load_pack, load_workflow, workflow_to_prompt
+
+    load_pack()
+    return workflow_to_prompt(load_workflow(name), swap_loaders=False)
+
+
 class Server:
     """A running ComfyUI server: its URL, base folder and log."""
 
@@ -116,6 +143,7 @@ def server(tmp_path_factory):
     transports = base / "models" / "act_transports"
     transports.mkdir(parents=True)
     _transport(0).save(transports / "style.safetensors")
+    _model_files(base / "models")
     (base / "frontend").mkdir()
     (base / "frontend" / "index.html").write_text("<!doctype html><title>no frontend in tests</title>")
     port = _free_port()
@@ -195,11 +223,13 @@ def test_server_shows_save_results_and_updates_open_tabs(server):
     status, _, body = server.get("/api/models/act_transports")  # what a refreshed dropdown would list
     assert status == 200 and json.loads(body) == event["files"]
 
-    again = server.run_prompt(prompt)  # the same graph queued again: Save runs, Load comes from the cache
-    cached = [m["data"]["nodes"] for m in again if m["type"] == "execution_cached"]
-    assert cached == [["1"]]
+    # the same graph queued again: Save's files are as it left them, so it comes from the cache with Load (what
+    # follows a Save is not redone either), and shows its line again
+    again = server.run_prompt(prompt)
+    cached = [sorted(m["data"]["nodes"]) for m in again if m["type"] == "execution_cached"]
+    assert cached == [["1", "2"]]
     text = [m["data"]["output"]["text"][0] for m in again if m["type"] == "executed" and m["data"]["node"] == "2"]
-    assert text[0].startswith("not saved again: copies/style.safetensors already holds this transport")
+    assert text == ["saved copies/style.safetensors (2 layers)"]
     assert not [m for m in again if m["type"] == "actsteer.transports"]  # nothing new to announce
 
 
@@ -212,7 +242,10 @@ def test_server_serves_the_frontend_extension_and_the_templates(server):
     # the frontend's public modules live at /scripts/*.js: relative imports must resolve there from where ComfyUI
     # serves the script (a wrong depth fails only in the browser, as "Failed to fetch dynamically imported module")
     imports = re.findall(r'^import .* from "([^"]+)";', body.decode(), flags=re.MULTILINE)
-    assert sorted(urllib.parse.urljoin(script, i) for i in imports) == ["/scripts/api.js", "/scripts/app.js"]
+    helpers = f"/extensions/{PACK}/js/node_errors.js"
+    assert sorted(urllib.parse.urljoin(script, i) for i in imports) == [helpers, "/scripts/api.js", "/scripts/app.js"]
+    status, _, body = server.get(helpers)
+    assert status == 200 and b"export function attributeErrors" in body
     status, _, body = server.get("/api/workflow_templates")
     names = sorted(json.loads(body)[PACK])
     assert names == sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
@@ -222,3 +255,60 @@ def test_server_serves_the_frontend_extension_and_the_templates(server):
         assert status == 200 and kind == "image/jpeg" and body[:2] == b"\xff\xd8", name
         status, _, body = server.get(f"/api/workflow_templates/{PACK}/{quoted}.json")
         assert status == 200 and json.loads(body)["nodes"], name
+
+
+def _queue_counts(server) -> tuple[int, int]:
+    _, _, body = server.get("/api/history")
+    history = len(json.loads(body))
+    _, _, body = server.get("/api/queue")
+    queue = json.loads(body)
+    return history, len(queue["queue_running"]) + len(queue["queue_pending"])
+
+
+@pytest.mark.parametrize(("template", "node_type", "inputs", "reason"), [
+    ("AcT SDXL learn and apply style.json", "ActSteerSave", {"filename": "../outside"}, "Unsafe transport file name"),
+    ("AcT FLUX remove a concept.json", "ActSteerSave", {"filename": "con"}, "a name Windows reserves for devices"),
+    ("AcT SDXL strength sweep.json", "ActSteerLoad", {"transport_name": "missing.safetensors"}, "No transport file"),
+])
+def test_server_refuses_a_template_with_a_bad_file_name_as_a_whole(server, template, node_type, inputs, reason):
+    # ComfyUI runs every output that does not depend on a failing node: a Save that only hung off Learn let
+    # Learn and the image branch run (minutes) and saved nothing; the templates now route the transport through it
+    prompt = _template_prompt(template)
+    (node_id,) = [i for i, n in prompt.items() if n["class_type"] == node_type]
+    prompt[node_id]["inputs"].update(inputs)
+    before = _queue_counts(server)
+    status, answer = server.post_json("/prompt", {"prompt": prompt})
+    assert status == 400 and answer["error"]["type"] == "prompt_outputs_failed_validation", answer
+    assert list(answer["node_errors"]) == [node_id]
+    assert reason in answer["node_errors"][node_id]["errors"][0]["details"]
+    assert _queue_counts(server) == before  # nothing queued, nothing ran
+
+
+def test_server_refuses_a_layer_group_or_transport_of_the_other_family_when_queued(server):
+    # the families come from the files' headers, read when queued (through the pack's on-prompt handler)
+    prompt = _template_prompt("AcT SDXL learn and apply style.json")
+    (learn,) = [i for i, n in prompt.items() if n["class_type"] == "ActSteerLearn"]
+    status, answer = server.post_json("/prompt", {"prompt": {**prompt, learn: {**prompt[learn], "inputs": {
+        **prompt[learn]["inputs"], "layers": "image-stream"}}}})
+    assert status == 400 and list(answer["node_errors"]) == [learn]
+    assert answer["node_errors"][learn]["errors"][0]["details"].endswith(
+        "layers: 'image-stream' is a layer group of FLUX, and the MODEL is SDXL (sd_xl_base_1.0.safetensors); choose "
+        "one of: auto, fast, all-norms, input-blocks, middle-block, output-blocks, attention-norms, resnet-norms, regex")
+
+    # Apply on a loaded transport (an error after AcT Save would still let Learn and Save run: what is learned is kept)
+    (apply,) = [i for i, n in prompt.items() if n["class_type"] == "ActSteerApply"]
+    steer = {i: n for i, n in prompt.items() if n["class_type"] not in ("ActSteerLearn", "ActSteerSave")}
+    steer["90"] = {"class_type": "ActSteerLoad", "inputs": {"transport_name": "style.safetensors"}}
+    steer[apply] = {**steer[apply], "inputs": {**steer[apply]["inputs"], "transport": ["90", 0],
+                                               "layer_group": "double-blocks"}}
+    status, answer = server.post_json("/prompt", {"prompt": steer})
+    assert status == 400 and list(answer["node_errors"]) == [apply]
+    assert "layer_group: 'double-blocks' is a layer group of FLUX, and the MODEL is SDXL" in json.dumps(answer)
+    flux = _transport(1).replace(model={"framework": "comfyui", "class": "Flux", "arch": "flux"})
+    flux.save(server.base / "models" / "act_transports" / "flux_style.safetensors")
+    steer["90"]["inputs"]["transport_name"] = "flux_style.safetensors"
+    steer[apply]["inputs"]["layer_group"] = "all"
+    status, answer = server.post_json("/prompt", {"prompt": steer})
+    assert status == 400 and list(answer["node_errors"]) == [apply]
+    assert ("The transport was learned on FLUX (flux_style.safetensors) and the MODEL is SDXL "
+            "(sd_xl_base_1.0.safetensors)") in answer["node_errors"][apply]["errors"][0]["details"]

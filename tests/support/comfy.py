@@ -514,6 +514,17 @@ def one_thread():
         torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def fresh_learn_cache():
+    """An empty cache of learned transports for each test that imports this (AcT Learn keeps what it fitted across
+    prompts in the process: `actsteer.comfy_nodes.learn_cache`)."""
+    for module in [m for name, m in list(sys.modules.items()) if name.endswith("comfy_nodes.learn_cache")]:
+        module.clear()
+    yield
+    for module in [m for name, m in list(sys.modules.items()) if name.endswith("comfy_nodes.learn_cache")]:
+        module.clear()
+
+
 @pytest.fixture
 def pack():
     """The node pack as ComfyUI loaded it (``nodes.load_custom_node``)."""
