@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from benchmarks import frontier_data as fd
-from benchmarks.frontier_arms import PEER_ARMS, Arm, Steerer, actsteer_arm, fmt_setting, sweep_arm
+from benchmarks.frontier_arms import BOUNDED_GRID, PEER_ARMS, Arm, Steerer, actsteer_arm, fmt_setting, sweep_arm
 from benchmarks.frontier_cells import NEW_TOKENS, Cache, decode, generate_ids, run_cell
 
 # actsteer arms: the defaults, the paper's Llama sites (the old default), the demo's sites, and the norms before
@@ -41,12 +41,23 @@ from benchmarks.frontier_cells import NEW_TOKENS, Cache, decode, generate_ids, r
 _ATTN = r"model\.layers\.{}\.input_layernorm"
 ACTSTEER_ARMS = {
     "defaults": actsteer_arm("actsteer fit_lm defaults"),
-    "auto": actsteer_arm("actsteer mlp (paper; old default)", modules="mlp"),
+    "paper": actsteer_arm("actsteer paper sites (mlp; old default)", modules="paper"),
     "all-norms": actsteer_arm("actsteer all-norms", modules="all-norms"),
     "attn-norms": actsteer_arm("actsteer attn-norms (every layer)", modules=[_ATTN.format(r"\d+")]),
     "attn-mid": actsteer_arm("actsteer attn-norms, layers 5-24", modules=[_ATTN.format(i) for i in range(5, 25)]),
     "defaults-pairs": actsteer_arm("actsteer fit_lm defaults", "pairs"),
 }
+# The fixed plan (--fixed): the settings each arm runs at without the adaptive sweep, what RESULTS.md reports on
+# every concept (the adaptive sweep costs ~2x more cells; on 2 shared cores a cell of 48 prompts takes 2-5 min).
+FIXED = {
+    ACTSTEER_ARMS["defaults"].label: BOUNDED_GRID,
+    ACTSTEER_ARMS["paper"].label: (0.5, 1.0),
+    ACTSTEER_ARMS["all-norms"].label: (0.75, 1.0),
+    "steering-vectors L12-16 [unmatched]": (0.5, 0.7071, 1.0),
+    "repeng pca_center [unmatched]": (4.0, 8.0, 16.0),
+}
+# The CI version (--reduced): food, 12 prompts, 24 new tokens, the defaults at 0.5 and 1 and the paper's sites at 1
+REDUCED = {ACTSTEER_ARMS["defaults"].label: (0.5, 1.0), ACTSTEER_ARMS["paper"].label: (1.0,)}
 BUDGETS = (1.25, 1.5, 1.75, 2.0)
 DISTINCT_FLOOR = 0.8
 GOAL = {"presence": 0.9, "ppl_ratio": 1.75}
@@ -84,15 +95,26 @@ def frontier(points: list[dict], budget: float) -> float:
 
 
 def run_concept(name: str, arms: list[Arm], model, tok, prompts: list[str], cache: Cache, prefix: str,
-                new_tokens: int, refine: bool = True, grid: tuple[float, ...] | None = None) -> list[dict]:
-    """All cells of one concept; returns table rows (one per arm and setting, plus the baselines)."""
+                new_tokens: int, refine: bool = True, grid: tuple[float, ...] | None = None,
+                plan: dict[str, tuple[float, ...]] | None = None, cached_only: bool = False) -> list[dict]:
+    """All cells of one concept; returns table rows (one per arm and setting, plus the baselines).
+
+    ``plan``: fixed settings per arm label (no adaptive sweep; see `FIXED`). ``cached_only``: every cell of these arms
+    already in the cache (none is run; a concept without its unsteered and prompting cells gives no rows).
+    """
     concept = fd.CONCEPTS[name]
     desc = concept.descriptions
     gen = lambda ps, **kw: decode(tok, generate_ids(model, tok, ps, new_tokens=new_tokens, **kw))  # noqa: E731
-    cell = lambda key, produce, **kw: run_cell(cache, f"{prefix}/{name}/{key}", model, tok, prompts, desc,  # noqa: E731
-                                                produce, **kw)
+
+    def cell(key, produce, **kw):
+        if cached_only:
+            return cache.get(f"{prefix}/{name}/{key}")
+        return run_cell(cache, f"{prefix}/{name}/{key}", model, tok, prompts, desc, produce, **kw)
+
     base = cell("unsteered", lambda: gen(prompts))
     prompted = cell("prompting", lambda: gen(fd.prompting(name, prompts)))
+    if base is None or prompted is None:
+        return []
     b = base["summary"]
     rows = [{"concept": name, "arm": "unsteered", "setting": 0.0, **b},
             {"concept": name, "arm": "prompting", "setting": math.nan, **prompted["summary"]}]
@@ -108,12 +130,20 @@ def run_concept(name: str, arms: list[Arm], model, tok, prompts: list[str], cach
             return cell(f"{arm.key(model)}/{fmt_setting(s)}", produce, meta={"arm": arm.label, "setting": s})
 
         kw = {} if grid is None else {"grid": grid}
-        if not refine:
-            kw.update(max_up=0, max_down=0)
-        cells = sweep_arm(arm, run, b["ppl_alone"], **kw) if refine else {s: run(s) for s in (grid or [arm.start])}
+        if cached_only:  # every setting of this arm in the cache
+            folder = cache.path(f"{prefix}/{name}/{arm.key(model)}", "")
+            cells = {s: run(s) for s in sorted(float(p.stem) for p in folder.glob("*.json"))}
+        elif plan is not None:
+            cells = {s: run(s) for s in plan.get(arm.label, ())}
+        elif refine:
+            cells = sweep_arm(arm, run, b["ppl_alone"], **kw)
+        else:
+            cells = {s: run(s) for s in (grid or [arm.start])}
         for s, c in cells.items():
-            rows.append({"concept": name, "arm": arm.label, "setting": s, **c["summary"]})
-        print(f"  {name} / {arm.label}: {len(cells)} settings ({time.perf_counter() - t0:.0f}s)", flush=True)
+            if c is not None:
+                rows.append({"concept": name, "arm": arm.label, "setting": s, **c["summary"]})
+        if not cached_only:
+            print(f"  {name} / {arm.label}: {len(cells)} settings ({time.perf_counter() - t0:.0f}s)", flush=True)
     for r in rows:
         r["ratio"] = r["ppl_alone"] / b["ppl_alone"]
         r["ratio_prompt"] = r["ppl"] / b["ppl"]
@@ -135,7 +165,9 @@ def frontier_table(rows: list[dict]) -> list[dict]:
 
 def goal_cells(rows: list[dict], arm_label: str) -> list[dict]:
     """The goal per concept: ``arm_label`` at strength 1 has presence >= 0.9 at ppl_alone <= 1.75x unsteered, and
-    its frontier is at or above every peer's at every budget up to 2x (the smallest margin and where)."""
+    its frontier is at or above every peer's at every budget up to 2x (the smallest margin and where).
+    ``distinct@1``: distinct-2 at strength 1 as a multiple of unsteered (below 0.8: the continuations of different
+    prompts converge on the same phrases, a cost that perplexity does not see)."""
     out = []
     for name in dict.fromkeys(r["concept"] for r in rows):
         mine = [r for r in rows if r["concept"] == name]
@@ -154,6 +186,7 @@ def goal_cells(rows: list[dict], arm_label: str) -> list[dict]:
         out.append({
             "concept": name, "presence@1": at1["presence"] if at1 else math.nan,
             "ratio@1": at1["ratio"] if at1 else math.nan, "ratio_prompt@1": at1["ratio_prompt"] if at1 else math.nan,
+            "distinct@1": at1["distinct_2"] / base["distinct_2"] if at1 else math.nan,
             "strength-1 goal": bool(at1 and at1["presence"] >= GOAL["presence"] and at1["ratio"] <= GOAL["ppl_ratio"]),
             "min margin vs peers": margin if peers else math.nan, "at budget": where,
         })
@@ -219,7 +252,7 @@ def plot(rows: list[dict], folder: Path, highlight: str | None = None) -> list[P
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concepts", default=",".join(fd.BENCHMARK_CONCEPTS))
-    parser.add_argument("--arms", default="defaults,auto,all-norms,defaults-pairs",
+    parser.add_argument("--arms", default="defaults,paper,all-norms,defaults-pairs",
                         help=f"actsteer arms ({', '.join(ACTSTEER_ARMS)}); peers follow with --peers")
     parser.add_argument("--peers", default="all", help="'all', 'none', or 'unmatched'/'pairs' (one data kind)")
     parser.add_argument("--prompts", default="frontier", help="prompt set: frontier (48 held out) or dev (24)")
@@ -229,13 +262,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--figures", default=None, help="folder for the PNGs (needs matplotlib)")
     parser.add_argument("--out", default=None, help="write the rows and tables as JSON here")
     parser.add_argument("--reduced", action="store_true",
-                        help="the CI version: food, 12 prompts, 24 tokens, defaults at 0.5/1 + prompting, no peers")
+                        help="the CI version: food, 12 prompts, 24 tokens, defaults at 0.5/1, paper sites at 1, prompting; no peers")
+    parser.add_argument("--fixed", action="store_true", help="the fixed settings of FIXED per arm, no adaptive sweep")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="tables and plots from the cells already in --cache; run nothing")
     parser.add_argument("--check", action="store_true",
                         help="check each library's unsteered output = plain HF generate (on the first concept)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.reduced:
-        args.concepts, args.arms, args.peers, args.n_prompts, args.new_tokens = "food", "defaults", "none", 12, 24
+        args.concepts, args.arms, args.peers, args.n_prompts, args.new_tokens = "food", "defaults,paper", "none", 12, 24
     threads = int(os.environ.get("ACTSTEER_THREADS", "1"))
     t0 = time.perf_counter()
     model, tok = load_model(threads)
@@ -252,10 +288,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.concepts.split(","):
         print(f"## {name}: {len(prompts)} prompts, {len(arms)} arms", flush=True)
         if args.reduced:
-            rows += run_concept(name, arms, model, tok, prompts, cache, prefix, args.new_tokens, refine=False,
-                                grid=(0.5, 1.0))
+            rows += run_concept(name, arms, model, tok, prompts, cache, prefix, args.new_tokens, plan=REDUCED)
         else:
-            rows += run_concept(name, arms, model, tok, prompts, cache, prefix, args.new_tokens)
+            rows += run_concept(name, arms, model, tok, prompts, cache, prefix, args.new_tokens,
+                                plan=FIXED if args.fixed else None, cached_only=args.cached_only)
         if args.check and not checks:  # once: the decoding path does not depend on the concept
             steerers = {a.label: Steerer(a, name, model, tok, prompts, cache) for a in arms}
             checks[name] = check_unsteered(model, tok, prompts, cache, name, steerers, args.new_tokens)
@@ -269,7 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
     default_label = ACTSTEER_ARMS["defaults"].label
     goal = goal_cells(rows, default_label)
     print(f"\n# Goal ({default_label}): strength 1 presence >= 0.9 at <= 1.75x; frontier vs peers up to 2x")
-    print(markdown(goal, list(goal[0])))
+    if goal:
+        print(markdown(goal, list(goal[0])))
     result = {"args": vars(args), "prompts": len(prompts), "seconds": time.perf_counter() - t0, "rows": rows,
               "frontier": table, "goal": goal, "checks": checks}
     if args.figures:
