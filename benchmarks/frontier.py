@@ -193,6 +193,28 @@ def goal_cells(rows: list[dict], arm_label: str) -> list[dict]:
     return out
 
 
+def concept_tables(rows: list[dict]) -> str:
+    """Per concept, one compact table (what RESULTS.md shows): presence, ppl alone and given the prompt, distinct-2,
+    each perplexity and distinct-2 as a multiple of unsteered; settings left out of the frontier (distinct-2 below
+    0.8x unsteered: the continuations of different prompts converge on the same phrases) say "(repetitive)"."""
+    out = []
+    for name in dict.fromkeys(r["concept"] for r in rows):
+        mine = [r for r in rows if r["concept"] == name]
+        base = next(r for r in mine if r["arm"] == "unsteered")
+        out += [f"\n**{name}** (unsteered: presence {base['presence']:.2f}, ppl alone {base['ppl_alone']:.2f}, "
+                f"given the prompt {base['ppl']:.2f}, distinct-2 {base['distinct_2']:.2f})\n",
+                "| method | setting | presence | ppl alone (x) | ppl given prompt (x) | distinct-2 (x) |",
+                "|---|---|---|---|---|---|"]
+        for r in mine:
+            if r["arm"] == "unsteered":
+                continue
+            setting = "-" if math.isnan(r["setting"]) else f"{r['setting']:g}"
+            flag = "" if r["ok"] else " (repetitive)"
+            out.append(f"| {r['arm']} | {setting} | {r['presence']:.2f} | {r['ratio']:.2f} | {r['ratio_prompt']:.2f} | "
+                       f"{r['distinct_2'] / base['distinct_2']:.2f}{flag} |")
+    return "\n".join(out)
+
+
 def markdown(rows: list[dict], cols: list[str]) -> str:
     def fmt(v):
         if isinstance(v, bool):
@@ -300,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
     cols = ["concept", "arm", "setting", "presence", "score", "ppl_alone", "ratio", "ppl", "ratio_prompt",
             "distinct_2", "ok"]
     print(markdown(rows, cols))
+    print(concept_tables(rows))
     print("\n# Frontier: best presence within ppl_alone <= B x unsteered (distinct-2 >= 0.8x)")
     print(markdown(table, ["concept", "arm"] + [f"@{b:g}x" for b in BUDGETS]))
     default_label = ACTSTEER_ARMS["defaults"].label

@@ -11,7 +11,7 @@ import math
 import pytest
 
 from benchmarks import frontier_data as fd
-from benchmarks.frontier import frontier, frontier_table, goal_cells
+from benchmarks.frontier import concept_tables, frontier, frontier_table, goal_cells
 from benchmarks.frontier_arms import Arm, actsteer_arm, site_strengths, sweep_arm
 from benchmarks.frontier_cells import Cache
 from benchmarks.frontier_sites import subsets
@@ -120,3 +120,12 @@ def test_data_prompts_held_out_and_concepts_complete():
         assert len(target) >= 48, concept.name
         assert not (set(frontier_prompts) | set(dev)) & (set(target) | neutral)
     assert fd.prompting("food", ["Once"]) == ["The following text is about food and cooking.\nOnce"]
+
+
+def test_concept_tables_show_multiples_of_unsteered_and_mark_repetitive_settings():
+    rows = [_row("food", "unsteered", 0.0, 0.0, 10), _row("food", "ours", 1.0, 0.9, 15),
+            _row("food", "peer", 2.0, 1.0, 12, ok=False)]
+    text = concept_tables(rows)
+    assert "| ours | 1 | 0.90 | 1.50 | 1.50 | 1.00 |" in text
+    assert "| peer | 2 | 1.00 | 1.20 | 1.20 | 0.50 (repetitive) |" in text
+    assert "unsteered" not in text.split("|", 1)[1]  # the unsteered row heads the table, it is not a row of it
