@@ -18,7 +18,7 @@ from .core import __version__
 
 from typing import Any
 
-from .core import Steering, SteeringHandle, Transport, UnitMap, estimate, list_sites
+from .core import Steering, SteeringHandle, Transport, UnitMap, estimate, keep_context, list_sites
 
 # Host-layer entry points, imported on first use so that `import actsteer.core` (and `import actsteer`) load no
 # transformers/diffusers glue: `actsteer.attach` also dispatches pipelines, so it lives in hf_integration.
@@ -55,6 +55,7 @@ __all__ = [
     "fit_lm",
     "fit_pipeline",
     "from_comfy",
+    "keep_context",
     "list_sites",
     "steer",
     "strength_grid",

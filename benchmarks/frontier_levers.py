@@ -29,11 +29,11 @@ def layers(first: int, last: int, kind: str = "input_layernorm") -> list[str]:
 
 
 LEVERS = {
-    "auto": actsteer_arm("auto (mlp)", modules="auto"),
+    "auto": actsteer_arm("paper sites (mlp; auto before issue 22)", modules="paper"),
     "all-norms": actsteer_arm("all-norms", modules="all-norms"),
     "all-norms/generated": actsteer_arm("all-norms, generated tokens", modules="all-norms", apply_to="generated"),
     "all-norms/prompt": actsteer_arm("all-norms, prompt tokens", modules="all-norms", apply_to="prompt"),
-    "auto/generated": actsteer_arm("auto, generated tokens", modules="auto", apply_to="generated"),
+    "auto/generated": actsteer_arm("paper sites, generated tokens", modules="paper", apply_to="generated"),
     "norms-no-final": actsteer_arm("decoder norms (no final norm)", modules=NORMS),
     "post-norms": actsteer_arm("post-norms", modules="post-norms"),
     "input-norms": actsteer_arm("input norms", modules=[NORMS[0]]),

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..core import ForwardContext, fit, locate, method_defaults, model_record
+from ..core import FIT_METHODS, ForwardContext, canonical_method, fit, lineas_config, locate, method_defaults, model_record
 from .checks import diffusion_model
 from .patching import KEY, transformer_options_of
 from ..archs.detect import family, module_arch
@@ -193,6 +193,7 @@ def learn(
     fit_mode: str = "sequential",
     batch_size: int = 0,
     settings: CollectSettings = CollectSettings(),
+    options: dict[str, Any] | None = None,
 ) -> tuple[Any, Timing]:
     """Fit a transport from source prompts to target prompts by sampling ``model`` through ComfyUI.
 
@@ -203,7 +204,9 @@ def learn(
         sites: site names of ``model.model.diffusion_model`` (see `presets.preset_sites`).
         method, support: passed to `actsteer.estimate`; ``support`` None (or ``"method default"``) takes the
             method's own (`actsteer.core.method_defaults`), which also sets the pooling: the mean over
-            tokens/pixels, the max for AurA.
+            tokens/pixels, the max for AurA. ``"lineas"`` trains every layer's map jointly through the diffusion
+            model (``fit_mode`` does not apply; see `actsteer.core.LineasConfig`).
+        options: method options (``{"knots": 8}`` for quantile, `LineasConfig` fields for lineas).
         fit_mode: ``"sequential"`` (one call with ``collect_steps == 1``, one call per site otherwise) or ``"at-once"``.
         batch_size: items per sampler call; 0 = all items in one call (cheapest).
         settings: sampling and pooling settings.
@@ -237,7 +240,10 @@ def learn(
     batches = math.ceil(n_items / bs)
     sequential = fit_mode == "sequential"
     one_pass = s.collect_steps == 1
-    if not sequential:
+    if canonical_method(method) in FIT_METHODS:  # LinEAS: a target pass, a center pass, then training passes
+        config = lineas_config(options)
+        expected_calls = batches * (2 + config.steps + config.steps // config.eval_every + 1)
+    elif not sequential:
         expected_calls = batches * s.collect_steps
     elif batches == 1 and one_pass:
         expected_calls = 1
@@ -298,6 +304,7 @@ def learn(
     transport = fit(
         dm, sites, items_source, items_target, run=run, method=method, support=support, pooling=defaults["pooling"],
         sequential=sequential, batch_size=None if bs >= n_items else bs, one_pass=one_pass, progress=False,
+        estimate_options=options,
         model_info=_model_info(model, dm),
         description=f"{len(source)} source vs {len(target)} target prompts, learned in ComfyUI",
         # in ComfyUI the core's one "fitted in N s" figure would include prompt encoding and sampling: this node

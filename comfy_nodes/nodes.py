@@ -13,7 +13,7 @@ import time
 
 from comfy_api.latest import io, ui
 
-from ..core import ESTIMATORS, shorten
+from ..core import ESTIMATORS, FIT_METHODS, shorten
 from . import learn_cache
 from .checks import diffusion_model, for_artist
 from .file_nodes import ActSteerLoad, ActSteerSave
@@ -89,8 +89,11 @@ class ActSteerLearn(io.ComfyNode):
                 io.String.Input("target_prompts", multiline=True, default="",
                                 tooltip="The same prompts WITH the wanted style/concept (or without the one to "
                                         "remove), one per line, in the same order"),
-                io.Combo.Input("method", options=list(ESTIMATORS), default="linear-act",
-                               tooltip="linear-act is the paper's method; the others are baselines"),
+                io.Combo.Input("method", options=[*ESTIMATORS, *FIT_METHODS], default="linear-act",
+                               tooltip="linear-act is the paper's method; quantile: the exact monotone map per unit "
+                                       "(bends with the data instead of a straight line); lineas: all layers trained "
+                                       "together through the model (minutes, not seconds; keeps only the layers that "
+                                       "help); the others are baselines"),
                 io.Combo.Input("layers", options=list(LAYER_PRESETS), default="auto", tooltip=LAYERS_TOOLTIP),
                 io.String.Input("layer_regex", default="",
                                 tooltip="With layers = regex: a regex matched in full against layer names of the "

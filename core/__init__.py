@@ -5,16 +5,20 @@ This package is the one face of the core: the host layers (``hf_integration``, `
 so that the modules can change behind these names. Who owns what:
 
 - maps: `UnitMap`, `Transport` (``transport.py``); folding a strength and the per-call formula (``folding.py``);
-  the per-token formula over stacked transports, for servers (`stacked_affine`, `stack_directions`,
-  ``stacked.py``);
+  the exact 1-D map `QuantileMap` (``quantile.py``) and its folding and formula (``quantile_folding.py``); the
+  per-token formula over stacked transports, for servers (`stacked_affine`, `stack_directions`, ``stacked.py``:
+  affine maps only);
 - estimation: `estimate`, `ESTIMATORS`, `method_defaults` (``estimators.py``); pooling (``pooling.py``);
+  LinEAS, all sites trained jointly through the model: `LineasConfig` (``lineas.py``, ``lineas_parts.py``);
 - steering: `Steering` and strength checks (``steering.py``); `attach`, `steer`, `bind`, `SteeringHandle`
-  (``engine.py``, with ``dispatch.py`` and ``apply.py`` behind it);
+  (``engine.py``, with ``dispatch.py`` and ``apply.py`` behind it); `keep_context` for streamed generators
+  (``streams.py``);
 - recording and fitting: `collect`, `record_sites`, `Recorder`, `ForwardContext` (``record.py``); `fit`
   (``fitting.py``);
 - diffusion steps: `StepClock`, `check_steps`, `locate` (``steps.py``, the one clock of fitting and steering);
 - sites: `list_sites`, `resolve_sites`, the one width rule `infer_width` and the one check `validate` (``sites.py``);
-- files: `read_header`, `resolve_path` (``io.py``), `check_transport`, `shorten` (``validation.py``);
+- files: `read_header`, `resolve_path` (``io.py``), `check_transport`, `shorten`, `printable` (``validation.py``: what a
+  usable file is, and the one way to show text that came from one);
 - provenance: `model_record`, `naming_of`, `fitted_on` (``provenance.py``).
 
 Example:
@@ -27,11 +31,14 @@ Example:
 
 from ._version import __version__
 from .engine import SteeringHandle, attach, bind, steer, steering_of
-from .estimators import ESTIMATORS, Support, canonical_method, estimate, method_defaults
+from .estimators import ESTIMATORS, FIT_METHODS, Support, canonical_method, estimate, method_defaults
 from .fitting import fit
 from .folding import HALF_DTYPES, FoldedMap, in_support
 from .io import read_header, resolve_path
+from .lineas import LineasConfig, lineas_config
 from .pooling import pool
+from .quantile import QuantileMap
+from .quantile_folding import FoldedQuantile
 from .provenance import fitted_on, fitted_on_note, model_name, model_record, naming_of
 from .record import ForwardContext, Recorder, collect, record_sites
 from .sites import (
@@ -48,12 +55,18 @@ from .sites import (
 )
 from .stacked import stack_directions, stacked_affine
 from .steering import SiteStrength, Steering, SteeringLike, as_steerings, check_strength
+from .streams import keep_context
 from .steps import StepClock, Steps, Window, check_steps, in_window, locate
 from .transport import Transport, UnitMap
-from .validation import check_transport, shorten
+from .validation import check_transport, printable, shorten
 
 __all__ = [
     "ESTIMATORS",
+    "FIT_METHODS",
+    "FoldedQuantile",
+    "LineasConfig",
+    "QuantileMap",
+    "lineas_config",
     "HALF_DTYPES",
     "FoldedMap",
     "ForwardContext",
@@ -88,6 +101,7 @@ __all__ = [
     "in_window",
     "infer_width",
     "iter_site_modules",
+    "keep_context",
     "list_sites",
     "locate",
     "method_defaults",
@@ -97,6 +111,7 @@ __all__ = [
     "parse_site",
     "pool",
     "present_sites",
+    "printable",
     "read_header",
     "record_sites",
     "resolve_path",

@@ -133,8 +133,8 @@ def make_applier(
         calls[site] = calls.get(site, 0) + 1
         return _apply(fitted, x, apply_to, positions() if apply_to != "all" else None)
 
-    if fm.rows is not None or apply_to != "all":
-        return general
+    if fm.rows is not None or apply_to != "all" or not isinstance(fm, FoldedMap):
+        return general  # per-row strengths, token positions, or a piecewise map (`FoldedQuantile.apply_last`)
     # the common case, specialised so that a call is a shape check, a counter and the formula with its tensors bound
     # (`bind_affine`: one addcmul; plus clamp, an in-place compare and an in-place lerp for a support range)
     kernel = bind_affine(fm.weight, fm.bias, fm.lo if fm.masked else None, fm.hi if fm.masked else None, x.dtype)

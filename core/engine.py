@@ -9,8 +9,10 @@
 The first binding that needs a module installs ONE dispatcher on it (`actsteer.core.dispatch`: a forward hook, plus
 a forward pre-hook where a binding asked for a per-call callback); the last binding to leave removes it. Calls without steering pay a
 context-variable read and a dict lookup while it is installed, nothing once it is gone. A deep copy of a model made
-meanwhile is never steered (dispatch is by module identity) and loses the dispatcher at its first call or when the
-original's steering ends; pickling writes a standard-library no-op in its place, so no actsteer state is saved.
+meanwhile is not steered by the original's bindings (dispatch is by module identity) but can be steered in its own
+right like any model; it loses the original's dispatcher at its first call or when the original's steering ends.
+Pickling writes a standard-library no-op in its place, so no actsteer state is saved (steering the loaded model
+again removes those no-ops).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from .apply import RowLayout, make_applier, transport_traced
-from .dispatch import CURRENT, DISPATCHERS, LOCK, PAUSED, Frame, dispatcher_of
+from .dispatch import CURRENT, DISPATCHERS, LOCK, PAUSED, Frame, dispatcher_of, read
 from .sites import element, iter_site_modules, replace_element, validate
 from .steering import (
     SiteStrength,
@@ -90,6 +92,8 @@ class SteeringHandle:
         self._positions: tuple[int, int] | None = None
         self._attached = False
         self.active = True
+        self.seen = False  # a call of the model reached this (request-scoped) binding
+        self._checked: str | None = None  # the last site whose first steered call stayed finite (`_check_finite`)
         self.calls: dict[str, int] = {}
         plans: dict[torch.nn.Module, list[tuple[int, str, int | None]]] = {}
         for i, st in enumerate(self._steerings):
@@ -150,6 +154,7 @@ class SteeringHandle:
                 folded[(i, site)] = None if is_zero(s) else unit_map.fold(s, device=device)
         self._folded = folded
         self._cast = {k: v for k, v in self._cast.items() if k[0] not in indices}
+        self._checked = None  # every first call is checked again, in execution order
 
     # switches -----------------------------------------------------------------------------------------
     def set_enabled(self, index: int, enabled: bool) -> None:
@@ -191,7 +196,7 @@ class SteeringHandle:
             self._callbacks.setdefault(module, []).append(callback)
             if first:
                 d = dispatcher_of(module)
-                d.acquire("call")
+                d.acquire("call", request=self.scope == "request")
                 if self.scope == "model":
                     d.model_calls = d.model_calls + (self,)
         if first and self.scope == "request":
@@ -225,7 +230,7 @@ class SteeringHandle:
     def _run(self, module: torch.nn.Module, output: Any) -> Any:
         if not (self.active and self._attached):
             return output
-        if self._windowed and id(module) in PAUSED.get().get(self._key, ()):
+        if self._windowed and id(module) in read(PAUSED).get(self._key, ()):
             return output
         if torch.compiler.is_compiling():
             return self._run_traced(module, output)
@@ -236,9 +241,12 @@ class SteeringHandle:
                 continue
             x = out if k is None and isinstance(out, torch.Tensor) else element(out, k, site)
             apply = cast.get((i, site, x.dtype, x.device))
-            if apply is None:
+            if apply is None:  # the first call of this fold, dtype and device: check what it gives once
                 apply = self._transport(i, site, x)
-            new = apply(x)
+                new = apply(x)
+                _check_finite(self, i, site, x, new)
+            else:
+                new = apply(x)
             if new is not x:
                 out = new if k is None else replace_element(out, k, new)
         return out
@@ -296,7 +304,7 @@ class SteeringHandle:
                         )
             for module in self._plans:
                 d = dispatcher_of(module)
-                d.acquire("site")
+                d.acquire("site", request=self.scope == "request")
                 if self.scope == "model":
                     d.model_handle = self
             self._attached = True
@@ -326,13 +334,13 @@ class SteeringHandle:
                     continue
                 if d.model_handle is self:
                     d.model_handle = None
-                d.release("site")
+                d.release("site", request=self.scope == "request")
             for module in self._callbacks:
                 d = DISPATCHERS.get(module)
                 if d is None:
                     continue
                 d.model_calls = tuple(h for h in d.model_calls if h is not self)
-                d.release("call")
+                d.release("call", request=self.scope == "request")
         paused = PAUSED.get()
         if self._key in paused:
             PAUSED.set({k: v for k, v in paused.items() if k is not self._key})
@@ -342,6 +350,29 @@ class SteeringHandle:
                 sites = {m: h for m, h in frame.sites.items() if h is not self}
                 calls = {m: tuple(h for h in hs if h is not self) for m, hs in frame.calls.items()}
                 CURRENT.set(Frame(sites, {m: hs for m, hs in calls.items() if hs}))
+
+    def close_request(self) -> None:
+        """Remove a request-scoped handle at the end of its ``with`` block (`steer`), first warning where steering
+        was silently lost: the block ended in another thread/task than it began (a generator pulled item by item
+        by a server), or no call of the model ever reached it (the calls ran in other threads or tasks)."""
+        if self._attached and self.scope == "request":
+            frame = CURRENT.get()
+            if not any(h is self for h in frame.sites.values()):
+                logger.warning(
+                    "actsteer: a steer() block ended in another thread or task than the one it began in (a generator "
+                    "pulled item by item by a server, as Starlette's StreamingResponse does, runs each item in a "
+                    "fresh context): the calls made after its first item were NOT steered. Wrap the generator in "
+                    "actsteer.keep_context(...), or steer inside each item (README: 'Streaming servers')"
+                )
+            elif not self.seen:
+                logger.warning(
+                    "actsteer: a steer() block ended without steering any call of its model (sites %s): calls made "
+                    "in other threads or tasks (loop.run_in_executor, a Thread running generate() for a "
+                    "TextIteratorStreamer, a server's thread pool) were NOT steered. Pass steering= to generate() in "
+                    "that thread, or run the work in contextvars.copy_context().run (README: 'Streaming servers')",
+                    ", ".join(self.sites[:3]) + (", ..." if len(self.sites) > 3 else ""),
+                )
+        self.remove()
 
     def __enter__(self) -> SteeringHandle:
         return self
@@ -354,6 +385,44 @@ class SteeringHandle:
             f"SteeringHandle(scope={self.scope!r}, sites={len(self.sites)}, strength={self.strength!r}, "
             f"attached={self.is_attached})"
         )
+
+
+def _check_finite(handle: SteeringHandle, i: int, site: str, x: torch.Tensor, new: torch.Tensor) -> None:
+    """Refuse a fold whose first call turns finite activations into inf/NaN (beyond the dtype's range): a model
+    would otherwise run on, silently producing NaN logits or black images. One host sync per fold, dtype and
+    device (never per call); skipped while a CUDA graph is captured. Activations that reach a steered site
+    already non-finite are blamed on steering only where an earlier steered site of this handle stayed finite
+    (steered values that fit the dtype can still overflow the layers between two sites, e.g. the product of an
+    MLP's steered gate and up projections); a model whose own activations were non-finite before any steered site
+    is not blamed. The applier is forgotten, so every later call is refused too.
+
+    Raises:
+        ValueError: naming the site, the strength and what to do.
+    """
+    if new is x or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    if bool(torch.isfinite(new).all()):
+        handle._checked = site
+        return
+    upstream, reached = handle._checked, bool(torch.isfinite(x).all())
+    if not reached and (upstream is None or upstream == site):
+        return  # the model's own activations were not finite before steering touched them
+    handle._cast.pop((i, site, x.dtype, x.device), None)
+    st = handle._steerings[i]
+    strength = site_strength(st.strength, site)
+    shown = f"{strength:g}" if isinstance(strength, float) else "the per-row strengths"
+    if not reached:
+        raise ValueError(
+            f"Site {site!r}: at strength {shown} the activations reaching it are inf/NaN: steering at {upstream!r} "
+            f"(upstream) stays within {x.dtype} but the layers in between overflow its range "
+            f"(+-{torch.finfo(x.dtype).max:.3g}); run the model in float32 (if it runs in half precision) or use a "
+            "smaller strength, or check the transport's omega and beta (actsteer inspect FILE)"
+        )
+    raise ValueError(
+        f"Site {site!r}: at strength {shown} the transport sends this call's finite activations beyond the range of "
+        f"{x.dtype} (+-{torch.finfo(x.dtype).max:.3g}: inf/NaN outputs); run the model in float32 (if it runs in half "
+        "precision) or use a smaller strength, or check the transport's omega and beta (actsteer inspect FILE)"
+    )
 
 
 def bind(
@@ -431,7 +500,10 @@ def steer(model: torch.nn.Module, transport: SteeringLike, strength: SiteStrengt
 
     Other threads and tasks using the same model object at the same time are not affected; hooks are removed
     on exit, also when the body raises. Work handed to another thread inside the block is not steered unless
-    it runs in a copy of this context (``contextvars.copy_context().run``, ``asyncio.to_thread``).
+    it runs in a copy of this context (``contextvars.copy_context().run``, ``asyncio.to_thread``); a generator
+    that opens the block and is pulled item by item in fresh contexts (a server's streamed response) needs
+    `actsteer.keep_context`. A block that ends without steering any call of the model, or in another thread or
+    task than it began in, logs a warning that says so (steering was lost).
 
     Example:
         >>> import torch, actsteer
@@ -446,8 +518,10 @@ def steer(model: torch.nn.Module, transport: SteeringLike, strength: SiteStrengt
     handle = bind(model, transport, strength, scope="request")
     try:
         yield handle
-    finally:
+    except BaseException:
         handle.remove()
+        raise
+    handle.close_request()
 
 
 def steering_of(module: torch.nn.Module) -> list[SteeringHandle]:

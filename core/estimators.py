@@ -12,11 +12,12 @@ from typing import Any, Literal, Union
 
 import torch
 
+from .quantile import DEFAULT_KNOTS, quantile_map
 from .transport import UnitMap
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["linear-act", "mean-act", "gaussian-ot", "actadd", "caa", "itic", "aura"]
+Method = Literal["linear-act", "quantile", "mean-act", "gaussian-ot", "actadd", "caa", "itic", "aura", "lineas"]
 Support = Union[Literal["observed", "all"], Sequence[float]]
 
 # A source unit whose spread is below this fraction of the data's scale is treated as constant ("dead").
@@ -31,7 +32,12 @@ _ALIASES = {
     "mean_ot": "mean-act", "mean": "mean-act", "meanact": "mean-act",
     "gaussian_ot": "gaussian-ot", "gaussian": "gaussian-ot",
     "iti-c": "itic", "iti_c": "itic", "act-add": "actadd",
+    "quantile-act": "quantile", "quantile_act": "quantile", "monotone": "quantile",
+    "linear-eas": "lineas", "lin-eas": "lineas",
 }
+
+# Methods that are not a per-site estimator: they train every site at once through the model (`actsteer.core.fit`).
+FIT_METHODS = ("lineas",)
 
 
 # Per-method defaults when the caller does not choose (one owner for fit_lm, fit_pipeline and the ComfyUI
@@ -39,6 +45,8 @@ _ALIASES = {
 # the additive baselines' usual all-reals application (their strength is an unbounded multiplier).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "linear-act": {"pooling": "mean", "support": "observed"},
+    "quantile": {"pooling": "mean", "support": "observed"},
+    "lineas": {"pooling": "mean", "support": "observed"},
     "mean-act": {"pooling": "mean", "support": "observed"},
     "gaussian-ot": {"pooling": "mean", "support": "observed"},
     "actadd": {"pooling": "last", "support": "all"},
@@ -62,8 +70,8 @@ def canonical_method(method: str) -> str:
         raise TypeError(f"`method` must be a method name such as 'linear-act', got {type(method).__name__}")
     key = method.strip().lower()
     key = _ALIASES.get(key, key)
-    if key not in ESTIMATORS:
-        raise ValueError(f"Unknown method {method!r}; choose one of: {', '.join(ESTIMATORS)}")
+    if key not in ESTIMATORS and key not in FIT_METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of: {', '.join([*ESTIMATORS, *FIT_METHODS])}")
     return key
 
 
@@ -231,6 +239,13 @@ def _aura(a: torch.Tensor, b: torch.Tensor, **_: Any) -> tuple[torch.Tensor, tor
     return omega, torch.zeros_like(omega), torch.zeros_like(omega, dtype=torch.bool)
 
 
+@_register("quantile")
+def _quantile(a: torch.Tensor, b: torch.Tensor, **_: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The quantile map's affine part: Linear-AcT's fit (the tails' slope and the affine summary); `estimate` adds
+    the knots (`actsteer.core.quantile.quantile_map`)."""
+    return _linear_act(a, b)
+
+
 def source_auroc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-unit AUROC of telling source (positive) from target by the raw value: P(a > b) + P(a == b) / 2."""
     sb = b.sort(dim=0).values.T.contiguous()  # (D, m)
@@ -289,14 +304,17 @@ def estimate(
     Args:
         source (`torch.Tensor` of shape `(n, D)`): one pooled activation row per source input.
         target (`torch.Tensor` of shape `(m, D)`): one row per target input; ``m`` may differ from ``n``.
-        method: ``"linear-act"`` (the paper's Linear-AcT, default), ``"mean-act"``, ``"gaussian-ot"``, or the
-            baselines ``"actadd"``, ``"caa"``, ``"itic"``, ``"aura"`` (ACT_SPEC.md section 2).
+        method: ``"linear-act"`` (the paper's Linear-AcT, default), ``"quantile"`` (the exact monotone 1-D map per
+            unit, a `QuantileMap`), ``"mean-act"``, ``"gaussian-ot"``, or the baselines ``"actadd"``, ``"caa"``,
+            ``"itic"``, ``"aura"`` (ACT_SPEC.md section 2). ``"lineas"`` is not a per-site estimator: it trains all
+            sites through the model (`actsteer.core.fit`).
         support: where the map applies: ``"observed"`` (source min..max, Q_o, default: safe at strength 1),
             ``"all"`` (all reals, Q_inf), or a quantile band ``(q_lo, q_hi)`` of the source.
-        **options: method options (``pair`` for actadd, ``l2``/``max_iter`` for itic).
+        **options: method options (``pair`` for actadd, ``l2``/``max_iter`` for itic, ``knots`` for quantile:
+            the number of quantile levels, default 8).
 
     Returns:
-        A `UnitMap` with float32 tensors of shape ``(D,)``.
+        A `UnitMap` with float32 tensors of shape ``(D,)`` (a `QuantileMap` for ``"quantile"``).
 
     Raises:
         ValueError: on NaN/Inf, fewer than 2 rows, mismatched widths, or an unknown method/support.
@@ -310,6 +328,15 @@ def estimate(
         True
     """
     name = canonical_method(method)
+    if name in FIT_METHODS:
+        raise ValueError(
+            f"{name!r} trains every site at once through the model, not one site from pooled activations: use "
+            f"actsteer.fit_lm/fit_pipeline(..., method={name!r}) or actsteer.core.fit(..., method={name!r})"
+        )
+    options = dict(options)
+    knots = options.pop("knots", DEFAULT_KNOTS) if name == "quantile" else None
+    if knots is not None and (isinstance(knots, bool) or not isinstance(knots, int) or knots < 2):
+        raise ValueError(f"`knots` must be an integer >= 2, got {knots!r}")
     a, b = _check_inputs("source", source), _check_inputs("target", target)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"`source` has {a.shape[1]} units but `target` has {b.shape[1]}; they must come from the same site")
@@ -322,4 +349,7 @@ def estimate(
             "%s: %d of %d units have (near-)constant source values; mapped as a pure mean shift instead of "
             "dividing by ~0", name, int(dead.sum()), dead.numel(),
         )
-    return UnitMap(omega=omega, beta=beta, lo=lo, hi=hi, target_lo=target_lo, target_hi=target_hi, dead=dead)
+    bounds = {"lo": lo, "hi": hi, "target_lo": target_lo, "target_hi": target_hi}
+    if name == "quantile":
+        return quantile_map(a, b, omega=omega, beta=beta, dead=dead, bounds=bounds, knots=knots)
+    return UnitMap(omega=omega, beta=beta, dead=dead, **bounds)

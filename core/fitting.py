@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .engine import steering_of
 from .estimators import Support, canonical_method, estimate
+from .lineas import fit_lineas, lineas_config
 from .pooling import check_pooling
 from .provenance import model_record
 from .record import ForwardContext, Recorder, record_sites
@@ -52,6 +54,19 @@ def _select_source_rows(x: torch.Tensor, ctx: ForwardContext, is_source: torch.T
     return new
 
 
+def _refuse_steered(model: torch.nn.Module) -> None:
+    """A fit records the model's own activations: refuse a model that a call made here would steer."""
+    handles = steering_of(model)
+    if handles:
+        sites = [s for h in handles for s in h.sites]
+        raise RuntimeError(
+            f"The model is being steered ({', '.join(sites[:3])}{', ...' if len(sites) > 3 else ''}: "
+            f"{' and '.join(sorted({'attach()' if h.scope == 'model' else 'steer()' for h in handles}))}); remove its "
+            "steering (leave the steer() block, or handle.remove()) before fitting: a fit records the model's own "
+            "activations"
+        )
+
+
 def fit(
     model: torch.nn.Module,
     sites: Sequence[str],
@@ -71,7 +86,7 @@ def fit(
     estimate_options: dict[str, Any] | None = None,
     log_summary: bool = True,
 ) -> Transport:
-    """Fit one `UnitMap` per site from two collections of inputs.
+    """Fit one `UnitMap` per site from two collections of inputs (or train them all at once: ``method="lineas"``).
 
     Args:
         model: the module whose submodules are hooked (site names are relative to it).
@@ -79,7 +94,9 @@ def fit(
         source, target: the inputs (any objects the runner understands, e.g. texts), at least 2 each.
         run: ``run(items, ctx)`` runs the model on a list of items (source items first, then target ones,
             within a batch). It may set ``ctx.mask``/``ctx.rows``/``ctx.active`` before the forward call.
-        method, support: passed to `actsteer.estimate`.
+        method, support: passed to `actsteer.estimate`; ``method="lineas"`` instead trains every site's affine map
+            jointly through the model (`actsteer.core.lineas.fit_lineas`; ``sequential``/``one_pass`` do not apply,
+            ``estimate_options`` are `LineasConfig` fields such as ``{"steps": 100}``).
         pooling: ``"mean"`` (default), ``"last"``, ``"max"``, ``"min"``; see `actsteer.core.pooling.pool`.
         sequential: causal estimation in execution order (default) or all sites at once.
         batch_size: items per forward call; None = all in one call (cheapest for sequential fitting).
@@ -89,13 +106,18 @@ def fit(
         progress: show tqdm progress bars.
         model_info: hint stored in the transport's metadata (class, name_or_path, hidden size, ...).
         description: free text stored in the metadata.
-        estimate_options: extra options for the estimator (e.g. ``{"pair": 0}`` for actadd).
+        estimate_options: extra options for the estimator (e.g. ``{"pair": 0}`` for actadd, ``{"knots": 8}`` for
+            quantile, `LineasConfig` fields for lineas).
         log_summary: log the one ``info`` line "fitted ... in N s" (hosts that time the parts of a longer run,
             e.g. the ComfyUI Learn node, log their own line instead).
 
     Returns:
         A `Transport` whose sites are in execution order. ``transport.extra["fit"]`` records the cost:
         ``forward_calls`` (runner calls) and ``forward_equivalents`` (calls weighted by how far they ran).
+
+    Raises:
+        KeyError: a site's module does not exist. ValueError: fewer than 2 inputs a side, a bad batch size.
+        RuntimeError: the model is being steered here (`steer`/`attach`): the fit would record steered activations.
 
     Example:
         >>> import torch, actsteer
@@ -118,6 +140,12 @@ def fit(
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size}")
     iter_site_modules(model, sites)  # KeyError with near misses on a bad name, before anything runs
+    _refuse_steered(model)
+    if method == "lineas":
+        return fit_lineas(model, sites, source, target, run=run, pooling=pooling, support=support,
+                          config=lineas_config(estimate_options), batch_size=batch_size, progress=progress,
+                          model_info=model_info or model_record(model), description=description,
+                          log_summary=log_summary)
     items = source + target
     labels = torch.tensor([True] * len(source) + [False] * len(target))
     bs = len(items) if batch_size is None else min(batch_size, len(items))

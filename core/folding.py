@@ -115,8 +115,9 @@ class FoldedMap:
         half-precision ``x``.
 
         Raises:
-            ValueError: in half precision, when the map sends a finite end of its support beyond the dtype's range
-                (checked eagerly; while torch.compile traces, the check is left to the eager calls).
+            ValueError: in half precision, when the map sends a finite end of its support (all reals: 0 or 1)
+                beyond the dtype's range (checked eagerly; while torch.compile traces, the check is left to the
+                eager calls).
         """
         rows = None if self.rows is None else self.rows.to(device=device)
         if dtype not in HALF_DTYPES:
@@ -136,9 +137,13 @@ class FoldedMap:
     def _cast_half(self, device: torch.device | str | None, dtype: torch.dtype, *, check: bool) -> tuple:
         weight, bias = self.weight.to(device=device, dtype=torch.float32), self.bias.to(device=device, dtype=torch.float32)
         lo, hi = self.lo.to(device=device, dtype=torch.float32), self.hi.to(device=device, dtype=torch.float32)
-        if self.masked and check:
+        if check:
             limit = torch.finfo(dtype).max
-            for end in (lo, hi):
+            # a ranged map: where it sends the finite ends of its support; an all-reals map: where it sends 0 (its
+            # offset) and 1 (a slope beyond the range overflows every activation of size 1 or more). Outputs of the
+            # first call are checked too (`actsteer.core.engine`), for all-reals maps on real activations.
+            ends = (lo, hi) if self.masked else (torch.zeros_like(bias), torch.ones_like(bias))
+            for end in ends:
                 finite = torch.isfinite(end)
                 mapped = torch.where(finite, torch.addcmul(bias, end, weight), torch.zeros_like(bias))
                 if bool((mapped.abs() > limit).any()):
@@ -231,9 +236,11 @@ def _row_table(strength: torch.Tensor, device: torch.device | None = None) -> tu
 
 
 # Folding ----------------------------------------------------------------------------------------------------
-def fold(unit_map: UnitMap, strength: Any = 1.0, *, device: torch.device | str | None = None) -> FoldedMap:
+def fold(unit_map: UnitMap, strength: Any = 1.0, *, device: torch.device | str | None = None) -> Any:
     """``unit_map`` at ``strength``: ``weight = 1 + s(omega - 1)``, ``bias = s * beta`` (float32, on ``device``: CPU
-    by default), with the support the strength's direction uses.
+    by default), with the support the strength's direction uses. A `QuantileMap` folds into a
+    `actsteer.core.quantile_folding.FoldedQuantile` instead (its own ``_fold_scalar``/``_stack_folds``); the strength
+    checks and the caches here are shared.
 
     A negative strength folds the inverse map ``a = (z - beta) / omega`` at ``|s|`` on the target support; units
     with ``omega`` ~ 0 cannot be inverted and stay the identity. ``strength`` may be a tensor of shape ``(R,)``
@@ -267,11 +274,11 @@ def fold(unit_map: UnitMap, strength: Any = 1.0, *, device: torch.device | str |
     return _fold_value(unit_map, float(s), device)
 
 
-def _fold_value(unit_map: UnitMap, value: float, device: torch.device | None = None) -> FoldedMap:
+def _fold_value(unit_map: UnitMap, value: float, device: torch.device | None = None) -> Any:
     cache = _fold_cache(unit_map)
     folded = cache.get((value, device))
     if folded is None:
-        folded = FoldedMap(*_fold_scalar(unit_map, torch.tensor(value, dtype=torch.float64)))
+        folded = unit_map._fold_scalar(value)  # the map's own kind: affine here, piecewise for a QuantileMap
         if device is not None:
             folded = folded.to(device)
         folded = _remember(cache, (value, device), folded)
@@ -279,21 +286,30 @@ def _fold_value(unit_map: UnitMap, value: float, device: torch.device | None = N
 
 
 def _fold_rows(unit_map: UnitMap, values: tuple[float, ...], rows: torch.Tensor,
-               device: torch.device | None = None) -> FoldedMap:
+               device: torch.device | None = None) -> Any:
     cache = _fold_cache(unit_map)
     tables = cache.get((values, device))
     if tables is None:
         folds = [_fold_value(unit_map, v, device) for v in values]
-        signs = {v > 0 for v in values if v != 0}
-        if len(signs) < 2:  # one support for every row (rows at 0 are the identity whatever the bounds)
-            shared = folds[values.index(next((v for v in values if v != 0), values[0]))]
-            lo, hi, masked = shared.lo, shared.hi, shared.masked
-        else:
-            lo, hi = torch.stack([f.lo for f in folds]), torch.stack([f.hi for f in folds])
-            masked = any(f.masked for f in folds)
-        tables = _remember(cache, (values, device), FoldedMap(
-            torch.stack([f.weight for f in folds]), torch.stack([f.bias for f in folds]), lo, hi, masked))
+        tables = _remember(cache, (values, device), unit_map._stack_folds(folds, values))
     return tables.with_rows(rows)
+
+
+def stack_affine(folds: list[FoldedMap], values: tuple[float, ...]) -> FoldedMap:
+    """The per-row tables of affine folds, one row per distinct strength in ``values`` (see `FoldedMap`)."""
+    signs = {v > 0 for v in values if v != 0}
+    if len(signs) < 2:  # one support for every row (rows at 0 are the identity whatever the bounds)
+        shared = folds[values.index(next((v for v in values if v != 0), values[0]))]
+        lo, hi, masked = shared.lo, shared.hi, shared.masked
+    else:
+        lo, hi = torch.stack([f.lo for f in folds]), torch.stack([f.hi for f in folds])
+        masked = any(f.masked for f in folds)
+    return FoldedMap(torch.stack([f.weight for f in folds]), torch.stack([f.bias for f in folds]), lo, hi, masked)
+
+
+def fold_affine(unit_map: UnitMap, value: float) -> FoldedMap:
+    """The affine ``unit_map`` at the scalar strength ``value`` (not cached; `fold` caches)."""
+    return FoldedMap(*_fold_scalar(unit_map, torch.tensor(value, dtype=torch.float64)))
 
 
 def inverse_affine(omega: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,15 +1,25 @@
 """The transport file format: safetensors tensors + JSON metadata in the header (`save_transport`, `read_transport`;
 `Transport.save` and `Transport.load` call them). Never pickles.
 
-Layout (format version 1): tensors ``maps.{i}.{field}`` for the i-th site in order and each `UnitMap`
-field; the header's ``__metadata__`` holds ``format = "actsteer.transport"``, ``format_version``,
-``actsteer_version`` and ``transport`` (JSON: method, pooling, support, mode, sites, counts, model, ...).
+Layout: tensors ``maps.{i}.{field}`` for the i-th site in order and each `UnitMap` field, all of shape ``(D,)``;
+the header's ``__metadata__`` holds ``format = "actsteer.transport"``, ``format_version``, ``actsteer_version``,
+``transport`` (JSON: method, pooling, support, mode, sites, counts, model, ...) and ``tensors_sha256``, a checksum of
+the tensor data (`tensors_digest`) that `read_transport` verifies: a file damaged after saving (a flipped bit in a
+copy or a download) is refused. Files written by earlier versions of actsteer (and by other tools) have no checksum
+and load unchecked. The checksum guards against damage, not against a forger, who can rewrite it.
+
+Format version 2 adds, for the sites that are a `QuantileMap`, the tensors ``maps.{i}.knots`` and
+``maps.{i}.values`` of shape ``(K, D)``. A file is written as version 2 only when it holds such a site, so affine
+transports stay version 1 and older actsteer releases keep reading them; a release that only knows version 1
+refuses a version-2 file (rather than silently applying the affine part alone).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from collections.abc import Callable
@@ -17,15 +27,41 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .validation import check_metadata, check_site_list, check_transport, check_unit_map, shorten
+from .validation import (
+    check_metadata,
+    check_site_list,
+    check_transport,
+    check_unit_map,
+    parse_metadata,
+    printable,
+    shorten,
+)
 
 if TYPE_CHECKING:
     from .transport import Transport, UnitMap
 
 FORMAT = "actsteer.transport"
-FORMAT_VERSION = 1
-FIELDS = ("omega", "beta", "lo", "hi", "target_lo", "target_hi", "dead")  # the tensors of a site, format version 1
+FORMAT_VERSION = 2  # the newest version this release reads
+FIELDS = ("omega", "beta", "lo", "hi", "target_lo", "target_hi", "dead")  # the tensors of every site
+PIECEWISE_FIELDS = ("knots", "values")  # version 2: the (K, D) tensors of a QuantileMap site
 _METADATA_KEYS = ("method", "pooling", "support", "mode", "n_source", "n_target", "model", "description", "extra")
+CHECKSUM = "tensors_sha256"  # the header key of `tensors_digest`
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of the tensors as a file stores them: each name, dtype, shape and its bytes, in name order.
+
+    Example:
+        >>> len(tensors_digest({"maps.0.omega": torch.ones(3)}))
+        64
+    """
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
 
 def _version() -> str:
     from ._version import __version__
@@ -53,16 +89,22 @@ def save_transport(transport: Transport, path: str | Path, *, overwrite: bool = 
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or choose another name")
     tensors: dict[str, torch.Tensor] = {}
+    version = 1
     for i, site in enumerate(transport):
-        unit_map = transport[site]
-        for field in FIELDS:
-            value = getattr(unit_map, field)
+        fields = transport[site].to_tensors()
+        unknown = sorted(set(fields) - set(FIELDS) - set(PIECEWISE_FIELDS))
+        if unknown:
+            raise ValueError(f"site {shorten(site)!r}: this format cannot hold the map's fields {unknown}")
+        if any(f in fields for f in PIECEWISE_FIELDS):
+            version = 2
+        for field, value in fields.items():
             tensors[f"maps.{i}.{field}"] = value.to(torch.uint8) if field == "dead" else value.contiguous()
     header = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(version),
         "actsteer_version": _version(),
         "transport": json.dumps(transport.metadata()),
+        CHECKSUM: tensors_digest(tensors),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".actsteer-", suffix=".tmp", dir=path.parent)
@@ -124,9 +166,11 @@ def read_transport(
     (what `Transport.load` builds from them).
 
     Every file is checked before it is trusted: the header's sites are unique, printable, reasonably short
-    names; every site has all its tensors, each of shape ``(D,)`` with the same D; ``omega`` and ``beta`` are
-    finite and the support bounds are not NaN (they may be +-inf) with ``lo <= hi``; no tensors belong to sites
-    the header does not list; the metadata fields have their types and sane sizes.
+    names; every site has all its tensors, each of shape ``(D,)`` with the same D (plus, in version 2, either both
+    or none of ``knots``/``values``, of shape ``(K, D)`` with ``K >= 2``, finite and non-decreasing); ``omega`` and
+    ``beta`` are finite and the support bounds are not NaN (they may be +-inf) with ``lo <= hi``; no tensors belong
+    to sites the header does not list, and no site has tensors its format version does not define; the metadata
+    fields have their types and sane sizes.
 
     Raises:
         FileNotFoundError, IsADirectoryError, PermissionError: the file cannot be opened.
@@ -138,19 +182,16 @@ def read_transport(
 
     path = resolve_path(path)
     meta = read_header(path)
-    version = meta.get("format_version", "")
-    if not version.isdigit() or int(version) > FORMAT_VERSION:
-        raise ValueError(
-            f"{path} uses transport format version {shorten(version)!r} (written by actsteer "
-            f"{shorten(meta.get('actsteer_version', '?'), 40)}); this actsteer reads versions up to {FORMAT_VERSION}: "
-            "upgrade actsteer"
-        )
-    try:
-        info = json.loads(meta["transport"])
-        sites = info.pop("sites")
-    except (KeyError, json.JSONDecodeError, AttributeError, TypeError) as err:
-        raise ValueError(f"{path}: the transport metadata is corrupt ({shorten(str(err))})") from None
-    sites = check_site_list(path, sites)
+    version = check_format_version(path, meta)
+    checksum = meta.get(CHECKSUM)
+    if checksum is not None and not re.fullmatch(r"[0-9a-f]{64}", checksum):
+        raise ValueError(f"{path}: malformed checksum {printable(checksum)!r} in the header ({CHECKSUM}); the file is "
+                         "damaged: get it again or fit the transport again")
+    info = parse_metadata(path, meta.get("transport"))
+    if not isinstance(info, dict) or "sites" not in info:
+        raise ValueError(f"{path}: the transport metadata is corrupt (no site list); the file is damaged: fit the "
+                         "transport again")
+    sites = check_site_list(path, info.pop("sites"))
     check_metadata(path, info)
     known = {k: v for k, v in info.items() if k in _METADATA_KEYS}
     unknown = {k: v for k, v in info.items() if k not in _METADATA_KEYS}
@@ -166,10 +207,22 @@ def read_transport(
                     f"{path}: holds tensors ({shorten(', '.join(stray))}) of sites its header does not list "
                     f"({len(sites)} sites); the file is damaged: fit the transport again"
                 )
+            allowed = set(FIELDS) | (set(PIECEWISE_FIELDS) if int(version) >= 2 else set())
             for i, site in enumerate(sites):
                 missing = [fld for fld in FIELDS if f"maps.{i}.{fld}" not in keys]
                 if missing:
                     raise ValueError(f"{path}: tensors {missing} of site {shorten(site)!r} are missing; the file is incomplete")
+                own = {k.rsplit(".", 1)[1] for k in keys if _site_index(k) == i}
+                foreign = sorted(own - allowed)
+                if foreign:
+                    raise ValueError(
+                        f"{path}: site {shorten(site)!r} holds tensors {shorten(str(foreign))} that format version "
+                        f"{version} does not define; the file is damaged: fit the transport again"
+                    )
+            if checksum is not None:
+                _verify(path, {k: f.get_tensor(k) for k in keys}, checksum)
+            for i, site in enumerate(sites):
+                own = {k.rsplit(".", 1)[1] for k in keys if _site_index(k) == i}
                 fields = {fld: f.get_tensor(f"maps.{i}.{fld}") for fld in FIELDS}
                 shapes = {fld: tuple(t.shape) for fld, t in fields.items()}
                 if len(set(shapes.values())) != 1 or len(shapes["omega"]) != 1:
@@ -178,6 +231,20 @@ def read_transport(
                         "the same D); the file is damaged: fit the transport again"
                     )
                 fields["dead"] = fields["dead"].bool()
+                piecewise = [fld for fld in PIECEWISE_FIELDS if fld in own]
+                if piecewise:
+                    if len(piecewise) != len(PIECEWISE_FIELDS):
+                        raise ValueError(f"{path}: site {shorten(site)!r} has {piecewise} but not all of "
+                                         f"{list(PIECEWISE_FIELDS)}; the file is incomplete")
+                    extra = {fld: f.get_tensor(f"maps.{i}.{fld}") for fld in PIECEWISE_FIELDS}
+                    d = shapes["omega"][0]
+                    if any(t.dim() != 2 or t.shape[1] != d or t.shape[0] < 2 for t in extra.values()):
+                        raise ValueError(
+                            f"{path}: site {shorten(site)!r} is malformed (knots/values shapes "
+                            f"{[tuple(t.shape) for t in extra.values()]}; each must be (K, {d}) with K >= 2); the file "
+                            "is damaged: fit the transport again"
+                        )
+                    fields.update(extra)
                 try:
                     maps[site] = make_map(**fields)
                 except (TypeError, ValueError, RuntimeError) as err:
@@ -193,6 +260,36 @@ def read_transport(
     except Exception as err:
         raise ValueError(f"{path}: could not read the tensors ({shorten(str(err), 200)}); the file may be corrupt") from None
     return path, maps, known
+
+
+def check_format_version(path: str | Path, meta: dict[str, str]) -> int:
+    """The header's format version, a whole number this actsteer reads.
+
+    Raises:
+        ValueError: a version that is not a whole number >= 1 ("malformed": a damaged file), or one newer than
+            `FORMAT_VERSION` (upgrade actsteer).
+    """
+    version = meta.get("format_version", "")
+    if not re.fullmatch(r"[0-9]{1,9}", version) or int(version) < 1:
+        raise ValueError(
+            f"{path}: malformed format version {printable(version)!r} in the header (a whole number such as "
+            f"'{FORMAT_VERSION}' is expected); the file is damaged or was not written by actsteer"
+        )
+    if int(version) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} uses transport format version {version!r} (written by actsteer "
+            f"{printable(meta.get('actsteer_version', '?'), 40)}); this actsteer reads versions up to {FORMAT_VERSION}: "
+            "upgrade actsteer"
+        )
+    return int(version)
+
+
+def _verify(path: Path, tensors: dict[str, torch.Tensor], checksum: str) -> None:
+    if tensors_digest(tensors) != checksum:
+        raise ValueError(
+            f"{path}: the tensor data does not match the checksum in its header ({CHECKSUM}): the tensor data was "
+            "changed after it was saved (a damaged copy or download); get the file again or fit the transport again"
+        )
 
 
 def _site_index(key: str) -> int | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .validation import shorten
+from .validation import printable
 
 if TYPE_CHECKING:
     from .transport import Transport
@@ -66,9 +66,7 @@ def fitted_on(transport: Transport) -> str:
     name = model_name(transport)
     if name is None:
         return "an unknown model"
-    text = shorten(name, 200)
-    if not text.isprintable():
-        text = repr(text)[1:-1]
+    text = printable(name, 200)
     return f"{text} (ComfyUI)" if naming_of(transport) == "comfyui" else text
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -39,10 +40,45 @@ def get_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
         raise KeyError(missing_site_message(model, name)) from None
 
 
+def look_alike(given: str, close: str) -> str:
+    r"""How ``given`` differs from a near miss ``close`` that may look identical (a Cyrillic 'а' for a Latin 'a', a
+    no-break space): the characters that differ, by code point; empty when the difference is plain to see.
+
+    Example:
+        >>> print(look_alike("l\u0430yers", "layers").strip())
+        (character 2 is '\u0430' (U+0430 CYRILLIC SMALL LETTER A), not 'a' (U+0061 LATIN SMALL LETTER A))
+        >>> look_alike("layres", "layers")
+        ''
+    """
+    if given.isascii() and given.isprintable():
+        return ""
+    matcher = difflib.SequenceMatcher(None, given, close, autojunk=False)
+    shown = []
+    for op, i1, i2, j1, j2 in matcher.get_opcodes():
+        if op == "equal":
+            continue
+        mine, theirs = given[i1:i2], close[j1:j2]
+        if all(ch.isascii() and ch.isprintable() for ch in mine):
+            continue  # a visible typo: the name itself shows it
+        what = ", ".join(_spell(ch) for ch in mine[:3]) or "nothing"
+        instead = ", ".join(_spell(ch) for ch in theirs[:3]) or "nothing"
+        shown.append(f"character {i1 + 1} is {what}, not {instead}")
+    return f" ({'; '.join(shown[:3])})" if shown else ""
+
+
+def _spell(ch: str) -> str:
+    """One character as ``'\\u0430' (U+0430 CYRILLIC SMALL LETTER A)``: escaped, with its code point and name."""
+    return f"'{ch.encode('unicode_escape').decode('ascii')}' (U+{ord(ch):04X} {unicodedata.name(ch, 'unnamed')})"
+
+
+def _closest(name: str, names: Sequence[str], cutoff: float) -> str:
+    close = difflib.get_close_matches(name, names, n=3, cutoff=cutoff)
+    return f"; closest: {', '.join(repr(c) for c in close)}{look_alike(name, close[0])}" if close else ""
+
+
 def missing_site_message(model: torch.nn.Module, name: str) -> str:
     names = [n for n, _ in model.named_modules() if n]
-    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
-    hint = f"; closest: {', '.join(repr(c) for c in close)}" if close else ""
+    hint = _closest(name, names, 0.6)
     return (
         f"Site {name!r} not found in {type(model).__name__} ({len(names)} submodules){hint}; "
         "see actsteer.list_sites(model)"
@@ -98,8 +134,7 @@ def resolve_sites(model: torch.nn.Module, patterns: str | Sequence[str]) -> list
                 raise ValueError(f"Bad site pattern {pattern!r}: {err}") from None
             hits = [n for n in names if rx.fullmatch(n)]
         if not hits:
-            close = difflib.get_close_matches(module_rx, names, n=3, cutoff=0.5)
-            hint = f"; closest: {', '.join(repr(c) for c in close)}" if close else ""
+            hint = _closest(module_rx, names, 0.5)
             raise ValueError(
                 f"Site pattern {pattern!r} matches no module of {type(model).__name__}{hint}; "
                 "see actsteer.list_sites(model)"

@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal, Union
 
 import torch
 
 from .transport import Strength, Transport
+from .validation import shorten
 
 SiteStrength = Union[Strength, Mapping[str, Strength]]
 ApplyTo = Literal["all", "prompt", "generated"]
@@ -172,6 +174,19 @@ def as_steerings(steering: SteeringLike, strength: SiteStrength = 1.0) -> list[S
     """Normalise a Transport, a Steering, or a list of them; bare transports take ``strength``."""
     if steering is None:
         raise TypeError("Nothing to steer with: got None; pass a Transport, a Steering, or a list of them")
+    if isinstance(steering, Mapping) and not isinstance(steering, Transport):
+        raise TypeError(
+            "Expected a Transport, a Steering or a list of them, got a dict; for per-site strengths pass "
+            "Steering(transport, strength={site: value}) ('*' sets the default)"
+        )
+    if isinstance(steering, (str, bytes, Path)):
+        raise TypeError(
+            f"Expected a Transport, a Steering or a list of them, got a {type(steering).__name__} {shorten(str(steering))!r}; "
+            "load the file first: actsteer.Transport.load(path)"
+        )
+    if not isinstance(steering, (Transport, Steering, Iterable)):
+        hint = "; the strength is its own argument (or Steering(transport, strength))" if isinstance(steering, numbers.Real) else ""
+        raise TypeError(f"Expected a Transport, a Steering or a list of them, got a {type(steering).__name__}{hint}")
     items = [steering] if isinstance(steering, (Transport, Steering)) else list(steering)
     if not items:
         raise ValueError("Nothing to steer with: got an empty list of transports")

@@ -15,8 +15,8 @@ from typing import Any, Union
 
 import torch
 
-from .folding import FoldedMap, fold
-from .validation import shorten
+from .folding import FoldedMap, fold, fold_affine, stack_affine
+from .validation import printable, shorten
 
 Strength = Union[float, torch.Tensor]
 
@@ -91,6 +91,14 @@ class UnitMap:
         """
         return fold(self, strength, device=device)
 
+    def _fold_scalar(self, value: float) -> FoldedMap:
+        """This map at one scalar strength, uncached (`fold` caches; a `QuantileMap` folds its own kind)."""
+        return fold_affine(self, value)
+
+    def _stack_folds(self, folds: list[FoldedMap], values: tuple[float, ...]) -> FoldedMap:
+        """Per-row tables of this map's folds at ``values`` (one per distinct strength)."""
+        return stack_affine(folds, values)
+
     def __call__(self, x: torch.Tensor, strength: Strength = 1.0) -> torch.Tensor:
         """Transport the last dim of ``x`` (..., D) at ``strength``; returns a new tensor in ``x``'s dtype.
 
@@ -115,6 +123,20 @@ class UnitMap:
 
 
 UNITMAP_FIELDS = tuple(f.name for f in dataclasses.fields(UnitMap))
+
+
+def map_from_tensors(**tensors: torch.Tensor) -> UnitMap:
+    """The map whose fields are exactly ``tensors``: a `UnitMap`, or the subclass with those extra fields (a
+    `actsteer.core.QuantileMap` for ``knots`` and ``values``); what `Transport.load` builds each site with.
+
+    Raises:
+        ValueError: no kind of map has these fields.
+    """
+    names = set(tensors)
+    for cls in (UnitMap, *UnitMap.__subclasses__()):
+        if {f.name for f in dataclasses.fields(cls)} == names:
+            return cls(**tensors)
+    raise ValueError(f"no kind of map has the tensors {sorted(names)}")
 
 
 class Transport(Mapping[str, UnitMap]):
@@ -244,7 +266,7 @@ class Transport(Mapping[str, UnitMap]):
         """Read a file written by `save` (``.safetensors`` may be left out). Never unpickles anything."""
         from .io import read_transport
 
-        path, maps, metadata = read_transport(path, UnitMap)
+        path, maps, metadata = read_transport(path, map_from_tensors)
         try:
             return cls(maps, **metadata)
         except (TypeError, ValueError) as err:
@@ -255,9 +277,9 @@ class Transport(Mapping[str, UnitMap]):
             return NotImplemented
         if self.metadata() != other.metadata():
             return False
-        return all(
-            torch.equal(getattr(self[s], f), getattr(other[s], f)) for s in self for f in UNITMAP_FIELDS
-        )
+        return all(type(self[s]) is type(other[s]) and all(
+            torch.equal(a, b) for a, b in zip(self[s].to_tensors().values(), other[s].to_tensors().values()))
+            for s in self)
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -266,7 +288,7 @@ class Transport(Mapping[str, UnitMap]):
         first = ", ".join(list(self._maps)[:3]) + (", ..." if len(self) > 3 else "")
         from .provenance import model_name
 
-        hint = model_name(self) or "?"
+        hint = printable(model_name(self) or "?", 120)
         return (
             f"Transport(method={self.method!r}, sites={len(self)} [{first}], units={units}, "
             f"pooling={self.pooling!r}, support={self.support!r}, mode={self.mode!r}, "

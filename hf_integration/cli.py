@@ -21,15 +21,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..core import resolve_path, shorten
+from ..core import printable, resolve_path
 from .presets import preset_names
 from .cli_checks import (
     CliError,
     Parser,
+    check_options,
     check_output,
     finite_float,
     one_line,
     parse_floats,
+    parse_option,
     parse_support,
     positive_int,
     read_examples,
@@ -103,12 +105,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     target = read_examples(args.target, "--target")
     check_balance(len(source), len(target))
     method = canonical_method(args.method)
+    options = check_options(method, dict(args.option or []))
     _check_model(args)
     model, tokenizer = _load(args)
     modules = args.modules if args.modules in preset_names() else args.modules.split(",")
     transport = fit_lm(model, tokenizer, source, target, modules=modules, method=method, pooling=args.pooling,
                        support=args.support, sequential=not args.at_once, batch_size=args.batch_size,
-                       max_length=args.max_length, description=args.description)
+                       max_length=args.max_length, description=args.description, options=options or None)
     try:
         path = transport.save(out, overwrite=args.overwrite)
     except FileExistsError:  # created by someone else while fitting
@@ -157,15 +160,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     header = read_header(path)
     meta = transport.metadata()
     meta.pop("sites")
-    print(f"{path} (format v{header.get('format_version')}, written by actsteer {shorten(header.get('actsteer_version', '?'), 40)})")
+    # every text below came from the file: shown through `printable`, so it cannot drive the terminal
+    print(f"{printable(path, 400)} (format v{printable(header.get('format_version'), 12)}, written by actsteer "
+          f"{printable(header.get('actsteer_version', '?'), 40)})")
     for key, value in meta.items():
         if value not in ({}, "", None):
             text = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else str(value)
-            print(f"  {key}: {shorten(' '.join(text.split()), 200)}")
+            print(f"  {key}: {printable(' '.join(text.split()), 200)}")
     print(f"  sites: {len(transport)}, units: {sum(m.dim for m in transport.values())}")
+    knots = sorted({m.num_knots for m in transport.values() if hasattr(m, "num_knots")})
+    if knots:  # QuantileMap sites: the columns below show their affine summary (the Linear-AcT fit, the tails)
+        print(f"  quantile maps: {sum(hasattr(m, 'num_knots') for m in transport.values())} sites with "
+              f"{'/'.join(map(str, knots))} knots (omega and beta below: their affine summary and tail slope)")
     print(f"\n  {'site':<48} {'units':>6} {'mean|beta|':>11} {'omega range':>17} {'ranged':>7} {'dead':>5}")
     for row in summarize(transport):
-        print(f"  {shorten(row['site']):<48} {row['units']:>6} {row['mean_abs_beta']:>11.4f} "
+        print(f"  {printable(row['site']):<48} {row['units']:>6} {row['mean_abs_beta']:>11.4f} "
               f"{row['omega_min']:>8.3f}..{row['omega_max']:<7.3f} {row['ranged']:>6.0%} {row['dead']:>5}")
     return 0
 
@@ -215,7 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, help="source examples: .txt (one per line), .jsonl or a .json array")
     p.add_argument("--target", required=True, help="target examples: .txt (one per line), .jsonl or a .json array")
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
-    p.add_argument("--method", default="linear-act", help="linear-act (default), mean-act, gaussian-ot, actadd, caa, itic, aura")
+    p.add_argument("--method", default="linear-act",
+                   help="linear-act (default), quantile (the exact monotone map per unit), lineas (all sites trained "
+                        "jointly through the model: minutes, not seconds), mean-act, gaussian-ot, actadd, caa, itic, aura")
+    p.add_argument("--option", action="append", type=parse_option, metavar="KEY=VALUE",
+                   help="a method option, repeatable: knots=8 (quantile; more follow the data closer); steps=150, lr=0.1, l1=0.5, group=0.5 (lineas)")
     p.add_argument("--modules", default="auto", help=f"{', '.join(preset_names())}, or comma-separated regexes")
     p.add_argument("--support", default=None, type=parse_support,
                    help="observed, all, or q_lo,q_hi (default: observed for the AcT maps, all for the baselines)")

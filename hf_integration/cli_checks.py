@@ -82,6 +82,36 @@ def parse_support(value: str) -> Any:
     return (lo, hi)
 
 
+def parse_option(value: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of a method option: the value as an int, else a float, else the text (``steps=60``)."""
+    key, sep, raw = value.partition("=")
+    if not sep or not key.strip() or not raw.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. steps=60 or knots=16), got {value!r}")
+    for kind in (int, float):
+        try:
+            return key.strip(), kind(raw)
+        except ValueError:
+            pass
+    return key.strip(), raw.strip()
+
+
+def check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Method options checked before any model loads (``knots`` for quantile, `LineasConfig` fields for lineas)."""
+    from ..core import lineas_config
+
+    if method == "lineas":
+        try:
+            lineas_config(options)
+        except (TypeError, ValueError) as err:
+            raise CliError(f"--option: {err}") from None
+    elif method == "quantile":
+        unknown = sorted(set(options) - {"knots"})
+        knots = options.get("knots", 2)
+        if unknown or isinstance(knots, bool) or not isinstance(knots, int) or knots < 2:
+            raise CliError(f"--option: method quantile takes knots=N (an integer >= 2), got {options}")
+    return options
+
+
 def check_output(output: str | Path, *, overwrite: bool) -> Path:
     """The transport file ``-o`` names, checked before any model is loaded: a ``.safetensors`` name (added when
     there is no suffix), not a directory, not an existing file unless ``overwrite``, in a writable folder."""

@@ -109,6 +109,7 @@ def fit_lm(
     max_length: int = 128,
     progress: bool = True,
     description: str = "",
+    options: dict[str, Any] | None = None,
 ) -> Transport:
     """Fit a transport that moves ``source_texts``-like activations to ``target_texts``-like ones.
 
@@ -120,7 +121,9 @@ def fit_lm(
             of the middle two thirds of the layers, ``"mid-attn-norms"``; the paper's elsewhere), ``"paper"`` (the
             paper's sites: on Llama the MLP projections, ``"auto"`` before issue 22), a preset (``"attn-norms"``,
             ``"all-norms"``, ``"post-norms"``, ``"mlp"``), a regex, or a list of regexes/module names.
-        method: ``"linear-act"`` (default) or another `actsteer.estimate` method.
+        method: ``"linear-act"`` (default), another `actsteer.estimate` method (``"quantile"``: the exact monotone
+            map per unit), or ``"lineas"`` (all sites' affine maps trained jointly by backpropagation through the
+            model with a distributional loss and sparsity; minutes instead of seconds, see README "LinEAS").
         pooling: ``"mean"`` over real tokens, ``"last"``, ``"max"``, ``"min"``. Default: the method's own
             (mean for the AcT maps, last token for actadd/caa/itic, max for aura).
         support: ``"observed"``, ``"all"``, or a quantile band. Default: ``"observed"`` for the AcT maps (strength
@@ -131,6 +134,8 @@ def fit_lm(
             (``max_position_embeddings`` / ``n_positions``); a warning says when texts were cut to the context.
         progress: tqdm progress bars.
         description: free text stored in the file.
+        options: method options: ``{"knots": 8}`` for quantile, `actsteer.core.LineasConfig` fields (``steps``,
+            ``lr``, ``l1``, ``group``, ...) for lineas, ``{"pair": 0}`` for actadd.
 
     Returns:
         A `Transport` (sites in execution order; metadata records the model and the prompt counts).
@@ -168,6 +173,7 @@ def fit_lm(
             sequential=sequential,
             batch_size=batch_size,
             progress=progress,
+            estimate_options=options,
             model_info=model_info(model),
             description=description,
         )

@@ -15,6 +15,7 @@ import copyreg
 import inspect
 import logging
 import re
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -180,11 +181,36 @@ def denoiser_step(pipe: Any, args: tuple, kwargs: dict) -> tuple[int, int]:
     return locate(timestep, schedule, divisors=(1.0, 1000.0))
 
 
+_MAX_FRAMES = 64  # a pipeline's __call__ is a few frames above its denoiser's hooks (no_grad, hooks, _call_impl)
+
+
+def running_pipeline(denoiser: torch.nn.Module, name: str, default: Any) -> Any:
+    """The pipeline whose call is running ``denoiser`` now (the nearest caller frame of a pipeline ``__call__``
+    whose ``self.<name>`` is this module), else ``default`` (the denoiser called directly).
+
+    Pipelines that share their components and each have their own scheduler (the way to run calls at the same
+    time) run the same denoiser module: a step window must be located in the schedule of the call that runs it,
+    not in that of the pipeline passed to `steer`/`attach`. Called once per denoising step.
+    """
+    frame = sys._getframe(1)
+    for _ in range(_MAX_FRAMES):
+        if frame is None:
+            break
+        code = frame.f_code
+        if code.co_name == "__call__" and code.co_varnames[:1] == ("self",):
+            caller = frame.f_locals.get("self")
+            if getattr(caller, name, None) is denoiser and hasattr(caller, "scheduler"):
+                return caller
+        frame = frame.f_back
+    return default
+
+
 def _window_callback(pipe: Any, handle: SteeringHandle, window: Window, denoiser: str) -> Callable:
     under = denoiser + "."
 
     def before_denoiser(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        handle.set_active(in_window(window, *denoiser_step(pipe, args, kwargs)), under=under)  # for this call only
+        running = running_pipeline(module, denoiser, pipe)
+        handle.set_active(in_window(window, *denoiser_step(running, args, kwargs)), under=under)  # this call only
 
     return before_denoiser
 
@@ -218,7 +244,9 @@ def attach_pipeline(
         steps: ``(start, end)`` fractions of the scheduler's full schedule (0 = first step): the denoiser's
             sites are steered at step ``i`` of ``n`` when ``start <= i / n < end`` (img2img at strength 0.5 runs
             steps n/2..n; `actsteer.core.steps`); ``"all"`` (or None) steers every step. The window is per call:
-            concurrent calls never move each other's. Text-encoder sites run once per call, before the denoising
+            concurrent calls never move each other's, and each is located in the schedule of the pipeline call
+            that runs the denoiser (pipelines sharing ``pipe``'s components, each with its own scheduler, are
+            steered too, each in its own schedule). Text-encoder sites run once per call, before the denoising
             loop, and are steered whatever the window.
 
     Returns:
@@ -256,8 +284,10 @@ def steer_pipeline(
     try:
         setup(handle)
         yield handle
-    finally:
+    except BaseException:
         handle.remove()
+        raise
+    handle.close_request()  # warns where steering was lost (calls in other threads/tasks)
 
 
 def is_pipeline_steered(pipe: Any) -> bool:

@@ -7,11 +7,13 @@ they are what is tested; the kernels are eager ones, so outputs are bit-identica
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from torch.torch_version import TorchVersion
 from torch.testing import assert_close
 
 import actsteer
@@ -70,8 +72,43 @@ def test_compile_attach_matches_eager_and_strength_changes_never_recompile(llama
     assert "forward" not in model.model.norm.__dict__  # the compile marker leaves with the dispatcher
 
 
+# torch 2.14 is the first whose dynamo traces ContextVar.get, which request-scoped steering reads at each steered
+# module (a model steered only model-wide never reads it); the vLLM tier runs torch 2.13
+TRACES_CONTEXTVARS = TorchVersion(torch.__version__) >= "2.14"
+
+
+def _graph_breaks(model, ids) -> int:
+    torch._dynamo.reset()
+    return torch._dynamo.explain(model)(ids).graph_break_count
+
+
+@torch.no_grad()
+def test_compile_model_wide_steering_compiles_whole_on_every_torch(llama):
+    model, transport, ids = llama
+    with actsteer.attach(model, transport, strength=0.5):
+        assert _graph_breaks(model, ids) == 0
+
+
+@torch.no_grad()
+def test_compile_request_scoped_steering_compiles_whole_or_says_why(llama, caplog):
+    model, transport, ids = llama
+    expected = _eager(model, transport, ids, 0.5)
+    compiled = torch.compile(model, backend="eager")
+    with caplog.at_level(logging.WARNING, logger="actsteer"), actsteer.steer(model, transport, strength=0.5):
+        assert torch.equal(compiled(ids).logits, expected)  # right on every torch
+        breaks = _graph_breaks(model, ids)
+    warned = [r.getMessage() for r in caplog.records if "ContextVar" in r.getMessage()]
+    if TRACES_CONTEXTVARS:
+        assert breaks == 0 and not warned
+    else:  # torch 2.13: a graph break at every steered module, and one warning that says so and what to do
+        assert breaks > 0 and len(warned) == 1 and "needs torch >= 2.14" in warned[0] and "attach()" in warned[0]
+
+
 @torch.no_grad()
 def test_compile_request_scoped_steering_reuses_one_graph_across_requests(llama):
+    """Request scoping under compile; the graph counts from torch 2.14 on (before, dynamo cannot trace
+    ContextVar.get: every steered module breaks the graph, so only the outputs are compared). No skip: the main
+    tier fails on a skip that is not on its allow-list, and this test runs on every torch."""
     model, transport, ids = llama
     plain = model(ids).logits
     expected = {s: _eager(model, transport, ids, s) for s in (1.0, 0.25)}
@@ -92,12 +129,12 @@ def test_compile_request_scoped_steering_reuses_one_graph_across_requests(llama)
     assert torch.equal(seen["other"], plain)
     assert torch.equal(compiled(ids).logits, plain)
     # two more graphs: unsteered with the dispatcher in place (the other thread), and without it (now)
-    assert _graphs() == graphs + 2
+    assert _graphs() == graphs + 2 or not TRACES_CONTEXTVARS
     for _ in range(3):  # new requests, new handles: the cached graphs serve them
         with actsteer.steer(model, transport, strength=1.0):
             assert torch.equal(compiled(ids).logits, expected[1.0])
         assert torch.equal(compiled(ids).logits, plain)
-    assert _graphs() == graphs + 2
+    assert _graphs() == graphs + 2 or not TRACES_CONTEXTVARS
 
 
 @torch.no_grad()

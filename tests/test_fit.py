@@ -7,6 +7,8 @@ maps applied (in execution order), against target activations of the unsteered m
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -360,3 +362,20 @@ def test_fit_runner_with_extra_rows_asks_for_ctx_rows(swapped, data):
     with pytest.raises(ValueError, match=r"set ctx\.rows"):
         fit(swapped, ["a", "b"], source, target, run=doubled, progress=False)
     assert hook_count(swapped) == 0
+
+
+@pytest.mark.parametrize("how", ["steer", "attach"])
+def test_fit_refuses_a_model_that_is_being_steered(tiny_llama, how):
+    """Fitting inside steer()/attach() would record steered activations without a word (issue 21, item 7)."""
+    model, tok = tiny_llama
+    t = actsteer.fit_lm(model, tok, SOURCE, TARGET, progress=False)
+    with contextlib.ExitStack() as stack:
+        if how == "steer":
+            stack.enter_context(actsteer.steer(model, t))
+        else:
+            stack.callback(actsteer.attach(model, t).remove)
+        hooks = hook_count(model)
+        with pytest.raises(RuntimeError, match=rf"being steered \(model\..*: {how}\(\)\); remove its steering.*before fitting"):
+            actsteer.fit_lm(model, tok, SOURCE, TARGET, progress=False)
+        assert hook_count(model) == hooks
+    assert actsteer.fit_lm(model, tok, SOURCE, TARGET, progress=False) == t  # after the block: the same fit

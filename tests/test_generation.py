@@ -188,3 +188,20 @@ def test_text_generation_pipeline_passes_steering(tiny_lm_factory):
     steered = pipe("hello there", steering=actsteer.Steering(transport, 4.0), **kw)[0]["generated_text"]
     zero = pipe("hello there", steering=actsteer.Steering(transport, 0.0), **kw)[0]["generated_text"]
     assert steered != plain and zero == plain
+
+
+@pytest.mark.parametrize(("steering", "match"), [
+    ({"model.norm": 1.0}, r"got a dict.*per-site strengths.*Steering\(transport, strength=\{site: value\}\)"),
+    ("ocean.safetensors", r"got a str 'ocean\.safetensors'.*Transport\.load"),
+    (3.0, r"got a float.*strength"),
+    ([None], r"got NoneType"),
+], ids=["dict", "str", "number", "list-of-none"])
+def test_generate_steering_of_the_wrong_kind_says_what_it_got(tiny_llama, steering, match):
+    model, tok = tiny_llama
+    actsteer.enable_steering(model)
+    inputs = tok(PROMPTS, return_tensors="pt", padding=True)
+    with pytest.raises(TypeError, match=match):
+        _gen(model, inputs, steering=steering)
+    with pytest.raises(TypeError, match=match):
+        actsteer.steer(model, steering).__enter__()
+    assert _hooks(model) == 0

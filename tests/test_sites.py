@@ -198,3 +198,16 @@ class _Sized(nn.Module):
 )
 def test_sites_infer_width(module, width):
     assert infer_width(module) == width
+
+
+def test_sites_a_look_alike_name_says_which_character_differs(tiny_llama):
+    """A site typed with a Cyrillic 'а' looks like the real one: the message spells out the difference (issue 21)."""
+    model, _ = tiny_llama
+    fake = "model.l\u0430yers.0.mlp"  # CYRILLIC SMALL LETTER A
+    t = actsteer.Transport({fake: actsteer.UnitMap(torch.ones(64), torch.zeros(64))})
+    for call in (lambda: actsteer.steer(model, t).__enter__(), lambda: resolve_sites(model, [fake])):
+        with pytest.raises((KeyError, ValueError)) as info:
+            call()
+        message = info.value.args[0]  # (str() of a KeyError is the repr of its message)
+        assert "closest: 'model.layers.0.mlp'" in message
+        assert re.search(r"character 8 is '\\u0430' \(U\+0430 CYRILLIC SMALL LETTER A\), not 'a' \(U\+0061", message)

@@ -183,3 +183,108 @@ def test_half_precision_bounds_agree_with_float32_membership(dtype):
         got = model(x)
     assert torch.equal(got != x, inside & (got != x))  # nothing outside the float32 range moved
     assert bool((got[inside] != x[inside]).float().mean() > 0.99)  # (nearly) everything inside moved
+
+
+# Overflow of the steered output (issue 21, item 3): refused at the first call, naming the site ----------------------
+def _all_reals(d: int, omega: float, beta: float) -> UnitMap:
+    return UnitMap(torch.full((d,), omega), torch.full((d,), beta))
+
+
+@pytest.fixture
+def half_llama(tiny_lm_factory):
+    model, tok = tiny_lm_factory("llama", dtype=torch.float16)
+    return model, tok(["hello there", "steer me"], return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize(("omega", "beta", "strength", "static"), [
+    (1.0, 1e5, 1.0, True),  # an all-reals map whose offset alone leaves float16 (found before any output)
+    (40.0, 0.0, 1000.0, False),  # an accepted strength whose slope sends the prefill's activations past 65504
+], ids=["offset-beyond-range", "strength-1000"])
+@pytest.mark.parametrize("scope", ["steer", "attach", "generate"])
+def test_overflow_in_half_precision_is_refused_naming_the_site(half_llama, omega, beta, strength, static, scope):
+    model, ids = half_llama
+    t = Transport({"model.norm": _all_reals(64, omega, beta)})
+    plain = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    match = r"Site 'model\.norm': .*beyond the range of torch\.float16.*float32.*smaller strength"
+    with pytest.raises(ValueError, match=match):
+        if scope == "steer":
+            with actsteer.steer(model, t, strength=strength), torch.no_grad():
+                model(**ids)
+        elif scope == "attach":
+            with actsteer.attach(model, t, strength=strength), torch.no_grad():
+                for _ in range(2):  # refused at every call, not only the first (nothing cached)
+                    with pytest.raises(ValueError, match=match):
+                        model(**ids)
+                model(**ids)
+        else:
+            actsteer.enable_steering(model)
+            model.generate(**ids, max_new_tokens=4, do_sample=False, steering=actsteer.Steering(t, strength))
+    assert _hooks(model) == 0 and torch.equal(model.generate(**ids, max_new_tokens=4, do_sample=False), plain)
+
+
+def test_overflow_between_two_steered_sites_is_refused_naming_both(half_llama):
+    """Steered values that each fit float16 can overflow the layers between two sites: here the MLP multiplies its
+    steered gate and up projections (fit_lm's default sites), and the down projection receives inf. The issue's
+    case: an all-reals map at an accepted strength gave NaN logits and token 0 repeated, without a word."""
+    model, ids = half_llama
+    sites = ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]
+    widths = {s: getattr(model.get_submodule(s), "out_features") for s in sites}
+    t = Transport({s: _all_reals(widths[s], 60.0, 0.0) for s in sites})
+    plain = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    match = (r"Site 'model\.layers\.0\.mlp\.down_proj': at strength 1000 the activations reaching it are inf/NaN: "
+             r"steering at 'model\.layers\.0\.mlp\.up_proj' \(upstream\).*float32.*smaller strength")
+    actsteer.enable_steering(model)
+    with pytest.raises(ValueError, match=match):
+        model.generate(**ids, max_new_tokens=4, do_sample=False, steering=actsteer.Steering(t, 1000.0))
+    with actsteer.attach(model, t, strength=1000.0), torch.no_grad():
+        for _ in range(2):  # every call, not only the first
+            with pytest.raises(ValueError, match=match):
+                model(**ids)
+    with actsteer.steer(model, t, strength=0.001), torch.no_grad():  # a strength that fits runs, finite
+        assert torch.isfinite(model(**ids).logits).all()
+    assert _hooks(model) == 0 and torch.equal(model.generate(**ids, max_new_tokens=4, do_sample=False), plain)
+
+
+def test_overflow_of_a_float32_map_with_a_huge_omega_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    t = Transport({"1": UnitMap(torch.full((8,), 1.5), torch.zeros(8))})
+    path = t.save(tmp_path / "t")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    tensors["maps.0.omega"] = torch.full((8,), 1e38)  # finite float32: passed the NaN/Inf check
+    save_file(tensors, str(path), metadata={k: v for k, v in meta.items() if k != "tensors_sha256"})
+    with pytest.raises(ValueError, match=r"site '1' is unusable: `omega` has values of magnitude up to 1e\+38"):
+        Transport.load(path)
+    # built in memory (never loaded or saved): refused at the first call that overflows, naming the site
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Identity()).eval()
+    with actsteer.steer(model, Transport({"1": UnitMap(torch.full((8,), 1e38), torch.zeros(8))})), torch.no_grad():
+        with pytest.raises(ValueError, match=r"Site '1': .*beyond the range of torch\.float32"):
+            model(torch.randn(4, 5) * 100)
+
+
+def test_overflow_check_does_not_blame_steering_for_a_model_that_already_overflowed():
+    model = torch.nn.Sequential(torch.nn.Identity())
+    x = torch.tensor([[1.0, float("inf")], [float("nan"), 2.0]])
+    with actsteer.steer(model, Transport({"0": _all_reals(2, 2.0, 1.0)})):
+        out = model(x)
+    assert out[0, 0] == 3.0 and out[1, 1] == 5.0 and torch.isinf(out[0, 1]) and torch.isnan(out[1, 0])
+
+
+def test_overflow_check_runs_once_per_fold_not_per_call(monkeypatch, mlp, transport):
+    from actsteer.core import engine
+
+    seen = []
+    check = engine._check_finite
+    monkeypatch.setattr(engine, "_check_finite", lambda *a, **k: (seen.append(1), check(*a, **k))[1])
+    with actsteer.steer(mlp, transport) as handle, torch.no_grad():
+        for _ in range(5):
+            mlp(torch.randn(3, 5))
+        assert len(seen) == 1  # the first call checks; the next ones run the bound formula only (no host sync)
+        handle.strength = 0.5
+        for _ in range(3):
+            mlp(torch.randn(3, 5))
+        assert len(seen) == 2  # a new strength is a new fold: checked once again
+        mlp(torch.randn(3, 5, dtype=torch.float64).float())

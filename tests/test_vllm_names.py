@@ -390,3 +390,48 @@ def test_transport_store_refuses_sites_outside_the_plan_and_maps_that_are_not_af
     with pytest.raises(ValueError, match="a QuantileMap \\(kind 'quantile'\\), not a per-unit affine"):
         check_affine("odd", odd)
     check_affine("fine", t)
+
+
+def test_a_lineas_transport_serves_through_the_store_and_the_stacked_formula(tiny_lm_factory, tmp_path):
+    """LinEAS fits per-unit affine maps (sparse: many units stay the identity): the store reads the file, translates
+    its MLP sites onto vLLM's fused outputs, and the stacked per-token formula (what vLLM's graph runs) gives each
+    token the HF engine's map at its own strength, of either sign."""
+    from actsteer.core import stacked_affine
+
+    model, tok = tiny_lm_factory("llama")
+    model.config.architectures = ["LlamaForCausalLM"]
+    source = [f"the cat sat on mat number {i} today" for i in range(12)]
+    target = [f"STORMY SEAS AND WAVES {i}!!" * (1 + i % 3) for i in range(12)]
+    t = actsteer.fit_lm(model, tok, source, target, method="lineas", progress=False,
+                        options={"steps": 8, "eval_every": 4})
+    assert t.method == "lineas" and all(type(m) is actsteer.UnitMap for m in t.values())
+    t.save(tmp_path / "lineas.safetensors")
+    _, v = TransportStore(tmp_path, ModelShape.from_config(model.config)).get("lineas")
+    assert v.sites == [f"model.layers.{i}.mlp.{p}" for i in (0, 1) for p in ("gate_up_proj:0", "down_proj:0")]
+    ids = tok(["hello there, a prompt", "waves"], return_tensors="pt", padding=True).input_ids
+    out = {name: o.reshape(-1, o.shape[-1]) for name, o in _outputs(model, t.sites, ids).items()}
+    n = next(iter(out.values())).shape[0]
+    strengths = torch.tensor([1.0, 0.0, -0.6, 0.4, 2.0, -1.0, 0.7] * n)[:n]
+    rows = torch.where(strengths == 0, 0, torch.where(strengths > 0, 1, 2)).long()[None]  # slot 1: forward, reverse
+    for layer in (0, 1):
+        mlp = f"model.layers.{layer}.mlp."
+        fused = {"gate_up_proj:0": (mlp + "gate_proj", mlp + "up_proj"), "down_proj:0": (mlp + "down_proj",)}
+        for vllm_part, hf_sites in fused.items():
+            x = torch.cat([out[s] for s in hf_sites], -1)  # what vLLM's fused layer outputs from the same weights
+            got = stacked_affine(x, rows, strengths.abs()[None], *_stack([v[mlp + vllm_part]]))
+            want = torch.cat([torch.cat([t[s](out[s][i:i + 1], float(strengths[i])) for i in range(n)])
+                              for s in hf_sites], -1)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert torch.equal(got[strengths == 0], x[strengths == 0])
+            assert not torch.equal(got, x)
+
+
+def test_a_fitted_quantile_map_is_refused_by_the_vllm_store_naming_its_class(llama, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 16, generator=g)
+    q = actsteer.estimate(a, a.exp(), method="quantile")
+    actsteer.Transport({"model.layers.0.input_layernorm": q}, model={"class": "LlamaForCausalLM"}).save(
+        tmp_path / "bent.safetensors")
+    store = TransportStore(tmp_path, ModelShape.from_config(llama.config))
+    with pytest.raises(ValueError, match="'bent'.*its map is a QuantileMap, not a per-unit affine"):
+        store.get("bent")
