@@ -46,6 +46,9 @@ ACTSTEER_ARMS = {
     "attn-norms": actsteer_arm("actsteer attn-norms (every layer)", modules=[_ATTN.format(r"\d+")]),
     "attn-mid": actsteer_arm("actsteer attn-norms, layers 5-24", modules=[_ATTN.format(i) for i in range(5, 25)]),
     "defaults-pairs": actsteer_arm("actsteer fit_lm defaults", "pairs"),
+    # issue 22 items 3-4 at the default sites (defined, not yet run on the frontier: no CPU time left this round)
+    "quantile": actsteer_arm("actsteer quantile maps (default sites)", method="quantile"),
+    "lineas": actsteer_arm("actsteer LinEAS (default sites)", method="lineas"),
 }
 # The fixed plan (--fixed): the settings each arm runs at without the adaptive sweep, what RESULTS.md reports on
 # every concept (the adaptive sweep costs ~2x more cells; on 2 shared cores a cell of 48 prompts takes 2-5 min).
