@@ -72,6 +72,8 @@ def resolved_fit(model, options: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
     }
     for k in ("progress", "description"):
         opts.pop(k, None)
+    if opts.get("options") is None:  # fit_lm's method options (issue 22 items 3-4): keys without them stay as before
+        opts.pop("options", None)
     return {**out, **{k: repr(v) for k, v in sorted(opts.items())}}
 
 
