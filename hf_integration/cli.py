@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core import printable, resolve_path
+from .presets import preset_names
 from .cli_checks import (
     CliError,
     Parser,
@@ -107,7 +108,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     options = check_options(method, dict(args.option or []))
     _check_model(args)
     model, tokenizer = _load(args)
-    modules = args.modules if args.modules in ("auto", "all-norms", "post-norms", "mlp") else args.modules.split(",")
+    modules = args.modules if args.modules in preset_names() else args.modules.split(",")
     transport = fit_lm(model, tokenizer, source, target, modules=modules, method=method, pooling=args.pooling,
                        support=args.support, sequential=not args.at_once, batch_size=args.batch_size,
                        max_length=args.max_length, description=args.description, options=options or None)
@@ -228,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "jointly through the model: minutes, not seconds), mean-act, gaussian-ot, actadd, caa, itic, aura")
     p.add_argument("--option", action="append", type=parse_option, metavar="KEY=VALUE",
                    help="a method option, repeatable: knots=8 (quantile; more follow the data closer); steps=150, lr=0.1, l1=0.5, group=0.5 (lineas)")
-    p.add_argument("--modules", default="auto", help="auto, all-norms, post-norms, mlp, or comma-separated regexes")
+    p.add_argument("--modules", default="auto", help=f"{', '.join(preset_names())}, or comma-separated regexes")
     p.add_argument("--support", default=None, type=parse_support,
                    help="observed, all, or q_lo,q_hi (default: observed for the AcT maps, all for the baselines)")
     p.add_argument("--pooling", default=None, choices=["mean", "last", "max", "min"], help="default: the method's own")
@@ -258,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="fit and try a concept transport on the embedded SmolLM2 (or --model)")
     _add_model_args(p)
-    p.add_argument("--modules", default="all-norms", help="sites (default all-norms: clearest effect on SmolLM2)")
+    p.add_argument("--modules", default="auto", help="sites (default auto: on SmolLM2 the norms before attention of "
+                   "the middle layers, the most fluent at strength 1)")
     p.add_argument("--strengths", type=parse_floats, default=[0.0, 0.5, 1.0])
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("-o", "--output", default=None, help="where to write the fitted transport (default: the cache dir)")

@@ -117,8 +117,10 @@ def fit_lm(
         model: a Hugging Face causal LM (any device/dtype; estimation itself runs in float64).
         tokenizer: its tokenizer; left or right padding both work (padding is masked out of the pooling).
         source_texts, target_texts: at least 2 non-empty texts each (a few dozen to a few hundred work well).
-        modules: ``"auto"`` (the paper's sites for the architecture), a preset (``"all-norms"``,
-            ``"post-norms"``, ``"mlp"``), a regex, or a list of regexes/module names.
+        modules: ``"auto"`` (the measured sites for the architecture: on Llama models the norms before attention
+            of the middle two thirds of the layers, ``"mid-attn-norms"``; the paper's elsewhere), ``"paper"`` (the
+            paper's sites: on Llama the MLP projections, ``"auto"`` before issue 22), a preset (``"attn-norms"``,
+            ``"all-norms"``, ``"post-norms"``, ``"mlp"``), a regex, or a list of regexes/module names.
         method: ``"linear-act"`` (default), another `actsteer.estimate` method (``"quantile"``: the exact monotone
             map per unit), or ``"lineas"`` (all sites' affine maps trained jointly by backpropagation through the
             model with a distributional loss and sparsity; minutes instead of seconds, see README "LinEAS").

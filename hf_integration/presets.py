@@ -1,8 +1,11 @@
 """Site presets for causal LMs, chosen by ``model.config.model_type`` (ACT_SPEC.md section 6).
 
-``"auto"`` is the paper's choice where it has one (GPT-2: all LayerNorms; Gemma-2: the post norms;
-Llama: the MLP projections) and the per-layer norms elsewhere. Named presets work on every listed
-architecture; explicit regexes (matched in full) work on any model.
+``"auto"`` is the measured choice where there is one: on Llama models (``model_type="llama"``: SmolLM2, Llama) the
+norms before attention of the middle two thirds of the layers (``"mid-attn-norms"``), measured against the paper's
+MLP projections and all norms on the presence/perplexity frontier (benchmarks/RESULTS.md, "Frontier (issue 22)");
+elsewhere the paper's choice (GPT-2: all LayerNorms; Gemma-2/3: the post norms) or the decoder norms.
+``"paper"`` is the paper's choice everywhere (Llama: ``"mlp"``; ``"auto"`` before issue 22). Named presets work on
+every listed architecture; explicit regexes (matched in full) work on any model.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ _GPT2_ALL = [r"transformer\.h\.\d+\.ln_1", r"transformer\.h\.\d+\.ln_2", r"trans
 
 _LLAMA_FAMILY = {  # Llama, SmolLM2, Mistral, Qwen2/3 share module names
     "all-norms": _LLAMA_NORMS + [r"model\.norm"],
+    "attn-norms": [rf"{_L}\.input_layernorm"],
     "post-norms": [rf"{_L}\.post_attention_layernorm"],
     "mlp": [rf"{_L}\.mlp\.(gate|up|down)_proj"],
 }
@@ -32,6 +36,7 @@ _LLAMA_FAMILY = {  # Llama, SmolLM2, Mistral, Qwen2/3 share module names
 LM_PRESETS: dict[str, dict[str, list[str]]] = {
     "gpt2": {
         "all-norms": _GPT2_ALL,
+        "attn-norms": [r"transformer\.h\.\d+\.ln_1"],
         "post-norms": [r"transformer\.h\.\d+\.ln_2"],
         "mlp": [r"transformer\.h\.\d+\.mlp\.c_proj"],
     },
@@ -40,11 +45,13 @@ LM_PRESETS: dict[str, dict[str, list[str]]] = {
     "qwen2": _LLAMA_FAMILY,
     "phi3": {
         "all-norms": _LLAMA_NORMS + [r"model\.norm"],
+        "attn-norms": [rf"{_L}\.input_layernorm"],
         "post-norms": [rf"{_L}\.post_attention_layernorm"],
         "mlp": [rf"{_L}\.mlp\.(gate_up|down)_proj"],
     },
     "gemma2": {
         "all-norms": _GEMMA_ALL + [r"model\.norm"],
+        "attn-norms": [rf"{_L}\.input_layernorm"],
         "post-norms": _GEMMA_POST,
         "mlp": [rf"{_L}\.mlp\.(gate|up|down)_proj"],
     },
@@ -55,8 +62,13 @@ LM_PRESETS["gemma3_text"] = LM_PRESETS["gemma3"] = {
     name: [r"(?:.*\.)?" + p.replace(r"model\.", "", 1) for p in pats] for name, pats in LM_PRESETS["gemma2"].items()
 }
 
-# The "auto" choice per architecture (the paper's where it has one).
-AUTO_PRESET = {
+# Presets that keep only the middle of the depth: (base preset, fraction of the layers dropped at each end).
+# On SmolLM2 the first and the last sixth of the layers added perplexity and no concept (benchmarks/RESULTS.md).
+MIDDLE_PRESETS = {"mid-attn-norms": ("attn-norms", 1 / 6)}
+
+# The paper's choice per architecture (GPT-2: all LayerNorms; Gemma-2/3: the post norms; Llama: the MLP projections)
+# and the decoder norms where it has none: ``modules="paper"`` (what ``"auto"`` was before issue 22).
+PAPER_PRESET = {
     "gpt2": "all-norms",
     "llama": "mlp",
     "gemma2": "post-norms",
@@ -67,6 +79,8 @@ AUTO_PRESET = {
     "qwen3": "all-norms",
     "phi3": "all-norms",
 }
+# The "auto" choice: measured on SmolLM2 for Llama (benchmarks/RESULTS.md, "Frontier"), the paper's elsewhere.
+AUTO_PRESET = {**PAPER_PRESET, "llama": "mid-attn-norms"}
 
 
 def candidate_sites(model: torch.nn.Module, limit: int = 12) -> list[str]:
@@ -88,17 +102,20 @@ def lm_sites(model: torch.nn.Module, modules: str | Sequence[str] = "auto") -> l
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     presets = LM_PRESETS.get(model_type or "", {})
-    if isinstance(modules, str) and (modules == "auto" or modules in _preset_names()):
+    if isinstance(modules, str) and (modules in ("auto", "paper") or modules in _preset_names()):
         if not presets:
             kinds = candidate_sites(model)
             raise ValueError(
                 f"No site preset for model_type={model_type!r} ({type(model).__name__}); pass modules= as a regex or a "
                 f"list of module names. Candidates: {', '.join(kinds) or '(none found; see actsteer.list_sites(model))'}"
             )
-        name = AUTO_PRESET[model_type] if modules == "auto" else modules
-        if name not in presets:
-            raise ValueError(f"Preset {name!r} is not defined for {model_type!r}; choose one of: {', '.join(presets)}")
-        return resolve_sites(model, presets[name])
+        name = {"auto": AUTO_PRESET, "paper": PAPER_PRESET}.get(modules, {}).get(model_type, modules)
+        base, drop = MIDDLE_PRESETS.get(name, (name, 0.0))
+        if base not in presets:
+            raise ValueError(
+                f"Preset {name!r} is not defined for {model_type!r}; choose one of: {', '.join(preset_names(model))}")
+        sites = resolve_sites(model, presets[base])
+        return middle_layers(sites, drop) if drop else sites
     if isinstance(modules, str):
         if modules.isidentifier() and not list_sites(model, modules) and "." not in modules:
             close = difflib.get_close_matches(modules, _preset_names(), n=1)
@@ -109,4 +126,37 @@ def lm_sites(model: torch.nn.Module, modules: str | Sequence[str] = "auto") -> l
 
 
 def _preset_names() -> list[str]:
-    return sorted({p for table in LM_PRESETS.values() for p in table})
+    return sorted({p for table in LM_PRESETS.values() for p in table} | set(MIDDLE_PRESETS) | {"auto", "paper"})
+
+
+def preset_names(model: torch.nn.Module | None = None) -> list[str]:
+    """The preset names ``modules=`` accepts (for ``model``'s architecture when given); ``"auto"``, ``"paper"`` first.
+
+    Example:
+        >>> preset_names()[:4]
+        ['auto', 'paper', 'all-norms', 'attn-norms']
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    table = LM_PRESETS.get(model_type or "", {}) if model is not None else dict.fromkeys(_preset_names())
+    names = sorted(set(table) - {"auto", "paper"} | {m for m, (base, _) in MIDDLE_PRESETS.items() if base in table})
+    return ["auto", "paper"] + names
+
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
+
+
+def middle_layers(sites: list[str], drop: float) -> list[str]:
+    """The sites of the middle layers: ``round(L * drop)`` of the ``L`` layers are dropped at each end.
+
+    Sites outside numbered layers (a final norm) are dropped too.
+
+    Example:
+        >>> sites = [f"model.layers.{i}.input_layernorm" for i in range(12)]
+        >>> [s.split(".")[2] for s in middle_layers(sites, 1 / 6)]
+        ['2', '3', '4', '5', '6', '7', '8', '9']
+    """
+    index = {s: int(m.group(1)) for s in sites if (m := _LAYER.search(s))}
+    layers = sorted(set(index.values()))
+    cut = round(len(layers) * drop)
+    keep = set(layers[cut : len(layers) - cut]) if len(layers) > 2 * cut else set(layers)
+    return [s for s in sites if index.get(s) in keep]

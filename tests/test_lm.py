@@ -17,13 +17,63 @@ TARGET = [f"STORMY SEAS AND WAVES {i}!!" * (1 + i % 3) for i in range(12)]
     "arch, expected",
     [
         ("gpt2", ["transformer.h.0.ln_1", "transformer.h.0.ln_2", "transformer.h.1.ln_1", "transformer.h.1.ln_2", "transformer.ln_f"]),
-        ("llama", [f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")]),
+        # Llama: the norms before attention of the middle layers (measured on SmolLM2; 2 layers keep both)
+        ("llama", ["model.layers.0.input_layernorm", "model.layers.1.input_layernorm"]),
         ("gemma2", [f"model.layers.{i}.{p}_layernorm" for i in range(2) for p in ("post_attention", "post_feedforward")]),
     ],
 )
-def test_lm_sites_auto_is_the_papers_choice(tiny_lm_factory, arch, expected):
+def test_lm_sites_auto_per_architecture(tiny_lm_factory, arch, expected):
     model, _ = tiny_lm_factory(arch)
     assert lm_sites(model, "auto") == expected
+
+
+def test_lm_sites_the_papers_llama_sites_stay_reachable_by_name(tiny_llama):
+    model, _ = tiny_llama
+    paper = [f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")]
+    assert lm_sites(model, "mlp") == paper
+    assert lm_sites(model, "paper") == paper  # "auto" before issue 22
+
+
+@pytest.mark.parametrize("arch, preset", [("gpt2", "all-norms"), ("gemma2", "post-norms")])
+def test_lm_sites_paper_is_auto_where_the_paper_has_the_measured_choice(tiny_lm_factory, arch, preset):
+    model, _ = tiny_lm_factory(arch)
+    assert lm_sites(model, "paper") == lm_sites(model, "auto") == lm_sites(model, preset)
+
+
+def test_preset_names_per_architecture(tiny_llama, tiny_gpt2):
+    from actsteer.hf_integration.presets import preset_names
+
+    assert preset_names(tiny_llama[0]) == ["auto", "paper", "all-norms", "attn-norms", "mid-attn-norms", "mlp",
+                                           "post-norms"]
+    assert preset_names(tiny_gpt2[0])[:2] == ["auto", "paper"]
+    with pytest.raises(ValueError, match="did you mean 'paper'"):
+        lm_sites(tiny_llama[0], "papr")
+
+
+@pytest.mark.parametrize("layers, kept", [(2, [0, 1]), (4, [1, 2]), (6, [1, 2, 3, 4]), (12, list(range(2, 10)))])
+def test_lm_sites_mid_attn_norms_drop_a_sixth_of_the_layers_at_each_end(layers, kept):
+    """30 layers (SmolLM2) keep 5..24; the default of `fit_lm` on Llama-family models."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    model = transformers.LlamaForCausalLM(cfg)
+    assert lm_sites(model, "mid-attn-norms") == [f"model.layers.{i}.input_layernorm" for i in kept]
+    assert lm_sites(model, "auto") == lm_sites(model, "mid-attn-norms")
+    assert lm_sites(model, "attn-norms") == [f"model.layers.{i}.input_layernorm" for i in range(layers)]
+
+
+def test_lm_sites_attn_norms_on_every_listed_architecture(tiny_gpt2, tiny_gemma2):
+    assert lm_sites(tiny_gpt2[0], "attn-norms") == ["transformer.h.0.ln_1", "transformer.h.1.ln_1"]
+    assert lm_sites(tiny_gemma2[0], "attn-norms") == ["model.layers.0.input_layernorm", "model.layers.1.input_layernorm"]
+    assert lm_sites(tiny_gpt2[0], "mid-attn-norms") == ["transformer.h.0.ln_1", "transformer.h.1.ln_1"]
+
+
+def test_fit_lm_default_sites_are_the_auto_preset(tiny_llama):
+    model, tok = tiny_llama
+    t = actsteer.fit_lm(model, tok, SOURCE, TARGET, progress=False)
+    assert t.sites == lm_sites(model, "mid-attn-norms")
+    assert t.method == "linear-act" and t.pooling == "mean" and t.support == "observed"
 
 
 def test_lm_sites_named_presets_and_regexes(tiny_llama):
@@ -157,7 +207,7 @@ def test_lm_sites_presets_cover_other_architectures(name):
         assert auto == [f"model.layers.{i}.{p}_layernorm" for i in range(2) for p in ("post_attention", "post_feedforward")]
     else:  # the decoder norms (Qwen3's head-sized q_norm/k_norm are left out)
         assert auto == [f"model.layers.{i}.{p}" for i in range(2) for p in ("input_layernorm", "post_attention_layernorm")] + ["model.norm"]
-    for preset in ("all-norms", "post-norms", "mlp"):
+    for preset in ("all-norms", "post-norms", "mlp", "attn-norms", "mid-attn-norms"):
         assert lm_sites(model, preset)
 
 

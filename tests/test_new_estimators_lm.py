@@ -110,7 +110,10 @@ def test_lineas_batches_give_the_same_gradients(tiny_llama):
     """With ``batch_size`` a step runs a no-grad pass, then the vector-Jacobian product batch by batch: the same
     training as one batch (support "all": the ranges are then not involved)."""
     model, tok = tiny_llama
-    common = dict(method="lineas", support="all", progress=False, options={**FAST_LINEAS, "held_out": 0.0})
+    # the MLP projections (the sites this was written on; with issue 22's default sites, the norms before attention,
+    # float32 summation order moves beta by up to 9e-5 after the Adam steps: noise, not a different training)
+    common = dict(method="lineas", support="all", progress=False, modules="mlp",
+                  options={**FAST_LINEAS, "held_out": 0.0})
     one = actsteer.fit_lm(model, tok, SOURCE, TARGET, **common)
     batched = actsteer.fit_lm(model, tok, SOURCE, TARGET, batch_size=5, **common)
     for site in one:

@@ -402,7 +402,7 @@ def test_a_lineas_transport_serves_through_the_store_and_the_stacked_formula(tin
     model.config.architectures = ["LlamaForCausalLM"]
     source = [f"the cat sat on mat number {i} today" for i in range(12)]
     target = [f"STORMY SEAS AND WAVES {i}!!" * (1 + i % 3) for i in range(12)]
-    t = actsteer.fit_lm(model, tok, source, target, method="lineas", progress=False,
+    t = actsteer.fit_lm(model, tok, source, target, method="lineas", progress=False, modules="mlp",
                         options={"steps": 8, "eval_every": 4})
     assert t.method == "lineas" and all(type(m) is actsteer.UnitMap for m in t.values())
     t.save(tmp_path / "lineas.safetensors")
