@@ -84,4 +84,7 @@ def test_smollm2_demo_command(tmp_path, capsys):
     shown = capsys.readouterr().out
     assert f"wrote {out}" in shown and "Concept words per strength" in shown
     t = actsteer.Transport.load(out)
-    assert len(t) == 61 and t.model["model_type"] == "llama"
+    # the demo fits fit_lm's default sites: on Llama the norms before attention of the middle two thirds of the
+    # 30 layers (issue 22: "mid-attn-norms", layers 5-24)
+    assert t.model["model_type"] == "llama"
+    assert t.sites == [f"model.layers.{i}.input_layernorm" for i in range(5, 25)], t.sites
