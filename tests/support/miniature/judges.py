@@ -63,28 +63,37 @@ class Judges:
         ['colour', 'shape', 'style']
     """
 
+    attributes: dict[str, tuple[str, ...]] = ATTRIBUTES  # attribute -> its labels (a subclass's miniature: its own)
+    default_file: Path = JUDGES_FILE
+    trainer = "tests.support.miniature.judges"  # the module that trains them (named in the missing-file error)
+    feature_judges: tuple[str, ...] | None = None  # the judges whose features make `features` (None: all)
+
     def __init__(self, nets: dict[str, TinyCNN], metadata: dict[str, str] | None = None) -> None:
         self.nets = nets
         self.metadata = dict(metadata or {})
 
     @classmethod
-    def untrained(cls, seed: int = 0) -> Judges:
-        torch.manual_seed(seed)
-        return cls({name: TinyCNN(len(labels)).eval() for name, labels in ATTRIBUTES.items()})
+    def make_net(cls, name: str) -> TinyCNN:
+        return TinyCNN(len(cls.attributes[name]))
 
     @classmethod
-    def load(cls, path: str | Path = JUDGES_FILE) -> Judges:
-        """Load trained judges (`JUDGES_FILE` by default).
+    def untrained(cls, seed: int = 0) -> Judges:
+        torch.manual_seed(seed)
+        return cls({name: cls.make_net(name).eval() for name in cls.attributes})
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> Judges:
+        """Load trained judges (`default_file` by default).
 
         Raises:
-            FileNotFoundError: the file is missing; train the judges with ``python -m tests.support.miniature.judges``.
+            FileNotFoundError: the file is missing; train the judges with ``python -m <trainer>``.
         """
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        path = Path(path)
+        path = Path(cls.default_file if path is None else path)
         if not path.is_file():
-            raise FileNotFoundError(f"No judges at {path}: run `python -m tests.support.miniature.judges --out {path}`")
+            raise FileNotFoundError(f"No judges at {path}: run `python -m {cls.trainer} --out {path}`")
         state = load_file(path)
         with safe_open(path, "pt") as f:
             metadata = f.metadata() or {}
@@ -108,12 +117,13 @@ class Judges:
     def predict(self, images: torch.Tensor) -> dict[str, list[str]]:
         """The most likely label per attribute, for ``(N, 3, 32, 32)`` images in [-1, 1]."""
         probs = self.probs(images)
-        return {name: [ATTRIBUTES[name][i] for i in p.argmax(dim=-1).tolist()] for name, p in probs.items()}
+        return {name: [self.attributes[name][i] for i in p.argmax(dim=-1).tolist()] for name, p in probs.items()}
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """A perceptual embedding ``(N, 192)``: the three judges' pooled features, each L2-normalised."""
-        feats = [nn.functional.normalize(net.features(images.float()), dim=-1) for net in self.nets.values()]
+        """A perceptual embedding ``(N, 192)``: three judges' pooled features (`feature_judges`), each L2-normalised."""
+        names = self.feature_judges or tuple(self.nets)
+        feats = [nn.functional.normalize(self.nets[n].features(images.float()), dim=-1) for n in names]
         return torch.cat(feats, dim=-1) / len(feats) ** 0.5
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..judges import Judges as BaseJudges
 from ..judges import TinyCNN
 from . import styles
 
@@ -50,18 +51,15 @@ class PositionCNN(TinyCNN):
         return self.head(self.body(x).flatten(1))
 
 
-def _net(name: str) -> TinyCNN:
-    return (PositionCNN if name == "position" else TinyCNN)(len(ATTRIBUTES[name]))
-
-
 def colour_defined(attrs: styles.Attributes | str) -> bool:
     """Whether an image of this style (or attributes) shows its colour (every style but ``sepia``)."""
     style = attrs if isinstance(attrs, str) else attrs.style
     return style not in styles.COLOUR_STYLES
 
 
-class Judges:
-    """The four attribute classifiers together.
+class Judges(BaseJudges):
+    """The four attribute classifiers together (the first miniature's `Judges` with this miniature's attributes, a
+    position judge that reads the whole feature map, and its own weights file).
 
     Example:
         >>> judges = Judges.untrained()
@@ -70,60 +68,14 @@ class Judges:
         ['colour', 'position', 'shape', 'style']
     """
 
-    def __init__(self, nets: dict[str, TinyCNN], metadata: dict[str, str] | None = None) -> None:
-        self.nets = nets
-        self.metadata = dict(metadata or {})
+    attributes = ATTRIBUTES
+    default_file = JUDGES_FILE
+    trainer = "tests.support.miniature.fewstep.judges"
+    feature_judges = FEATURES
 
     @classmethod
-    def untrained(cls, seed: int = 0) -> Judges:
-        torch.manual_seed(seed)
-        return cls({name: _net(name).eval() for name in ATTRIBUTES})
-
-    @classmethod
-    def load(cls, path: str | Path = JUDGES_FILE) -> Judges:
-        """Load trained judges (`JUDGES_FILE` by default).
-
-        Raises:
-            FileNotFoundError: the file is missing; train the judges with
-                ``python -m tests.support.miniature.fewstep.judges``.
-        """
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"No judges at {path}: run `python -m tests.support.miniature.fewstep.judges --out {path}`")
-        state = load_file(path)
-        with safe_open(path, "pt") as f:
-            metadata = f.metadata() or {}
-        judges = cls.untrained()
-        for name, net in judges.nets.items():
-            net.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == name})
-        judges.metadata = metadata
-        return judges
-
-    def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        state = {f"{name}.{k}": v.contiguous() for name, net in self.nets.items() for k, v in net.state_dict().items()}
-        save_file(state, str(path), metadata=self.metadata)
-
-    @torch.no_grad()
-    def probs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Class probabilities per attribute for ``(N, 3, 32, 32)`` images in [-1, 1]."""
-        return {name: net(images.float()).softmax(dim=-1) for name, net in self.nets.items()}
-
-    def predict(self, images: torch.Tensor) -> dict[str, list[str]]:
-        """The most likely label per attribute, for ``(N, 3, 32, 32)`` images in [-1, 1]."""
-        return {name: [ATTRIBUTES[name][i] for i in p.argmax(dim=-1).tolist()]
-                for name, p in self.probs(images).items()}
-
-    @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """A perceptual embedding ``(N, 192)``: the style, shape and colour judges' pooled features, L2-normalised."""
-        feats = [nn.functional.normalize(self.nets[n].features(images.float()), dim=-1) for n in FEATURES]
-        return torch.cat(feats, dim=-1) / len(feats) ** 0.5
+    def make_net(cls, name: str) -> TinyCNN:
+        return (PositionCNN if name == "position" else TinyCNN)(len(cls.attributes[name]))
 
 
 def _labels(attrs: list[styles.Attributes]) -> dict[str, torch.Tensor]:
