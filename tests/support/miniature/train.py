@@ -109,8 +109,9 @@ def train(
             "cpu_s": round(time.process_time() - cpu_start, 1)}
 
 
-def _save(out: Path, unet, text_encoder, tokenizer, params: list[torch.Tensor], ema: list[torch.Tensor]) -> None:
-    """Save the EMA weights as a diffusers folder (the training weights are put back afterwards).
+def _save(out: Path, unet, text_encoder, tokenizer, params: list[torch.Tensor], ema: list[torch.Tensor],
+          assemble=M.assemble) -> None:
+    """Save the EMA weights as a diffusers folder built by ``assemble`` (the training weights are put back afterwards).
 
     Building the pipeline constructs an `AutoencoderKL`, whose initialisation draws from torch's global generator:
     ``fork_rng`` keeps that from changing the rest of the run, so snapshots (``--save-every``) change nothing.
@@ -119,7 +120,7 @@ def _save(out: Path, unet, text_encoder, tokenizer, params: list[torch.Tensor], 
         current = [p.detach().clone() for p in params]
         for p, e in zip(params, ema):
             p.copy_(e)
-        pipe = M.assemble(unet.eval(), text_encoder.eval(), tokenizer)
+        pipe = assemble(unet.eval(), text_encoder.eval(), tokenizer)
         out.mkdir(parents=True, exist_ok=True)
         pipe.save_pretrained(out, safe_serialization=True)
         for p, c in zip(params, current):

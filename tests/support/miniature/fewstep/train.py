@@ -39,6 +39,7 @@ import torch  # noqa: E402
 
 from .. import model as base  # noqa: E402
 from ..train import _lr, _tokens  # noqa: E402
+from ..train import _save as base_save  # noqa: E402
 from . import model as M  # noqa: E402
 from . import styles  # noqa: E402
 
@@ -102,18 +103,9 @@ def train(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, ema_d
 
 
 def _save(out: Path, unet, text_encoder, tokenizer, params: list[torch.Tensor], ema: list[torch.Tensor]) -> None:
-    """Save the EMA weights as a diffusers folder (training weights put back; the global RNG left as it was)."""
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        current = [p.detach().clone() for p in params]
-        for p, e in zip(params, ema):
-            p.copy_(e)
-        pipe = M.assemble(unet.eval(), text_encoder.eval(), tokenizer)
-        out.mkdir(parents=True, exist_ok=True)
-        pipe.save_pretrained(out, safe_serialization=True)
-        for p, c in zip(params, current):
-            p.copy_(c)
-    unet.train()
-    text_encoder.train()
+    """The first miniature's `_save` (EMA weights saved, training weights put back, the global RNG left as it was),
+    assembling this miniature's few-step pipeline."""
+    base_save(out, unet, text_encoder, tokenizer, params, ema, assemble=M.assemble)
 
 
 def main(argv: list[str] | None = None) -> None:
