@@ -14,7 +14,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..core import Transport, UnitMap, naming_of, parse_site
+import functools
+
+from ..core import Transport, UnitMap, join_stages, naming_of, parse_site, split_stages
 from .detect import transport_arch
 from .flux import FLUX_SINGLE_CONCAT, FLUX_SINGLE_TUPLE, flux_single_block_output
 from .site_groups import Arch
@@ -225,6 +227,22 @@ def _log(notes: list[str], direction: str) -> None:
         )
 
 
+def _per_stage(translate):
+    """Translate a per-step transport (`actsteer.core.split_stages`) stage by stage, keeping its stage marks."""
+
+    @functools.wraps(translate)
+    def wrapper(transport: Transport, *args: Any, **kwargs: Any) -> Transport:
+        parts = split_stages(transport)
+        if len(parts) == 1 and parts[0][0] == "all":
+            return translate(transport, *args, **kwargs)
+        done = [(w, translate(part, *args, **kwargs)) for w, part in parts]
+        shared = done[0][1] if done[0][0] == "all" and len(done[0][1]) else None
+        return join_stages(shared, [(w, part) for w, part in done if w != "all"])
+
+    return wrapper
+
+
+@_per_stage
 def to_comfy(transport: Transport, arch: Arch | None = None) -> Transport:
     """A copy of a diffusers pipeline transport with ComfyUI ``diffusion_model`` site names.
 
@@ -280,6 +298,7 @@ def to_comfy(transport: Transport, arch: Arch | None = None) -> Transport:
     return transport.replace(maps, model=model, extra=extra)
 
 
+@_per_stage
 def from_comfy(
     transport: Transport,
     arch: Arch,

@@ -13,7 +13,7 @@ import torch
 
 from ..archs.comfy_names import is_diffusers_transport, to_comfy
 from ..archs.detect import module_arch
-from ..core import Transport, WidthMismatch, fitted_on, validate
+from ..core import Transport, WidthMismatch, fitted_on, join_stages, split_stages, validate
 from .presets import group_sites
 
 
@@ -115,5 +115,12 @@ def select_group(model, transport: Transport, group: str) -> Transport:
     """
     if group == "all":
         return transport
-    translated = to_comfy_names(model, transport)
-    return translated.select(group_sites(diffusion_model(model), translated.sites, group))
+    parts = [(w, to_comfy_names(model, part)) for w, part in split_stages(transport)]
+    names = list(dict.fromkeys(s for _, part in parts for s in part.sites))
+    kept = set(group_sites(diffusion_model(model), names, group))
+    parts = [(w, part.select([s for s in part.sites if s in kept])) for w, part in parts
+             if any(s in kept for s in part.sites)]
+    if parts[0][0] == "all" and len(parts) == 1:
+        return parts[0][1]
+    shared = parts[0][1] if parts[0][0] == "all" else None
+    return join_stages(shared, [(w, part) for w, part in parts if w != "all"])

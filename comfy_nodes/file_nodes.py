@@ -15,7 +15,7 @@ import logging
 
 from comfy_api.latest import io, ui
 
-from ..core import fitted_on, naming_of
+from ..core import describe_size, fitted_on, naming_of
 from . import files
 from .inputs import CATEGORY, TRANSPORT_OUT_TIP, Transport, input_check
 
@@ -106,7 +106,7 @@ class ActSteerLoad(io.ComfyNode):
         transport = files.load(name)
         if naming_of(transport) == "diffusers":
             logger.info("actsteer: %s was fitted with diffusers; its layer names are translated when applied", name)
-        summary = f"{len(transport)} layers, {transport.method}, learned on {fitted_on(transport)}"
+        summary = f"{describe_size(transport)}, {transport.method}, learned on {fitted_on(transport)}"
         if name != transport_name:
             summary = f"newest copy: {name}\n{summary}"
         return io.NodeOutput(transport, ui=ui.PreviewText(summary))

@@ -13,7 +13,7 @@ import re
 import sys
 from typing import Literal
 
-from ..core import Transport, shorten
+from ..core import Transport, describe_size, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +150,12 @@ class Saved:
 
     name: str
     written: bool
-    sites: int
+    size: str  # `actsteer.core.describe_size`: "33 layers" or "33 layers x 4 steps"
 
     def message(self) -> str:
         """One line for the node: what was saved, or why nothing new was written."""
         if self.written:
-            return f"saved {self.name} ({self.sites} layers)"
+            return f"saved {self.name} ({self.size})"
         return (f"not saved again: {self.name} already holds this transport (learn again, or change filename, to "
                 "save a new one)")
 
@@ -183,7 +183,7 @@ def save(transport: Transport, name: str, if_exists: str = "add number") -> Save
         raise ValueError(f"{_relative(path)!r} is a folder in {FOLDER}; change filename on the AcT Save node")
     latest = _latest(path) if if_exists == "add number" else (path if os.path.isfile(path) else None)
     if _holds(latest, transport):
-        return Saved(_relative(latest), False, len(transport))
+        return Saved(_relative(latest), False, describe_size(transport))
     if os.path.exists(path):
         if if_exists == "error":
             raise ValueError(
@@ -200,7 +200,7 @@ def save(transport: Transport, name: str, if_exists: str = "add number") -> Save
                          "node, or check that folder") from None
     saved = _relative(path)
     logger.info("actsteer: saved transport %s (%d layers) to %s", saved, len(transport), _root())
-    return Saved(saved, True, len(transport))
+    return Saved(saved, True, describe_size(transport))
 
 
 def full_path(name: str) -> str:

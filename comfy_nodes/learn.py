@@ -16,6 +16,9 @@ Cost (model calls, each on a batch of all items, x2 under CFG):
 - ``sequential`` pooling several steps (``collect_steps > 1``): a site runs once per step, so it cannot be
   fitted inside one call; per batch one recording call, then one full call per further site (``fit(one_pass=False)``).
 - ``at-once``: ``batches * collect_steps`` calls; sites are fitted independently on unsteered activations.
+- ``per_step`` (the default; with ``collect_steps == 1`` and maps fitted from recorded activations, i.e. not LinEAS):
+  one fit per step of the schedule (step k's responses along the unsteered run, which stops after step k), joined
+  into one per-step transport (`actsteer.core.join_stages`): ``steps`` times the cost above.
 """
 
 from __future__ import annotations
@@ -28,7 +31,18 @@ from typing import Any, Literal
 
 import torch
 
-from ..core import FIT_METHODS, ForwardContext, canonical_method, fit, lineas_config, locate, method_defaults, model_record
+from ..core import (
+    FIT_METHODS,
+    ForwardContext,
+    canonical_method,
+    describe_size,
+    fit,
+    join_stages,
+    lineas_config,
+    locate,
+    method_defaults,
+    model_record,
+)
 from .checks import diffusion_model
 from .patching import KEY, transformer_options_of
 from ..archs.detect import family, module_arch
@@ -52,7 +66,7 @@ class Item:
 class CollectSettings:
     """How activations are collected (stored in the transport's metadata under ``extra["comfy"]``)."""
 
-    steps: int = 20
+    steps: int = 4
     seed: int = 0
     cfg: float = 1.0
     width: int = 1024
@@ -60,6 +74,7 @@ class CollectSettings:
     samples_per_prompt: int = 1
     collect_steps: int = 1
     negative_prompt: str = ""
+    per_step: bool = True  # one map per step of the schedule (a per-step transport), each fitted at its step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +124,7 @@ class _Collector:
     """The APPLY_MODEL wrapper of the collection clone: sets ``ctx.rows``/``ctx.active`` for each model call."""
 
     def __init__(self, collect_steps: int, progress) -> None:
+        self.first = 0  # record the steps first .. collect_steps - 1
         self.collect_steps = collect_steps
         self.progress = progress
         self.ctx: ForwardContext | None = None
@@ -127,7 +143,7 @@ class _Collector:
         flags = list(to.get("cond_or_uncond", [0]))
         chunk = args[0].shape[0] // max(len(flags), 1)
         positive = [j for j, flag in enumerate(flags) if flag == 0]
-        record = ctx is not None and step < self.collect_steps and len(positive) == 1
+        record = ctx is not None and self.first <= step < self.collect_steps and len(positive) == 1
         if ctx is not None:  # the recording hooks ignore every call not flagged here (uncond-only, later steps)
             ctx.active = record
             ctx.rows = torch.arange(positive[0] * chunk, (positive[0] + 1) * chunk) if record else None
@@ -232,6 +248,9 @@ def learn(
     s = settings
     if s.collect_steps < 1 or s.collect_steps > s.steps:
         raise ValueError(f"collect_steps must be between 1 and steps ({s.steps}), got {s.collect_steps}")
+    # per_step applies to maps fitted from one step's recorded activations: pooling several steps, or LinEAS (which
+    # trains through the model), keep the one-map fit
+    per_step = s.per_step and s.collect_steps == 1 and canonical_method(method) not in FIT_METHODS
     dm = diffusion_model(model)
     items_source = [Item(p, k) for p in source for k in range(s.samples_per_prompt)]
     items_target = [Item(p, k) for p in target for k in range(s.samples_per_prompt)]
@@ -249,6 +268,8 @@ def learn(
         expected_calls = 1
     else:
         expected_calls = batches * len(sites)  # a recording call, then one per further site
+    stages = s.steps if per_step else 1
+    expected_calls *= stages
     # every prompt is encoded once, before sampling: one progress unit each (on a slow machine most of the time
     # goes there), then one per recorded model call
     distinct = list(dict.fromkeys([s.negative_prompt, *source, *target]))
@@ -301,22 +322,30 @@ def learn(
             collector.ctx = None
             spent["sample"] += time.perf_counter() - t0
 
-    transport = fit(
-        dm, sites, items_source, items_target, run=run, method=method, support=support, pooling=defaults["pooling"],
-        sequential=sequential, batch_size=None if bs >= n_items else bs, one_pass=one_pass, progress=False,
-        estimate_options=options,
-        model_info=_model_info(model, dm),
-        description=f"{len(source)} source vs {len(target)} target prompts, learned in ComfyUI",
-        # in ComfyUI the core's one "fitted in N s" figure would include prompt encoding and sampling: this node
-        # logs its own split line (`Timing`) instead
-        log_summary=False,
-    )
+    def fit_steps(first: int, last: int) -> Any:
+        """The transport fitted on the steps ``first .. last - 1`` of the schedule."""
+        collector.first, collector.collect_steps = first, last
+        return fit(
+            dm, sites, items_source, items_target, run=run, method=method, support=support,
+            pooling=defaults["pooling"], sequential=sequential, batch_size=None if bs >= n_items else bs,
+            one_pass=one_pass, progress=False, estimate_options=options, model_info=_model_info(model, dm),
+            description=f"{len(source)} source vs {len(target)} target prompts, learned in ComfyUI",
+            # in ComfyUI the core's one "fitted in N s" figure would include prompt encoding and sampling: this node
+            # logs its own split line (`Timing`) instead
+            log_summary=False,
+        )
+
+    if per_step:  # one fit per step, each on that step's responses along the unsteered sampling run
+        transport = join_stages(None, [((k / s.steps, (k + 1) / s.steps), fit_steps(k, k + 1)) for k in range(s.steps)])
+    else:
+        transport = fit_steps(0, s.collect_steps)
     total = time.perf_counter() - started
     timing = Timing(spent["encode"], spent["sample"], max(0.0, total - spent["encode"] - spent["sample"]), spent["calls"])
     logger.info(
-        "actsteer: learned %d layers from %d source + %d target samples in %.1f s: %s", len(transport),
+        "actsteer: learned %s from %d source + %d target samples in %.1f s: %s", describe_size(transport),
         len(items_source), len(items_target), total, timing.line(),
     )
-    extra = {**transport.extra, "comfy": dataclasses.asdict(s) | {"sampler": SAMPLER, "scheduler": SCHEDULER}}
+    extra = {**transport.extra, "comfy": dataclasses.asdict(s) | {"sampler": SAMPLER, "scheduler": SCHEDULER,
+                                                                    "per_step": per_step}}
     extra["comfy"]["prompts"] = {"source": source, "target": target}
     return transport.replace(extra=extra), timing

@@ -14,6 +14,9 @@ How it works (COMFYUI_NOTES.md section 3):
   the GPU), switch each entry on or off for its window (`SteeringHandle.set_enabled`, no re-folding), set
   ``handle.active`` for the call, and reset it in ``finally``.
   Other users of the shared module (other threads, other clones) see it unchanged.
+- A per-step transport (fitted with ``steps="each"`` / Learn's ``per_step``) becomes one entry per stage, each with its
+  stage window in fractions of the schedule: such entries are switched by the call's step, located in the run's
+  ``sample_sigmas`` with the one diffusion clock (`actsteer.core.locate`), as Learn locates the steps it records.
 - Where the steer enters CFG (``SteeringEntry.cfg``, the Apply node's ``cfg_placement``): ``"both"`` (the default,
   as in the paper's reference) steers every batch row, positive and negative; ``"conditional"`` only the rows the
   sampler flags as positive (``cond_or_uncond`` in each call's ``transformer_options``), so the CFG scale amplifies
@@ -30,7 +33,19 @@ from typing import Any
 
 import torch
 
-from ..core import CFG_CHOICES, Steering, SteeringHandle, Transport, bind, check_cfg, steer
+from ..core import (
+    CFG_CHOICES,
+    Steering,
+    SteeringHandle,
+    Transport,
+    Window,
+    bind,
+    check_cfg,
+    in_window,
+    locate,
+    split_stages,
+    steer,
+)
 from .checks import check_transport, to_comfy_names
 from .presets import filter_sites
 
@@ -54,6 +69,7 @@ class SteeringEntry:
     sigma_start: float = float("inf")
     sigma_end: float = float("-inf")
     cfg: str = "both"
+    stage: Window | None = None  # a per-step transport's stage: (start, end) fractions of the schedule
 
     def __deepcopy__(self, memo: dict) -> SteeringEntry:
         return self  # immutable; ModelPatcher.clone() deep-copies model_options, never copy tensors
@@ -61,11 +77,16 @@ class SteeringEntry:
     @property
     def windowed(self) -> bool:
         """Whether the entry is off for part of the schedule (then each model call's sigma must be read)."""
-        return not (self.sigma_start == math.inf and self.sigma_end == -math.inf)
+        return self.stage is not None or not (self.sigma_start == math.inf and self.sigma_end == -math.inf)
 
-    def is_active(self, sigma: float | None) -> bool:
-        """Whether the entry steers at ``sigma`` (None: not read, allowed for an entry without a window)."""
-        return not self.windowed or self.sigma_end <= sigma <= self.sigma_start
+    def is_active(self, sigma: float | None, step: tuple[int, int] | None = None) -> bool:
+        """Whether the entry steers at ``sigma`` (None: not read, allowed for an entry without a window), at step
+        ``step = (i, n)`` of the run's schedule (None outside a sampling run: a stage entry is then off)."""
+        if not self.windowed:
+            return True
+        if self.stage is not None and (step is None or not in_window(self.stage, *step)):
+            return False
+        return self.sigma_end <= sigma <= self.sigma_start
 
 
 @dataclasses.dataclass
@@ -76,10 +97,13 @@ class RunLog:
         calls: one ``(sigma, steered)`` pair per model call, in order; sigma is None when no entry has a
             window (it is not read then).
         site_calls: how many times each site was transported (``SteeringHandle.calls``).
+        entries_on: per model call, the indices of the entries switched on (a per-step transport's stages are
+            entries too).
     """
 
     calls: list[tuple[float | None, bool]] = dataclasses.field(default_factory=list)
     site_calls: dict[str, int] = dataclasses.field(default_factory=dict)
+    entries_on: list[tuple[int, ...]] = dataclasses.field(default_factory=list)  # per model call: entries switched on
 
 
 class _Run:
@@ -94,18 +118,21 @@ class _Run:
         self.conditional = entries[0].cfg == "conditional"
         self.on = [True] * len(entries)
         self.windowed = any(e.windowed for e in entries)
+        self.staged = any(e.stage is not None for e in entries)
         self.log = RunLog()
 
-    def enter(self, sigma: float | None) -> bool:
-        """Switch entries for ``sigma`` (None: no entry has a window); returns whether any entry steers this call."""
+    def enter(self, sigma: float | None, step: tuple[int, int] | None = None) -> bool:
+        """Switch entries for ``sigma`` (None: no entry has a window) and the call's ``step`` (None: no entry is a
+        stage of a per-step transport); returns whether any entry steers this call."""
         for i, entry in enumerate(self.entries):
-            on = entry.is_active(sigma)
+            on = entry.is_active(sigma, step)
             if on != self.on[i]:
                 self.handle.set_enabled(i, on)
                 self.on[i] = on
         steered = any(self.on)
         self.handle.active = steered
         self.log.calls.append((sigma, steered))
+        self.log.entries_on.append(tuple(i for i, on in enumerate(self.on) if on))
         return steered
 
 
@@ -140,6 +167,16 @@ def _call_sigma(args: tuple, to: dict) -> float:
     if sigmas is None and len(args) > 1:
         sigmas = args[1]
     return float(torch.as_tensor(sigmas).reshape(-1)[0])
+
+
+def call_step(sigma: float, to: dict) -> tuple[int, int] | None:
+    """``(i, n)``: the call at ``sigma`` runs step ``i`` of the ``n``-step schedule of its sampling run (the run's
+    ``sample_sigmas`` without the final 0; the one diffusion clock), or None outside a sampling run."""
+    schedule = to.get("sample_sigmas")
+    if schedule is None:
+        return None
+    schedule = torch.as_tensor(schedule)
+    return locate(sigma, schedule[:-1] if schedule.numel() > 1 else schedule)
 
 
 class SteeringPatch:
@@ -183,8 +220,10 @@ class SteeringPatch:
         model = getattr(model, "_orig_mod", model)  # TorchCompileModel before Apply swaps in torch.compile's wrapper
         if run is None or run.model is not model:
             sigma = _call_sigma(args, to) if self.windowed else None
-            return self._apply_model_alone(executor, model, sigma, *args, **kwargs)
-        run.enter(_call_sigma(args, to) if run.windowed else None)
+            step = call_step(sigma, to) if sigma is not None else None
+            return self._apply_model_alone(executor, model, sigma, step, *args, **kwargs)
+        sigma = _call_sigma(args, to) if run.windowed else None
+        run.enter(sigma, call_step(sigma, to) if run.staged else None)
         if run.conditional:
             run.handle.set_rows(positive_rows(args, to))
         try:
@@ -194,9 +233,10 @@ class SteeringPatch:
             if run.conditional:
                 run.handle.set_rows(None)
 
-    def _apply_model_alone(self, executor, model, sigma: float | None, *args: Any, **kwargs: Any) -> Any:
+    def _apply_model_alone(self, executor, model, sigma: float | None, step: tuple[int, int] | None, *args: Any,
+                           **kwargs: Any) -> Any:
         """A model call outside a sampler run (no OUTER_SAMPLE): steer this one call."""
-        entries = [e for e in self.entries if e.strength != 0.0 and e.is_active(sigma)]
+        entries = [e for e in self.entries if e.strength != 0.0 and e.is_active(sigma, step)]
         if not entries:
             return executor(*args, **kwargs)
         with steer(model, [Steering(e.transport, e.strength) for e in entries]) as handle:
@@ -250,15 +290,19 @@ def apply_steering(
         raise ValueError(
             f"Need 0 <= start_percent <= end_percent <= 1, got start_percent={start_percent}, end_percent={end_percent}"
         )
-    transport = to_comfy_names(model, transport)
+    # (stage window or None, transport): one part for a plain transport, one per stage for a per-step one
+    parts = [(None if w == "all" else w, to_comfy_names(model, part)) for w, part in split_stages(transport)]
     if layers.strip():
-        transport = transport.select(filter_sites(transport.sites, layers))
-    check_transport(model, transport)
+        kept = set(filter_sites(list(dict.fromkeys(s for _, p in parts for s in p.sites)), layers))
+        parts = [(w, p.select([s for s in p.sites if s in kept])) for w, p in parts if any(s in kept for s in p.sites)]
+    parts = [(w, part) for w, part in parts if len(part)] or parts[:1]  # e.g. text-encoder maps dropped in translation
+    for _, part in parts:
+        check_transport(model, part)
     sampling = model.get_model_object("model_sampling")
     # the schedule's ends are open: float noise in the first sigma must not drop the first step
     sigma_start = float("inf") if start_percent <= 0.0 else float(sampling.percent_to_sigma(start_percent))
     sigma_end = float("-inf") if end_percent >= 1.0 else float(sampling.percent_to_sigma(end_percent))
-    entry = SteeringEntry(transport, float(strength), sigma_start, sigma_end, cfg)
+    entries = [SteeringEntry(part, float(strength), sigma_start, sigma_end, cfg, stage) for stage, part in parts]
     from comfy.patcher_extension import WrappersMP
 
     previous = steering_patch(model)
@@ -268,7 +312,7 @@ def apply_steering(
             f"on the same MODEL; chained Apply nodes share one placement, so set both to the same choice "
             f"({', '.join(CFG_CHOICES)})"
         )
-    patch = SteeringPatch([*(previous.entries if previous else ()), entry])
+    patch = SteeringPatch([*(previous.entries if previous else ()), *entries])
     patched = model.clone()
     patched.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, KEY)
     patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, KEY)

@@ -15,7 +15,8 @@ so that the modules can change behind these names. Who owns what:
   (``streams.py``);
 - recording and fitting: `collect`, `record_sites`, `Recorder`, `ForwardContext` (``record.py``); `fit`
   (``fitting.py``);
-- diffusion steps: `StepClock`, `check_steps`, `locate` (``steps.py``, the one clock of fitting and steering);
+- diffusion steps: `StepClock`, `check_steps`, `locate` (``steps.py``, the one clock of fitting and steering), and
+  per-step transports (`split_stages`, `join_stages`, `refuse_stages`: one map per denoising step);
 - sites: `list_sites`, `resolve_sites`, the one width rule `infer_width` and the one check `validate` (``sites.py``);
 - files: `read_header`, `resolve_path` (``io.py``), `check_transport`, `shorten`, `printable` (``validation.py``: what a
   usable file is, and the one way to show text that came from one);
@@ -57,7 +58,22 @@ from .sites import (
 from .stacked import stack_directions, stacked_affine
 from .steering import SiteStrength, Steering, SteeringLike, as_steerings, check_strength
 from .streams import keep_context
-from .steps import StepClock, Steps, Window, check_steps, in_window, locate
+from .steps import (
+    STAGE_MARK,
+    StepClock,
+    Steps,
+    Window,
+    check_steps,
+    describe_size,
+    expand_stages,
+    in_window,
+    join_stages,
+    locate,
+    refuse_stages,
+    split_stages,
+    stage_of,
+    stage_windows,
+)
 from .transport import Transport, UnitMap
 from .validation import check_transport, printable, shorten
 
@@ -127,5 +143,13 @@ __all__ = [
     "stacked_affine",
     "steer",
     "steering_of",
+    "STAGE_MARK",
+    "describe_size",
+    "expand_stages",
+    "join_stages",
+    "refuse_stages",
+    "split_stages",
+    "stage_of",
+    "stage_windows",
     "validate",
 ]

@@ -86,6 +86,8 @@ class SteeringHandle:
         self._plans: dict[torch.nn.Module, tuple[tuple[int, str, int | None], ...]] = {}
         self._site_modules: dict[str, torch.nn.Module] = {}
         self._key = object()  # this handle's entry in a context's paused modules (`set_active(under=...)`)
+        self._entries_key = object()  # ... and in a context's switched-off entries (`set_entries_off`)
+        self._staged = False  # set_entries_off(...) was used: look up the context's switched-off entries per call
         self._windowed = False  # set_active(under=...) was used: look up the context's paused modules per call
         self._rowed = False  # set_rows(...) was used: look up the context's row selections per call
         self._under: dict[str, frozenset[int]] = {}  # set_active's prefix -> ids of the modules it names
@@ -182,6 +184,16 @@ class SteeringHandle:
             PAUSED.set({**paused, self._key: new})
         self._windowed = True
 
+    def set_entries_off(self, indices: frozenset[int]) -> None:
+        """Switch these composed entries off (all others on) for the calls made in this thread or asyncio task: the
+        per-call counterpart of `set_enabled`. Hosts use it for per-step transports (`actsteer.core.steps`), whose
+        stages are composed entries of one handle and each steers its own denoising steps only."""
+        off = frozenset(self._check_index(i) for i in indices)
+        paused = PAUSED.get()
+        if paused.get(self._entries_key, frozenset()) != off:
+            PAUSED.set({**paused, self._entries_key: off})
+        self._staged = True
+
     def set_rows(self, rows: torch.Tensor | None, *, under: str | None = None) -> None:
         """Transport only these batch rows (a 1-D index tensor; None: every row) of the sites whose name starts
         with ``under`` (all sites when None), for the calls made in this thread or asyncio task; the other rows
@@ -276,12 +288,13 @@ class SteeringHandle:
         rows = self._rows_of(module) if self._rowed else None
         if rows is not None and rows.numel() == 0:
             return output
+        off = read(PAUSED).get(self._entries_key, ()) if self._staged else ()
         if torch.compiler.is_compiling():
-            return self._run_traced(module, output, rows)
+            return self._run_traced(module, output, rows, off)
         out = output
         enabled, cast = self._enabled, self._cast
         for i, site, k in self._plans[module]:
-            if not enabled[i]:
+            if not enabled[i] or i in off:
                 continue
             x = out if k is None and isinstance(out, torch.Tensor) else element(out, k, site)
             part = x if rows is None else x.index_select(0, rows.to(x.device))
@@ -299,12 +312,13 @@ class SteeringHandle:
             out = new if k is None else replace_element(out, k, new)
         return out
 
-    def _run_traced(self, module: torch.nn.Module, output: Any, rows: torch.Tensor | None = None) -> Any:
+    def _run_traced(self, module: torch.nn.Module, output: Any, rows: torch.Tensor | None = None,
+                    off: Any = ()) -> Any:
         """`_run` while torch.compile traces: no lazily filled cache and no counter (dynamo would guard on them and
         recompile per call); the current fold's tensors become graph inputs, so a new strength never recompiles."""
         out = output
         for i, site, k in self._plans[module]:
-            if not self._enabled[i]:
+            if not self._enabled[i] or i in off:
                 continue
             st = self._steerings[i]
             x = element(out, k, site)
@@ -394,8 +408,8 @@ class SteeringHandle:
                 d.model_calls = tuple(h for h in d.model_calls if h is not self)
                 d.release("call", request=self.scope == "request")
         paused = PAUSED.get()
-        if self._key in paused:
-            PAUSED.set({k: v for k, v in paused.items() if k is not self._key})
+        if self._key in paused or self._entries_key in paused:
+            PAUSED.set({k: v for k, v in paused.items() if k is not self._key and k is not self._entries_key})
         selections = ROWS.get()
         if self._key in selections:
             ROWS.set({k: v for k, v in selections.items() if k is not self._key})

@@ -256,6 +256,9 @@ def validate(model: torch.nn.Module, transport: Transport) -> None:
         ...
         actsteer.core.sites.WidthMismatch: Transport does not match Sequential: '0': transport has 4 units, Linear outputs 3 (the transport was fitted on Big)
     """
+    from .steps import refuse_stages
+
+    refuse_stages(transport, f"steering a {type(model).__name__} directly")
     mismatches = []
     for site, unit_map in transport.items():
         name, k = parse_site(site)

@@ -147,3 +147,174 @@ class StepClock:
         """How many steps of an ``n``-step schedule a window holds at most (``"first"``: 1)."""
         window = check_steps(steps)
         return 1 if window == "first" else sum(in_window(window, i, n) for i in range(n))
+
+
+# Per-step transports ----------------------------------------------------------------------------------------
+# A transport fitted with ``steps="each"`` holds one map per denoising step for the denoiser's sites: site
+# ``"unet.x.norm1@2"`` is the map of stage 2, applied in stage 2's window (``extra["stages"][2]``, fractions of the
+# schedule like a step window); sites without the mark (e.g. text encoders, which run once per call) apply at every
+# step. Hosts with a denoising schedule (diffusers, ComfyUI) split such a transport into one plain transport per
+# stage (`split_stages`) and switch each on at its steps only; other hosts refuse it (`refuse_stages`).
+STAGE_MARK = "@"
+STAGES_KEY = "stages"
+
+
+def stage_of(site: str) -> tuple[str, int | None]:
+    """``("unet.x", 2)`` for ``"unet.x@2"``; ``(site, None)`` for a site without a stage mark.
+
+    Example:
+        >>> stage_of("unet.mid_block.resnets.0.norm1@3"), stage_of("text_encoder.final_layer_norm")
+        (('unet.mid_block.resnets.0.norm1', 3), ('text_encoder.final_layer_norm', None))
+    """
+    name, mark, k = site.rpartition(STAGE_MARK)
+    if mark and k.isdigit() and name:
+        return name, int(k)
+    return site, None
+
+
+def stage_windows(transport: Any) -> list[Window]:
+    """The stage windows of a per-step transport (``extra["stages"]``), or ``[]`` for a plain one.
+
+    Raises:
+        ValueError: the windows are not a list of ``(start, end)`` pairs, in order and not overlapping, or a site
+            names a stage that has no window (a damaged file).
+    """
+    raw = transport.extra.get(STAGES_KEY) if isinstance(transport.extra, dict) else None
+    marked = [(site, k) for site in transport for _, k in [stage_of(site)] if k is not None]
+    if raw is None:
+        if marked:
+            raise ValueError(
+                f"site {marked[0][0]!r} is marked for stage {marked[0][1]} but the transport has no "
+                f"extra[{STAGES_KEY!r}] windows; fit it again with steps='each'"
+            )
+        return []
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"extra[{STAGES_KEY!r}] must be a non-empty list of [start, end] windows, got {raw!r:.80}")
+    windows: list[Window] = []
+    for w in raw:
+        window = check_steps(w, name=STAGES_KEY, first=False)
+        window = (0.0, 1.0) if window == "all" else window
+        if windows and window[0] < windows[-1][1]:
+            raise ValueError(f"extra[{STAGES_KEY!r}]: the windows must be in order and not overlap, got {raw!r:.120}")
+        windows.append(window)
+    for site, k in marked:
+        if k >= len(windows):
+            raise ValueError(f"site {site!r} names stage {k}, but the transport has {len(windows)} stage windows")
+    return windows
+
+
+def split_stages(transport: Any) -> list[tuple[Window | Literal["all"], Any]]:
+    """A transport as ``[(window, plain transport), ...]``: the unmarked sites at ``"all"`` steps (first, when there
+    are any), then one transport per stage with the mark taken off its site names. A plain transport gives
+    ``[("all", transport)]``.
+
+    Example:
+        >>> import torch, actsteer
+        >>> m = actsteer.UnitMap(torch.ones(2), torch.ones(2))
+        >>> t = actsteer.Transport({"te": m, "unet.a@0": m, "unet.a@1": m}, extra={"stages": [[0, 0.5], [0.5, 1]]})
+        >>> [(w, list(part)) for w, part in split_stages(t)]
+        [('all', ['te']), ((0.0, 0.5), ['unet.a']), ((0.5, 1.0), ['unet.a'])]
+    """
+    windows = stage_windows(transport)
+    if not windows:
+        return [("all", transport)]
+    extra = {k: v for k, v in transport.extra.items() if k != STAGES_KEY}
+    parts: list[tuple[Window | Literal["all"], Any]] = []
+    plain = {s: m for s, m in transport.items() if stage_of(s)[1] is None}
+    if plain:
+        parts.append(("all", transport.replace(plain, extra=extra)))
+    for k, window in enumerate(windows):
+        maps = {stage_of(s)[0]: m for s, m in transport.items() if stage_of(s)[1] == k}
+        if maps:
+            parts.append((window, transport.replace(maps, extra={**extra, "stage": k})))
+    return parts
+
+
+def join_stages(shared: Any | None, stages: Sequence[tuple[Window, Any]]) -> Any:
+    """One per-step transport from the maps that apply at every step (``shared``, may be None) and one transport
+    per stage window (in order); the metadata is the first stage's, with ``extra["stages"]`` added and the fitting
+    cost in ``extra["fit"]`` summed over the stages."""
+    if not stages:
+        raise ValueError("join_stages needs at least one stage")
+    maps: dict[str, Any] = dict(shared.items()) if shared is not None else {}
+    for k, (_, part) in enumerate(stages):
+        maps.update({f"{site}{STAGE_MARK}{k}": m for site, m in part.items()})
+    first = stages[0][1]
+    extra = {**first.extra, STAGES_KEY: [list(w) for w, _ in stages]}
+    extra.pop("stage", None)
+    cost = {k: sum(part.extra.get("fit", {}).get(k, 0) for _, part in stages) for k in _FIT_COUNTS}
+    if isinstance(extra.get("fit"), dict):  # what fitting cost: the sum over the stages
+        extra["fit"] = {**extra["fit"], **{k: v for k, v in cost.items() if k in extra["fit"]}}
+    return first.replace(maps, extra=extra)
+
+
+_FIT_COUNTS = ("forward_calls", "forward_equivalents", "pipeline_calls", "denoiser_calls")
+
+
+def refuse_stages(transport: Any, where: str = "this model") -> None:
+    """Refuse a per-step transport where no denoising schedule is known (a module steered directly, a language
+    model, vLLM).
+
+    Raises:
+        ValueError: saying what the transport is and where it can be used.
+    """
+    if stage_windows(transport):
+        raise ValueError(
+            f"This transport holds one map per denoising step (fitted with steps='each' on a diffusion pipeline) and "
+            f"{where} cannot tell which step a call runs: steer the whole diffusers pipeline with it "
+            "(actsteer.steer(pipe, transport)), or a ComfyUI MODEL with the Apply node"
+        )
+
+
+def expand_stages(steerings: Sequence[Any]) -> tuple[list[Any], list[Window | Literal["all"]]]:
+    """Steerings with every per-step transport split into its parts (`split_stages`), and each entry's window.
+
+    Hosts with a denoising schedule bind the returned steerings as one handle's composed entries and switch each on
+    only inside its window (``"all"``: always). A per-site strength mapping keyed by the per-step transport's site
+    names is translated for each part; ``"*"`` carries over.
+
+    Example:
+        >>> import torch, actsteer
+        >>> m = actsteer.UnitMap(torch.ones(2), torch.ones(2))
+        >>> t = actsteer.Transport({"unet.a@0": m, "unet.a@1": m}, extra={"stages": [[0, 0.5], [0.5, 1]]})
+        >>> parts, windows = expand_stages([actsteer.Steering(t, 0.5)])
+        >>> [(p.strength, list(p.transport)) for p in parts], windows
+        ([(0.5, ['unet.a']), (0.5, ['unet.a'])], [(0.0, 0.5), (0.5, 1.0)])
+    """
+    from collections.abc import Mapping
+
+    from .steering import Steering
+
+    out: list[Any] = []
+    windows: list[Window | Literal["all"]] = []
+    for st in steerings:
+        parts = split_stages(st.transport)
+        if len(parts) == 1 and parts[0][0] == "all":
+            out.append(st)
+            windows.append("all")
+            continue
+        for k, (window, part) in enumerate(parts):
+            strength = st.strength
+            if isinstance(strength, Mapping):
+                stage = None if window == "all" else part.extra.get("stage")
+                strength = {
+                    (stage_of(key)[0] if key != "*" else key): v
+                    for key, v in strength.items() if key == "*" or stage_of(key)[1] == stage
+                }
+            out.append(Steering(part, strength, st.apply_to))
+            windows.append(window)
+    return out, windows
+
+
+def describe_size(transport: Any) -> str:
+    """``"33 layers"``, or ``"33 layers x 4 steps"`` for a per-step transport (what nodes and listings show).
+
+    Example:
+        >>> import torch, actsteer
+        >>> m = actsteer.UnitMap(torch.ones(2), torch.ones(2))
+        >>> describe_size(actsteer.Transport({"a@0": m, "a@1": m, "b@0": m, "b@1": m}, extra={"stages": [[0, .5], [.5, 1]]}))
+        '2 layers x 2 steps'
+    """
+    layers = len(dict.fromkeys(stage_of(site)[0] for site in transport))
+    stages = len(stage_windows(transport))
+    return f"{layers} layers" + (f" x {stages} steps" if stages else "")

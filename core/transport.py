@@ -266,11 +266,15 @@ class Transport(Mapping[str, UnitMap]):
         """Read a file written by `save` (``.safetensors`` may be left out). Never unpickles anything."""
         from .io import read_transport
 
+        from .validation import check_stages
+
         path, maps, metadata = read_transport(path, map_from_tensors)
         try:
-            return cls(maps, **metadata)
+            transport = cls(maps, **metadata)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: the transport metadata is invalid ({shorten(str(err), 200)})") from None
+        check_stages(transport, str(path))
+        return transport
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Transport):

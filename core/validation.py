@@ -136,7 +136,18 @@ def check_transport(transport: Transport, where: str = "transport") -> Transport
     info = transport.metadata()
     info.pop("sites")
     check_metadata(where, info)
+    check_stages(transport, where)
     return transport
+
+
+def check_stages(transport: Transport, where: str) -> None:
+    """Refuse a per-step transport whose stage windows and stage marks disagree (`actsteer.core.steps`)."""
+    from .steps import stage_windows
+
+    try:
+        stage_windows(transport)
+    except ValueError as err:
+        raise ValueError(f"{where}: {shorten(str(err), 300)}; the file is damaged: fit the transport again") from None
 
 
 class _Refused(ValueError):

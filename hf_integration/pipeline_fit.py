@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from ..core import (
+    FIT_METHODS,
     ForwardContext,
     Steering,
     StepClock,
@@ -20,6 +21,7 @@ from ..core import (
     canonical_method,
     check_steps,
     fit,
+    join_stages,
     method_defaults,
 )
 from .diffusion_presets import (
@@ -43,7 +45,7 @@ def fit_pipeline(
     *,
     modules: str | Sequence[str] = "auto",
     method: str = "linear-act",
-    steps: Steps = "first",
+    steps: Steps | Literal["each"] | None = None,
     num_inference_steps: int = 4,
     guidance_scale: float | None = None,
     support: Support | None = None,
@@ -71,10 +73,18 @@ def fit_pipeline(
         method, support, pooling, estimate_options: see `actsteer.estimate` and `actsteer.core.fit`. ``None``
             takes the method's defaults (`actsteer.core.method_defaults` with ``spatial=True``: mean
             pooling; observed support for the AcT maps, all reals for the additive baselines).
-        steps: ``"first"`` (the first step the call runs, its highest-noise step, like the paper: one UNet call per
-            batch), ``"all"`` (average over every step run), or a window ``(start, end)`` in fractions of the
-            scheduler's full schedule, the same clock as steering windows (`actsteer.core.steps`: img2img at
-            strength 0.5 runs steps n/2 .. n-1 of n, so ``(0, 0.5)`` holds none of them).
+        steps: ``"each"`` (one map per step for the denoiser's sites, each fitted on that step's responses along
+            the unsteered sampling trajectory and applied at that step only: a per-step transport, see
+            `actsteer.core.split_stages`; text-encoder sites, which run once per call, are fitted once with the
+            first step; costs n(n+1)/2 denoiser calls per batch for n steps, 10 for the default 4), ``"first"``
+            (the paper's rule: one map from the first step the call runs, its highest-noise step, applied at every
+            step; one UNet call per batch), ``"all"`` (average over every step run), or a window ``(start, end)`` in
+            fractions of the scheduler's full schedule, the same clock as steering windows (`actsteer.core.steps`:
+            img2img at strength 0.5 runs steps n/2 .. n-1 of n, so ``(0, 0.5)`` holds none of them). None (the
+            default) is ``"each"``, or ``"first"`` where each does not apply (only text-encoder sites; LinEAS,
+            which trains through the model). Per-step fitting is the default because it measured better on our
+            few-step miniature (RESULTS.md, "Per-step fitting": style presence at strength 1 0.25 -> 0.98 pastel,
+            0.80 -> 0.89-0.98 sepia; negation leaves less and keeps more).
         num_inference_steps: length of the schedule the steps are taken from (default 4, like the distilled
             models of the paper); later steps are skipped once the window is done.
         guidance_scale: None keeps the pipeline's default; 0 for guidance-distilled models.
@@ -109,13 +119,73 @@ def fit_pipeline(
     defaults = method_defaults(method, spatial=True)
     pooling = defaults["pooling"] if pooling is None else pooling
     support = defaults["support"] if support is None else support
-    window = check_steps(steps)
     if "num_images_per_prompt" in call_kwargs or "output_type" in call_kwargs:
         raise ValueError("`num_images_per_prompt` and `output_type` are set by fit_pipeline; remove them")
     view = component_view(pipe)
     sites = pipeline_sites(pipe, view, modules)
     if is_pipeline_steered(pipe):
         raise RuntimeError("The pipeline is being steered; remove its steering before fitting a new transport")
+    denoiser = denoiser_name(pipe)
+    if steps is None:  # per-step where it applies (see the docstring), else the paper's first step
+        steps = "each" if method not in FIT_METHODS and any(s.startswith(denoiser + ".") for s in sites) else "first"
+    each = steps == "each"
+    window = "first" if each else check_steps(steps)
+    if each and method in FIT_METHODS:
+        raise ValueError(f"steps='each' fits one map per step from recorded responses; {method} trains through the "
+                         "model: use steps='first' (or a window)")
+    if each and not any(s.startswith(denoiser + ".") for s in sites):
+        raise ValueError(
+            f"steps='each' fits the {denoiser}'s sites once per denoising step, and these sites are all outside it "
+            "(text encoders run once per call): use steps='first'"
+        )
+    options = dict(
+        method=method, pooling=pooling, support=support, sequential=sequential, batch_size=batch_size, seed=seed,
+        progress=progress, description=description, estimate_options=estimate_options,
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, call_kwargs=call_kwargs,
+    )
+    if each:
+        return _fit_each(pipe, view, sites, source_prompts, target_prompts, **options)
+    return _fit_window(pipe, view, sites, source_prompts, target_prompts, window, steps=steps, **options)
+
+
+class _NoStepRun(ValueError):
+    """A fit's step window holds none of the steps its pipeline call ran (img2img runs only the end)."""
+
+
+def _fit_each(pipe: Any, view: torch.nn.Module, sites: list[str], source_prompts: list[str],
+              target_prompts: list[str], **options: Any) -> Transport:
+    """``steps="each"``: one single-step fit per step of the schedule (unsteered trajectories), joined into one
+    per-step transport; the sites outside the denoiser are fitted once, with the first step that runs."""
+    n = options["num_inference_steps"]
+    denoiser = denoiser_name(pipe)
+    inside = [s for s in sites if s.startswith(denoiser + ".")]
+    stages: list[tuple[tuple[float, float], Transport]] = []
+    shared: Transport | None = None
+    for k in range(n):
+        window = (k / n, (k + 1) / n)
+        try:
+            part = _fit_window(pipe, view, sites if shared is None else inside, source_prompts, target_prompts,
+                               window, steps=window, **options)
+        except _NoStepRun:
+            continue  # img2img: the call starts later in the schedule
+        logger.info("actsteer: fitted step %d of %d", k + 1, n)
+        if shared is None:
+            shared = part.select([s for s in part.sites if s not in inside]) if len(inside) < len(sites) else None
+            shared = shared if shared is not None and len(shared) else None
+        stages.append((window, part.select(inside)))
+    if not stages:
+        raise ValueError("steps='each': the pipeline call ran none of the schedule's steps")
+    transport = join_stages(shared, stages)  # (sums the stages' fitting cost)
+    return transport.replace(extra={**transport.extra, "diffusion": {**transport.extra["diffusion"], "steps": "each"}})
+
+
+def _fit_window(
+    pipe: Any, view: torch.nn.Module, sites: list[str], source_prompts: list[str], target_prompts: list[str],
+    window: Any, *, steps: Any, method: str, pooling: str, support: Support, sequential: bool,
+    batch_size: int | None, seed: int, progress: bool, description: str, estimate_options: dict[str, Any] | None,
+    num_inference_steps: int, guidance_scale: float | None, call_kwargs: dict[str, Any],
+) -> Transport:
+    """`fit_pipeline` for one step window (``"first"``, ``"all"`` or a pair)."""
     n_active = StepClock.count(window, num_inference_steps)  # at most; img2img runs only the end of the schedule
     # core.fit fits sequentially inside one pass only when every site runs once per pass
     one_pass = not (sequential and n_active > 1)
@@ -172,7 +242,7 @@ def fit_pipeline(
             pipe._interrupt = False
         if not recorded[0] and any(s.startswith(denoiser + ".") for s in sites) and clock.last is not None:
             i, total = clock.last
-            raise ValueError(
+            raise _NoStepRun(
                 f"`steps={steps!r}` holds none of the steps this call ran (it ended at step {i} of the {total}-step "
                 "schedule; img2img runs only the end of it): choose a window that overlaps them, or steps='first'"
             )

@@ -5,7 +5,9 @@ A pipeline transport names sites with the component as prefix (``"unet.mid_block
 `SteeringHandle` steers all components at once, through a `ModuleDict` view of them (the same view fitting uses).
 A step window is a per-call callback on the denoiser: it reads the call's ``timestep``, finds its place in the
 scheduler's full schedule (`denoiser_step`, the clock fitting uses too), and pauses the denoiser's sites outside the
-window for that call only; text-encoder sites are not windowed.
+window for that call only; text-encoder sites are not windowed. A per-step transport (``fit_pipeline(steps="each")``)
+is bound as one composed entry per stage, and the same callback switches on only the stage whose window holds the
+call's step (`SteeringHandle.set_entries_off`, this call only).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..core import (
     as_steerings,
     bind,
     check_steps,
+    expand_stages,
     in_window,
     locate,
     naming_of,
@@ -211,12 +214,19 @@ def running_pipeline(denoiser: torch.nn.Module, name: str, default: Any) -> Any:
     return default
 
 
-def _window_callback(pipe: Any, handle: SteeringHandle, window: Window, denoiser: str) -> Callable:
+def _window_callback(pipe: Any, handle: SteeringHandle, window: Window | str, denoiser: str,
+                     stages: list[Window | str] | None = None) -> Callable:
+    """Before each denoiser call: pause the denoiser's sites outside the call's ``window``, and switch off the
+    entries (stages of per-step transports) whose own window does not hold this step; for this call only."""
     under = denoiser + "."
 
     def before_denoiser(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         running = running_pipeline(module, denoiser, pipe)
-        handle.set_active(in_window(window, *denoiser_step(running, args, kwargs)), under=under)  # this call only
+        i, n = denoiser_step(running, args, kwargs)
+        if window != "all":
+            handle.set_active(in_window(window, i, n), under=under)  # this call only
+        if stages is not None:
+            handle.set_entries_off(frozenset(e for e, w in enumerate(stages) if not in_window(w, i, n)))
 
     return before_denoiser
 
@@ -227,15 +237,24 @@ def _pipeline_handle(pipe: Any, steering: SteeringLike, strength: SiteStrength, 
     cfg = check_cfg(cfg)
     if cfg == "guidance-aware":
         check_guidance_aware(pipe, scope)
-    steerings = as_steerings(steering, strength)
-    for st in steerings:
-        _check_names(pipe, st.transport)
-    view = component_view(pipe)
+    steerings, stages = expand_stages(as_steerings(steering, strength))  # per-step transports: one entry per stage
+    staged = any(w != "all" for w in stages)
     denoiser = denoiser_name(pipe)
+    for st, w in zip(steerings, stages):
+        _check_names(pipe, st.transport)
+        outside = [s for s in st.transport if not s.startswith(denoiser + ".")]
+        if w != "all" and outside:
+            raise ValueError(
+                f"Site {outside[0][:200]!r} has a per-step map, but it runs outside the {denoiser} (once per call, "
+                f"not once per step): per-step maps apply to the {denoiser}'s sites only; fit again with "
+                "fit_pipeline(steps='each')"
+            )
+    view = component_view(pipe)
 
     def setup(handle: SteeringHandle) -> None:
-        if window != "all" and any(s.startswith(denoiser + ".") for s in handle.sites):
-            handle.on_call(getattr(pipe, denoiser), _window_callback(pipe, handle, window, denoiser))
+        if (window != "all" or staged) and any(s.startswith(denoiser + ".") for s in handle.sites):
+            handle.on_call(getattr(pipe, denoiser),
+                           _window_callback(pipe, handle, window, denoiser, stages if staged else None))
         if cfg == "conditional":
             components = site_components(pipe)
             encoders = [c for c in components if c != denoiser and any(s.startswith(c + ".") for s in handle.sites)]

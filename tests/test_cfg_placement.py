@@ -38,7 +38,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def sdxl():
     pipe = make_sdxl_pipeline()
-    unet = fit_pipeline(pipe, SOURCE, TARGET, modules="fast", support="all", progress=False, **SIZE_KW)
+    unet = fit_pipeline(pipe, SOURCE, TARGET, modules="fast", support="all", steps="first", progress=False, **SIZE_KW)
     text = fit_pipeline(pipe, SOURCE, TARGET, modules="text_encoders", support="all", progress=False, **SIZE_KW)
     return pipe, [text, unet]
 
@@ -46,7 +46,7 @@ def sdxl():
 @pytest.fixture(scope="module")
 def flux():
     pipe = make_flux_pipeline()
-    transport = fit_pipeline(pipe, SOURCE, TARGET, modules="fast", support="all", guidance_scale=0.0,
+    transport = fit_pipeline(pipe, SOURCE, TARGET, modules="fast", support="all", guidance_scale=0.0, steps="first",
                              progress=False, **FLUX_KW)
     return pipe, transport
 

@@ -35,9 +35,11 @@ def _learn(model, clip, **overrides):
     inputs = dict(
         model=model, clip=clip, source_prompts=SOURCE, target_prompts=TARGET, method="linear-act", layers="auto",
         layer_regex="", steps=3, seed=0, cfg=1.0, width=64, height=64, samples_per_prompt=2, collect_steps=1,
-        fit_mode="sequential", support="observed", batch_size=0,
+        fit_mode="sequential", support="observed", batch_size=0, per_step=False,
     )
     inputs.update(overrides)
+    if inputs["per_step"] is None:  # the node's own default
+        del inputs["per_step"]
     return _node("ActSteerLearn").execute(**inputs)[0]
 
 
@@ -48,9 +50,10 @@ def test_learn_save_load_apply_sample_end_to_end(pack, comfy_dirs, clip, kind):
     pos, neg = encode(clip, "a photo of a cat", flux=kind == "flux"), encode(clip, "", flux=kind == "flux")
     base = ksample(model, pos, neg)
 
-    transport = _learn(model, clip)
+    transport = _learn(model, clip, per_step=None)  # the default: one map per step of Learn's 3-step schedule
     expected_sites = 33 if kind == "sdxl" else 6  # every norm of the tiny UNet / both streams + single blocks
-    assert len(transport) == expected_sites and transport.mode == "sequential"
+    assert len(transport) == 3 * expected_sites and transport.mode == "sequential"
+    assert transport.extra["comfy"]["per_step"] is True
     assert (transport.n_source, transport.n_target) == (8, 8)  # 4 prompts x 2 samples each
     assert transport.model["naming"] == "comfyui" and transport.model["class"] == type(model.model).__name__
     # the metadata lets actsteer's diffusers API translate it (and back) without knowing the model
@@ -60,7 +63,7 @@ def test_learn_save_load_apply_sample_end_to_end(pack, comfy_dirs, clip, kind):
     if kind == "sdxl":  # FLUX single blocks change layout between the two frameworks (one tensor vs a tuple)
         layout = {**as_diffusers.model, "unet_layout": transport.model["unet_config"]}  # to_comfy reads unet_layout
         assert names.to_comfy(as_diffusers.replace(model=layout)).sites == transport.sites
-    assert transport.extra["fit"]["forward_calls"] == 1  # one batched model call for the whole sequential fit
+    assert transport.extra["fit"]["forward_calls"] == 3  # one batched model call per step for the sequential fit
     assert forward_hook_count(model) == 0 and all(torch.equal(v, weights[k]) for k, v in state_fingerprint(model).items())
 
     saved = _node("ActSteerSave").execute(transport=transport, filename=f"{kind}_style", if_exists="error")
@@ -186,3 +189,30 @@ def test_learn_method_default_support_and_pooling(pack, comfy_dirs, clip, method
     explicit = _learn(tiny_sdxl(0), clip, method=method, support="observed", layers="fast", steps=2,
                       samples_per_prompt=1)
     assert explicit.support == "observed"  # an explicit choice wins over the method's default
+
+
+def test_learn_per_step_fits_one_map_per_step_and_apply_switches_them_by_step(pack, clip, sdxl):
+    core = importlib.import_module(pack.__name__ + ".core")
+    patching = importlib.import_module(pack.__name__ + ".comfy_nodes.patching")
+    first = _learn(sdxl, clip, layers="fast", samples_per_prompt=1, per_step=False)
+    each = _learn(sdxl, clip, layers="fast", samples_per_prompt=1, per_step=None)  # the default: per step, steps=3
+    assert core.stage_windows(each) == [(0.0, 1 / 3), (1 / 3, 2 / 3), (2 / 3, 1.0)]
+    assert len(each) == 3 * len(first) and each.extra["comfy"]["per_step"] is True
+    parts = core.split_stages(each)
+    for site in first:  # stage 0 is the first-step fit; later stages are fitted on their own step's activations
+        torch.testing.assert_close(parts[0][1][site].beta, first[site].beta)
+    assert any(not torch.allclose(parts[2][1][s].beta, first[s].beta) for s in first)
+
+    pos, neg = encode(clip, "a photo of a cat"), encode(clip, "blurry")
+    base = ksample(sdxl, pos, neg, steps=6)
+    steered_model = _node("ActSteerApply").execute(model=sdxl, transport=each, strength=1.0, start_percent=0.0,
+                                                   end_percent=1.0, layers="")[0]
+    steered = ksample(steered_model, pos, neg, steps=6)
+    assert torch.isfinite(steered).all() and not torch.equal(steered, base)
+    log = patching.steering_patch(steered_model).last_run
+    assert all(len(on) == 1 for on in log.entries_on)  # one stage per model call, never two
+    stages = [on[0] for on in log.entries_on]
+    per_step = len(stages) // 6  # model calls per step (cond and uncond may run in one call or two)
+    assert stages == [k for k in (0, 0, 1, 1, 2, 2) for _ in range(per_step)]  # 6 steps: each stage spans two
+    pooled = _learn(sdxl, clip, layers="fast", samples_per_prompt=1, collect_steps=2, per_step=None)  # pools: one map
+    assert not core.stage_windows(pooled) and pooled.extra["comfy"]["per_step"] is False

@@ -26,6 +26,7 @@ def _learn_graph(ckpt: str = "tiny", clip_layer: int | None = None, **learn) -> 
         "model": ["1", 0], "clip": clip, "source_prompts": SOURCE, "target_prompts": TARGET, "method": "linear-act",
         "layers": "middle-block", "layer_regex": "", "steps": 3, "seed": 0, "cfg": 1.0, "width": 64, "height": 64,
         "samples_per_prompt": 1, "collect_steps": 1, "fit_mode": "sequential", "support": "observed", "batch_size": 0,
+        "per_step": False,
         **learn}}
     graph["3"] = {"class_type": "ActSteerSave", "inputs": {"transport": ["2", 0], "filename": "learned",
                                                            "if_exists": "add number"}}

@@ -210,10 +210,11 @@ def test_learn_shows_its_split_timing_on_the_node(pack, comfy_dirs, caplog):
     with caplog.at_level(logging.INFO):
         session.run(prompt)
     texts = {e["node"]: e["output"]["text"][0] for e in session.events("executed")}
-    assert texts["2"].startswith("learned 8 layers from 3 + 3 samples: encode ")  # the middle block's 8 norms
-    assert " s · sample " in texts["2"] and "(1 model call) · fit " in texts["2"]
-    assert texts["3"] == "saved learned.safetensors (8 layers)"
-    assert "actsteer: learned 8 layers from 3 source + 3 target samples in" in caplog.text
+    # the middle block's 8 norms, one map per step of Learn's 3-step schedule (per_step, the default)
+    assert texts["2"].startswith("learned 8 layers x 3 steps from 3 + 3 samples: encode ")
+    assert " s · sample " in texts["2"] and "(3 model calls) · fit " in texts["2"]
+    assert texts["3"] == "saved learned.safetensors (8 layers x 3 steps)"
+    assert "actsteer: learned 8 layers x 3 steps from 3 source + 3 target samples in" in caplog.text
     assert "actsteer: fitted" not in caplog.text  # the core's all-in-one figure would credit sampling to fitting
 
 

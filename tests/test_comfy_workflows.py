@@ -70,8 +70,8 @@ def test_sdxl_style_then_strength_sweep_workflows_run(pack, comfy_dirs):
     outputs = run_prompt(style, "style")
     assert (comfy_dirs / "sdxl_watercolor.safetensors").is_file()
     texts = {style[i]["class_type"]: out["text"][0] for i, out in outputs["outputs"].items() if "text" in out}
-    assert texts["ActSteerSave"] == "saved sdxl_watercolor.safetensors (33 layers)"  # shown on the node
-    assert texts["ActSteerLearn"].startswith("learned 33 layers from 16 + 16 samples: encode ")
+    assert texts["ActSteerSave"] == "saved sdxl_watercolor.safetensors (33 layers x 2 steps)"  # shown on the node
+    assert texts["ActSteerLearn"].startswith("learned 33 layers x 2 steps from 16 + 16 samples: encode ")
     saved_images = [i for out in outputs["outputs"].values() for i in out.get("images", [])]
     assert len(saved_images) == 1 and saved_images[0]["type"] == "output"
     assert (Path(folder_paths.get_output_directory()) / saved_images[0]["subfolder"] / saved_images[0]["filename"]).is_file()

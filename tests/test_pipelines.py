@@ -54,12 +54,12 @@ def flux():
 
 @pytest.fixture(scope="module")
 def sdxl_transport(sdxl):
-    return fit_pipeline(sdxl, SOURCE, TARGET, progress=False, **SIZE_KW)
+    return fit_pipeline(sdxl, SOURCE, TARGET, steps="first", progress=False, **SIZE_KW)  # per-step: test_stages.py
 
 
 @pytest.fixture(scope="module")
 def flux_transport(flux):
-    return fit_pipeline(flux, SOURCE, TARGET, progress=False, **FLUX_FIT_KW)
+    return fit_pipeline(flux, SOURCE, TARGET, steps="first", progress=False, **FLUX_FIT_KW)
 
 
 def _hooks(pipe) -> set[tuple[str, str, int]]:
@@ -141,8 +141,10 @@ def test_fit_pipeline_sdxl_fits_every_unet_norm_in_execution_order(sdxl, sdxl_tr
 def test_fit_pipeline_cfg_keeps_conditional_half(sdxl):
     # At the first step the conditional rows of a [uncond, cond] CFG batch see exactly what a guidance-free
     # batch sees; had the unconditional rows been pooled, the maps would differ completely.
-    with_cfg = fit_pipeline(sdxl, SOURCE, TARGET, modules="fast", guidance_scale=5.0, progress=False, **SIZE_KW)
-    without = fit_pipeline(sdxl, SOURCE, TARGET, modules="fast", guidance_scale=0.0, progress=False, **SIZE_KW)
+    with_cfg = fit_pipeline(sdxl, SOURCE, TARGET, modules="fast", guidance_scale=5.0, steps="first", progress=False,
+                            **SIZE_KW)
+    without = fit_pipeline(sdxl, SOURCE, TARGET, modules="fast", guidance_scale=0.0, steps="first", progress=False,
+                           **SIZE_KW)
     assert with_cfg.sites == without.sites and len(with_cfg) == 8
     for site in with_cfg:
         torch.testing.assert_close(with_cfg[site].beta, without[site].beta, rtol=1e-4, atol=1e-5)
@@ -200,7 +202,7 @@ def test_steer_pipeline_strength_zero_is_bit_exact(arch, request):
 
 
 def test_steer_pipeline_sdxl_moves_held_out_source_toward_target(sdxl):
-    transport = fit_pipeline(sdxl, SOURCE, TARGET, support="all", progress=False, **SIZE_KW)
+    transport = fit_pipeline(sdxl, SOURCE, TARGET, support="all", steps="first", progress=False, **SIZE_KW)
     ratios = _distance_ratios(sdxl, transport, dict(SIZE_KW, num_inference_steps=4, guidance_scale=0.0))
     assert len(ratios) > 50
     assert (ratios < 1).float().mean() > 0.9
@@ -353,7 +355,7 @@ def test_copies_and_pickles_of_an_enabled_pipeline_are_plain(flux, flux_transpor
 
 
 def test_steer_pipeline_negative_strength_undoes_a_composed_forward_map(flux):
-    transport = fit_pipeline(flux, SOURCE, TARGET, support="all", progress=False, **FLUX_FIT_KW)
+    transport = fit_pipeline(flux, SOURCE, TARGET, support="all", steps="first", progress=False, **FLUX_FIT_KW)
     base = flux("a cat", **flux_call_kwargs()).images
     with steer_pipeline(flux, [Steering(transport, 1.0), Steering(transport, -1.0)]) as handle:
         round_trip = flux("a cat", **flux_call_kwargs()).images

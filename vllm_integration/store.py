@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..core import HALF_DTYPES, Transport, UnitMap, check_strength
+from ..core import HALF_DTYPES, Transport, UnitMap, check_strength, refuse_stages
 from .names import ModelShape, to_vllm
 
 logger = logging.getLogger("vllm." + __name__)  # under "vllm", so that vLLM's logging config applies
@@ -272,6 +272,10 @@ class TransportStore:
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(f"Transport {name!r} could not be read: {_without(str(err), path)}") from None
         check_affine(name, transport)
+        try:
+            refuse_stages(transport, "a vLLM server")
+        except ValueError as err:
+            raise ValueError(f"Transport {name!r}: {err}") from None
         self.check_model(name, transport)
         try:
             translated = to_vllm(transport, self.shape)
