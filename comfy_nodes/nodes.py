@@ -87,9 +87,10 @@ class ActSteerLearn(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Learns an Activation Transport (AcT): samples every prompt through this MODEL, records the "
-                "activations of the chosen layers (positive branch, pooled over the first steps), and fits a "
-                "per-unit map from the source prompts' activations to the target prompts'. Apply it with "
-                "'AcT Apply Transport'. Costs about one sampling step per prompt and sample."
+                "activations of the chosen layers (positive branch) and fits a per-unit map from the source prompts' "
+                "activations to the target prompts': one map per step of a short schedule (per_step, the default), "
+                "or one from the first steps. Apply it with 'AcT Apply Transport'. Costs about steps x (steps + 1) / 2 "
+                "sampling steps per prompt and sample with per_step (10 for 4 steps), one without."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL to learn on (SDXL-family or FLUX); the transport works "
@@ -120,8 +121,9 @@ class ActSteerLearn(io.ComfyNode):
                              tooltip="Noise seed of the learning samples (seed, seed+1, ... per prompt); fixed, so "
                                      "that queuing again reuses the learned transport instead of learning anew"),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="CFG while collecting; the first step does not depend on it, and 1.0 skips the "
-                                       "negative pass (half the cost)"),
+                               tooltip="CFG while collecting; the first step does not depend on it (with per_step the "
+                                       "later steps follow the path this CFG draws), and 1.0 skips the negative pass "
+                                       "(half the cost)"),
                 io.Int.Input("width", default=1024, min=64, max=8192, step=8,
                              tooltip="Image width while learning: use the size you generate at (cost grows with area)"),
                 io.Int.Input("height", default=1024, min=64, max=8192, step=8,

@@ -17,10 +17,10 @@ How it works (COMFYUI_NOTES.md section 3):
 - A per-step transport (fitted with ``steps="each"`` / Learn's ``per_step``) becomes one entry per stage, each with its
   stage window in fractions of the schedule: such entries are switched by the call's step, located in the run's
   ``sample_sigmas`` with the one diffusion clock (`actsteer.core.locate`), as Learn locates the steps it records.
-- Where the steer enters CFG (``SteeringEntry.cfg``, the Apply node's ``cfg_placement``): ``"both"`` (the default,
-  as in the paper's reference) steers every batch row, positive and negative; ``"conditional"`` only the rows the
-  sampler flags as positive (``cond_or_uncond`` in each call's ``transformer_options``), so the CFG scale amplifies
-  the steer as it amplifies the prompt; ``"guidance-aware"`` every row at CFG x strength (the guider's ``cfg``,
+- Where the steer enters CFG (``SteeringEntry.cfg``, the Apply node's ``cfg_placement``): ``"conditional"`` (the
+  default) only the rows the sampler flags as positive (``cond_or_uncond`` in each call's ``transformer_options``),
+  so the CFG scale amplifies the steer as it amplifies the prompt; ``"both"`` (the paper's reference) steers every
+  batch row, positive and negative; ``"guidance-aware"`` every row at CFG x strength (the guider's ``cfg``,
   read once per sampling run; 1 for guiders without one). Chained Apply nodes must agree on it.
 """
 
@@ -35,6 +35,7 @@ import torch
 
 from ..core import (
     CFG_CHOICES,
+    DEFAULT_CFG,
     Steering,
     SteeringHandle,
     Transport,
@@ -68,7 +69,7 @@ class SteeringEntry:
     strength: float
     sigma_start: float = float("inf")
     sigma_end: float = float("-inf")
-    cfg: str = "both"
+    cfg: str = DEFAULT_CFG
     stage: Window | None = None  # a per-step transport's stage: (start, end) fractions of the schedule
 
     def __deepcopy__(self, memo: dict) -> SteeringEntry:
@@ -264,7 +265,7 @@ def apply_steering(
     start_percent: float = 0.0,
     end_percent: float = 1.0,
     layers: str = "",
-    cfg: str = "both",
+    cfg: str = DEFAULT_CFG,
 ):
     """A clone of ``model`` that steers with ``transport``; ``model`` itself is never modified.
 
@@ -274,7 +275,7 @@ def apply_steering(
         strength: 0 identity, 1 full transport, negative = reverse (target -> source), above 1 extrapolation.
         start_percent, end_percent: the part of the sampling schedule to steer (0 = first step, 1 = last).
         layers: a regex; only the transport's sites whose name it matches (searched anywhere) are applied.
-        cfg: where the steer enters CFG: ``"both"`` (every row), ``"conditional"`` (the positive rows only) or
+        cfg: where the steer enters CFG: ``"conditional"`` (the positive rows only; the default), ``"both"`` (every row) or
             ``"guidance-aware"`` (every row at the sampler's CFG x strength); see the module docstring.
 
     Returns:

@@ -56,7 +56,7 @@ from .sites import (
     validate,
 )
 from .stacked import stack_directions, stacked_affine
-from .steering import SiteStrength, Steering, SteeringLike, as_steerings, check_strength
+from .steering import SiteStrength, Steering, SteeringLike, as_steerings, check_strength, expand_stages
 from .streams import keep_context
 from .steps import (
     STAGE_MARK,
@@ -65,7 +65,6 @@ from .steps import (
     Window,
     check_steps,
     describe_size,
-    expand_stages,
     in_window,
     join_stages,
     locate,

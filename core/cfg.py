@@ -5,9 +5,11 @@ Under CFG a denoiser predicts each step twice, with the prompt (the conditional 
 prompt (the unconditional branch ``u``), and the sampler follows ``u + g (c - u)``. A prompt's words reach ``c``
 only, so the guidance scale ``g`` multiplies their effect. The placements:
 
-- ``"both"`` (the default; the paper's reference code): every row of both branches at the strength. To first order
-  the steer then reaches the guided output at weight 1 while the prompt gets weight ``g``.
-- ``"conditional"``: the conditional branch only, so guidance amplifies the steer as it amplifies the prompt.
+- ``"conditional"`` (the default since issue 23): the conditional branch only, so guidance amplifies the steer as it
+  amplifies the prompt. On the miniature trained for CFG, with per-step transports, it kept a style at guidance 3
+  and 8 where "both" lost it (RESULTS.md, "Per-step fitting"), and gave more style for the same loss of content.
+- ``"both"`` (the paper's reference code): every row of both branches at the strength. To first order the steer
+  then reaches the guided output at weight 1 while the prompt gets weight ``g``.
 - ``"guidance-aware"``: both branches at ``g`` times the strength (``g`` = 1 without CFG).
 
 Without CFG (guidance <= 1; guidance-distilled models such as SDXL-Lightning and FLUX.1-schnell) the three are the
@@ -15,8 +17,8 @@ same. Measured in benchmarks/RESULTS.md ("Few-step miniature: guidance").
 
 Example:
     >>> from actsteer.core import check_cfg
-    >>> check_cfg(None), check_cfg("conditional")
-    ('both', 'conditional')
+    >>> check_cfg(None), check_cfg("both")
+    ('conditional', 'both')
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, Literal
 
 Cfg = Literal["both", "conditional", "guidance-aware"]
 CFG_CHOICES: tuple[str, ...] = ("both", "conditional", "guidance-aware")
-DEFAULT_CFG: Cfg = "both"
+DEFAULT_CFG: Cfg = "conditional"
 
 
 def check_cfg(cfg: Any, name: str = "cfg") -> Cfg:
@@ -39,8 +41,9 @@ def check_cfg(cfg: Any, name: str = "cfg") -> Cfg:
         return DEFAULT_CFG
     if cfg not in CFG_CHOICES:
         raise ValueError(
-            f"Unknown `{name}={cfg!r}`; use 'both' (steer both branches of classifier-free guidance, the default), "
-            "'conditional' (the prompt's branch only) or 'guidance-aware' (both at guidance scale x strength)"
+            f"Unknown `{name}={cfg!r}`; use 'conditional' (the prompt's branch of classifier-free guidance only, the "
+            "default), 'both' (both branches alike, the paper's reference) or 'guidance-aware' (both at guidance scale "
+            "x strength)"
         )
     return cfg
 

@@ -90,6 +90,7 @@ def save_transport(transport: Transport, path: str | Path, *, overwrite: bool = 
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or choose another name")
     tensors: dict[str, torch.Tensor] = {}
     version = 1
+    seen: set[int] = set()
     for i, site in enumerate(transport):
         fields = transport[site].to_tensors()
         unknown = sorted(set(fields) - set(FIELDS) - set(PIECEWISE_FIELDS))
@@ -98,7 +99,11 @@ def save_transport(transport: Transport, path: str | Path, *, overwrite: bool = 
         if any(f in fields for f in PIECEWISE_FIELDS):
             version = 2
         for field, value in fields.items():
-            tensors[f"maps.{i}.{field}"] = value.to(torch.uint8) if field == "dead" else value.contiguous()
+            value = value.to(torch.uint8) if field == "dead" else value.contiguous()
+            if value.data_ptr() in seen:  # one map under several sites (e.g. stages): safetensors refuses shared memory
+                value = value.clone()
+            seen.add(value.data_ptr())
+            tensors[f"maps.{i}.{field}"] = value
     header = {
         "format": FORMAT,
         "format_version": str(version),

@@ -15,6 +15,7 @@ from typing import Any, Literal, Union
 
 import torch
 
+from .steps import Window, split_stages, stage_of
 from .transport import Strength, Transport
 from .validation import shorten
 
@@ -106,8 +107,8 @@ def check_site_strength(value: Any, transport: Transport | None = None, *, what:
         if not isinstance(site, str):
             raise TypeError(f"Per-site strength keys must be site names (str), got {site!r}")
         out[site] = check_strength(s, what=f"{what}[{site!r}]")
-    if transport is not None:
-        unknown = sorted(set(out) - set(transport) - {"*"})
+    if transport is not None:  # a per-step transport's sites also answer to their unmarked names (every stage)
+        unknown = sorted(set(out) - set(transport) - {stage_of(site)[0] for site in transport} - {"*"})
         if unknown:
             raise KeyError(
                 f"Per-site strengths name site(s) {unknown[:3]} that are not in the transport; its sites are "
@@ -202,3 +203,39 @@ def as_steerings(steering: SteeringLike, strength: SiteStrength = 1.0) -> list[S
                 "actsteer.Transport.load(path)"
             )
     return out
+
+
+def expand_stages(steerings: Sequence[Steering]) -> tuple[list[Steering], list[Window | Literal["all"]]]:
+    """Steerings with every per-step transport split into its parts (`split_stages`), and each entry's window.
+
+    Hosts with a denoising schedule bind the returned steerings as one handle's composed entries and switch each on
+    only inside its window (``"all"``: always). A per-site strength mapping is translated for each part: ``"*"``
+    and unmarked site names (``"unet.x"``: every stage) carry over, marked ones (``"unet.x@2"``) go to their stage.
+
+    Example:
+        >>> import torch, actsteer
+        >>> m = actsteer.UnitMap(torch.ones(2), torch.ones(2))
+        >>> t = actsteer.Transport({"unet.a@0": m, "unet.a@1": m}, extra={"stages": [[0, 0.5], [0.5, 1]]})
+        >>> parts, windows = expand_stages([actsteer.Steering(t, 0.5)])
+        >>> [(p.strength, list(p.transport)) for p in parts], windows
+        ([(0.5, ['unet.a']), (0.5, ['unet.a'])], [(0.0, 0.5), (0.5, 1.0)])
+    """
+    out: list[Steering] = []
+    windows: list[Window | Literal["all"]] = []
+    for st in steerings:
+        parts = split_stages(st.transport)
+        if len(parts) == 1 and parts[0][0] == "all":
+            out.append(st)
+            windows.append("all")
+            continue
+        for k, (window, part) in enumerate(parts):
+            strength = st.strength
+            if isinstance(strength, Mapping):  # "*", unmarked names (every stage), then this stage's own marks
+                stage = None if window == "all" else part.extra.get("stage")
+                marked = {stage_of(key)[0]: v for key, v in strength.items()
+                          if stage is not None and stage_of(key)[1] == stage}
+                strength = {**{k: v for k, v in strength.items() if stage_of(k)[1] is None}, **marked}
+                strength = {k: v for k, v in strength.items() if k == "*" or k in part}
+            out.append(Steering(part, strength, st.apply_to))
+            windows.append(window)
+    return out, windows

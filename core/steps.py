@@ -266,46 +266,6 @@ def refuse_stages(transport: Any, where: str = "this model") -> None:
         )
 
 
-def expand_stages(steerings: Sequence[Any]) -> tuple[list[Any], list[Window | Literal["all"]]]:
-    """Steerings with every per-step transport split into its parts (`split_stages`), and each entry's window.
-
-    Hosts with a denoising schedule bind the returned steerings as one handle's composed entries and switch each on
-    only inside its window (``"all"``: always). A per-site strength mapping keyed by the per-step transport's site
-    names is translated for each part; ``"*"`` carries over.
-
-    Example:
-        >>> import torch, actsteer
-        >>> m = actsteer.UnitMap(torch.ones(2), torch.ones(2))
-        >>> t = actsteer.Transport({"unet.a@0": m, "unet.a@1": m}, extra={"stages": [[0, 0.5], [0.5, 1]]})
-        >>> parts, windows = expand_stages([actsteer.Steering(t, 0.5)])
-        >>> [(p.strength, list(p.transport)) for p in parts], windows
-        ([(0.5, ['unet.a']), (0.5, ['unet.a'])], [(0.0, 0.5), (0.5, 1.0)])
-    """
-    from collections.abc import Mapping
-
-    from .steering import Steering
-
-    out: list[Any] = []
-    windows: list[Window | Literal["all"]] = []
-    for st in steerings:
-        parts = split_stages(st.transport)
-        if len(parts) == 1 and parts[0][0] == "all":
-            out.append(st)
-            windows.append("all")
-            continue
-        for k, (window, part) in enumerate(parts):
-            strength = st.strength
-            if isinstance(strength, Mapping):
-                stage = None if window == "all" else part.extra.get("stage")
-                strength = {
-                    (stage_of(key)[0] if key != "*" else key): v
-                    for key, v in strength.items() if key == "*" or stage_of(key)[1] == stage
-                }
-            out.append(Steering(part, strength, st.apply_to))
-            windows.append(window)
-    return out, windows
-
-
 def describe_size(transport: Any) -> str:
     """``"33 layers"``, or ``"33 layers x 4 steps"`` for a per-step transport (what nodes and listings show).
 

@@ -4,14 +4,14 @@ Under CFG a pipeline predicts each step twice, with the prompt (the conditional 
 prompt (``""`` by default: the unconditional branch, ``u``), and denoises along ``u + g (c - u)``. A prompt's words
 reach ``c`` only, so the guidance scale ``g`` multiplies their effect. Three placements of the steer:
 
-- ``"both"`` (the default; the paper's reference code): every row and every call. Steering the unconditional
-  branch alike subtracts most of the steer again in ``c - u``: to first order the steer reaches the guided output
-  at weight 1 while the prompt gets weight ``g``.
-- ``"conditional"``: the steer stands in for the prompt's words and enters the conditional branch only, so guidance
-  amplifies it as it amplifies the prompt (weight ``g``). Rows ``n .. 2n-1`` of an SD/SDXL batch ``[uncond; cond]``;
+- ``"conditional"`` (the default): the steer stands in for the prompt's words and enters the conditional branch
+  only, so guidance amplifies it as it amplifies the prompt (weight ``g``). Rows ``n .. 2n-1`` of an SD/SDXL batch ``[uncond; cond]``;
   in FLUX's true CFG (``true_cfg_scale > 1`` with a negative prompt) the first transformer call of each step (the
   positive one; the second call of the same step is the negative one); and of each text encoder, its first call
   in a pipeline call (the prompt: later calls encode the negative prompt).
+- ``"both"`` (the paper's reference code): every row and every call. Steering the unconditional branch alike
+  subtracts most of the steer again in ``c - u``: to first order the steer reaches the guided output at weight 1
+  while the prompt gets weight ``g``.
 - ``"guidance-aware"``: every row at ``g`` times the strength (``g`` = the call's ``guidance_scale`` when the
   pipeline runs CFG, else 1): the strength a first-order picture says ``"both"`` needs to give the steer the
   prompt's weight. Per pipeline call, so request-scoped only (`steer_pipeline`, ``pipe(steering=)``), and only on

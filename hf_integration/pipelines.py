@@ -285,10 +285,10 @@ def attach_pipeline(
             that runs the denoiser (pipelines sharing ``pipe``'s components, each with its own scheduler, are
             steered too, each in its own schedule). Text-encoder sites run once per call, before the denoising
             loop, and are steered whatever the window.
-        cfg: where the steer enters classifier-free guidance: ``"both"`` (the default, the paper's reference) steers
-            both branches alike, so the steer reaches the guided output at weight ~1 while the prompt gets the
-            guidance scale; ``"conditional"`` steers the prompt's branch only (the conditional half of the batch,
-            the prompt's text encoding), so guidance amplifies the steer as it amplifies the prompt;
+        cfg: where the steer enters classifier-free guidance: ``"conditional"`` (the default) steers the prompt's
+            branch only (the conditional half of the batch, the prompt's text encoding), so guidance amplifies the
+            steer as it amplifies the prompt; ``"both"`` (the paper's reference) steers both branches alike, so the
+            steer reaches the guided output at weight ~1 while the prompt gets the guidance scale;
             ``"guidance-aware"`` (`steer_pipeline` only) steers both at guidance_scale x strength. All the same
             without guidance. See `actsteer.hf_integration.cfg`.
 

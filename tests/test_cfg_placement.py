@@ -1,7 +1,7 @@
 """Where the steer enters classifier-free guidance (hf_integration/cfg.py, `SteeringHandle.set_rows`), on tiny
-random SDXL and FLUX pipelines: ``cfg="both"`` (the default) steers every row and every call,
-``"conditional"`` the prompt's branch only, ``"guidance-aware"`` every row at guidance x strength; without guidance
-the three are the same."""
+random SDXL and FLUX pipelines: ``cfg="conditional"`` (the default) steers the prompt's branch only, ``"both"``
+every row and every call, ``"guidance-aware"`` every row at guidance x strength; without guidance the three are the
+same."""
 
 from __future__ import annotations
 
@@ -77,9 +77,16 @@ def _record(pipe, names, call, steering=None, **options):
 
 
 def test_check_cfg_names_the_choices():
-    assert check_cfg(None) == DEFAULT_CFG == "both" and check_cfg("conditional") == "conditional"
-    with pytest.raises(ValueError, match="'both'.*'conditional'.*'guidance-aware'"):
+    assert check_cfg(None) == DEFAULT_CFG == "conditional" and check_cfg("both") == "both"
+    with pytest.raises(ValueError, match="'conditional'.*'both'.*'guidance-aware'"):
         check_cfg("uncond")
+
+
+def test_the_default_placement_is_conditional(sdxl):
+    pipe, steering = sdxl
+    default = _images(pipe, steering)
+    assert torch.equal(default, _images(pipe, steering, cfg="conditional"))
+    assert not torch.allclose(default, _images(pipe, steering, cfg="both"))
 
 
 def test_sdxl_conditional_steers_the_prompt_branch_only(sdxl):
@@ -110,8 +117,8 @@ def _images(pipe, steering=None, strength=1.0, **kw):
     call = sdxl_call_kwargs(0, **SIZE_KW, **kw)
     if steering is None:
         return pipe(PROMPTS, **call).images
-    cfg = call.pop("cfg")
-    with steer_pipeline(pipe, steering, strength=strength, cfg=cfg):
+    placement = {"cfg": call.pop("cfg")} if "cfg" in call else {}  # none: the default
+    with steer_pipeline(pipe, steering, strength=strength, **placement):
         return pipe(PROMPTS, **call).images
 
 

@@ -64,8 +64,8 @@ def test_conditional_steers_only_the_positive_rows(pack, clip, kind):
     transport = _transport(pack, model, kind)
     plain, flags = _first_call(model, pos, neg, 4.0)
     assert sorted(flags) == [0, 1]  # one batch holds the positive and the negative chunk
-    cond, _ = _first_call(_apply(model, transport, cfg_placement="conditional"), pos, neg, 4.0)
-    both, _ = _first_call(_apply(model, transport), pos, neg, 4.0)  # the default
+    cond, _ = _first_call(_apply(model, transport), pos, neg, 4.0)  # the default
+    both, _ = _first_call(_apply(model, transport, cfg_placement="both"), pos, neg, 4.0)
     chunk = plain.shape[0] // 2
     for j, flag in enumerate(flags):
         rows = slice(j * chunk, (j + 1) * chunk)
@@ -101,6 +101,6 @@ def test_placement_checks(pack, sdxl):
     assert "cfg_placement: 'half'" in node.validate_inputs(cfg_placement="half")
     assert node.validate_inputs(cfg_placement="conditional") is True
     transport = _transport(pack, sdxl, "sdxl")
-    first = _apply(sdxl, transport, cfg_placement="conditional")
-    with pytest.raises(ValueError, match="cfg_placement 'both' differs from the 'conditional'"):
-        _apply(first, transport)
+    first = _apply(sdxl, transport, cfg_placement="both")
+    with pytest.raises(ValueError, match="cfg_placement 'conditional' differs from the 'both'"):
+        _apply(first, transport)  # the default

@@ -71,7 +71,7 @@ def test_node_inputs_and_outputs(pack):
     # new inputs last: saved workflows keep their values
     assert list(apply["optional"]) == ["layers", "layer_group", "cfg_placement"]
     placement = apply["optional"]["cfg_placement"][1]
-    assert placement["options"] == ["both", "conditional", "guidance-aware"] and placement["default"] == "both"
+    assert placement["options"] == ["both", "conditional", "guidance-aware"] and placement["default"] == "conditional"
     assert apply["optional"]["layer_group"][1]["options"][:2] == ["all", "fast"]
     assert list(_node("ActSteerApply").RETURN_TYPES) == ["MODEL"]
 

@@ -58,8 +58,9 @@ def _apply(pack, model, transport, strength=1.0, start=0.0, end=1.0, layers=""):
     import nodes
 
     node = nodes.NODE_CLASS_MAPPINGS["ActSteerApply"]
+    # "both": these tests compare with references that steer every row (the placements: test_comfy_cfg_placement.py)
     return node.execute(model=model, transport=transport, strength=strength, start_percent=start, end_percent=end,
-                        layers=layers)[0]
+                        layers=layers, cfg_placement="both")[0]
 
 
 @pytest.mark.parametrize("kind", FAMILIES)

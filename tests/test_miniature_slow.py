@@ -50,13 +50,13 @@ def induction(miniature):
     pipe, judges, fit_attrs, eval_attrs = miniature
     transport = actsteer.fit_pipeline(
         pipe, metrics.captions(fit_attrs), metrics.captions(fit_attrs, suffix=", striped"), modules=TEXT_SITE,
-        support="all", num_inference_steps=STEPS, guidance_scale=3.0, progress=False,
+        support="all", num_inference_steps=STEPS, guidance_scale=3.0, progress=False, steps="first",
     )
     prompts = metrics.captions(eval_attrs)
     reference = _generate(pipe, prompts)
     images, scores = {}, {}
     for strength in (0.0, 1.0, 2.0):
-        with actsteer.steer(pipe, transport, strength=strength):
+        with actsteer.steer(pipe, transport, strength=strength, cfg="both"):  # the documented protocol
             images[strength] = _generate(pipe, prompts)
         scores[strength] = metrics.score(judges, images[strength], eval_attrs, reference, style="striped")
     return reference, images, scores
@@ -85,11 +85,11 @@ def test_miniature_negation_removes_stripes_at_strength_one(miniature):
     pipe, judges, fit_attrs, eval_attrs = miniature
     transport = actsteer.fit_pipeline(
         pipe, metrics.captions(fit_attrs, suffix=", striped"), metrics.captions(fit_attrs), modules=TEXT_SITE,
-        support="all", num_inference_steps=STEPS, guidance_scale=3.0, progress=False,
+        support="all", num_inference_steps=STEPS, guidance_scale=3.0, progress=False, steps="first",
     )
     prompts = metrics.captions(eval_attrs, suffix=", striped")
     reference = _generate(pipe, prompts)
-    with actsteer.steer(pipe, transport, strength=1.0):
+    with actsteer.steer(pipe, transport, strength=1.0, cfg="both"):  # the documented protocol
         steered = _generate(pipe, prompts)
     before = metrics.score(judges, reference, eval_attrs, style="striped")
     after = metrics.score(judges, steered, eval_attrs, reference, style="striped")

@@ -210,3 +210,22 @@ def test_fit_pipeline_defaults_to_per_step_where_it_applies(sdxl):
     assert stage_windows(text) == [] and text.extra["diffusion"]["steps"] == "first"
     with pytest.raises(ValueError, match="trains through the model"):
         fit_pipeline(sdxl, SOURCE, TARGET, modules="fast", method="lineas", steps="each", **FIT_KW)
+
+
+def test_per_site_strengths_name_a_layer_for_every_stage_or_one_stage(sdxl, each):
+    site = "unet.mid_block.resnets.0.norm1"
+    call = lambda: sdxl_call_kwargs(num_inference_steps=4, guidance_scale=0.0)  # noqa: E731
+    with steer_pipeline(sdxl, actsteer.Steering(each, {"*": 0.0, site: 1.0})) as handle:
+        sdxl("a horse", **call())
+    assert handle.calls == {site: 4}  # the unmarked name: every stage; the rest at 0 (not computed)
+    with steer_pipeline(sdxl, actsteer.Steering(each, {"*": 0.0, f"{site}@2": 1.0})) as handle:
+        sdxl("a horse", **call())
+    assert handle.calls == {site: 1}
+    with pytest.raises(KeyError, match="not in the transport"):
+        actsteer.Steering(each, {"unet.nowhere": 1.0})
+
+
+def test_one_map_under_several_sites_saves_and_loads(tmp_path):
+    m = _map(3, 0.5)
+    t = actsteer.Transport({"a": m, "b": m})  # the same tensors twice (join_stages of one part does this too)
+    assert actsteer.Transport.load(t.save(tmp_path / "shared.safetensors")) == t

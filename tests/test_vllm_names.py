@@ -435,3 +435,12 @@ def test_a_fitted_quantile_map_is_refused_by_the_vllm_store_naming_its_class(lla
     store = TransportStore(tmp_path, ModelShape.from_config(llama.config))
     with pytest.raises(ValueError, match="'bent'.*its map is a QuantileMap, not a per-unit affine"):
         store.get("bent")
+
+
+def test_transport_store_refuses_a_per_step_diffusion_transport(llama, tmp_path):
+    plain = _random_transport({"model.layers.0.input_layernorm": 16})
+    staged = actsteer.core.join_stages(None, [((0.0, 0.5), plain), ((0.5, 1.0), plain)])
+    staged.save(tmp_path / "steps.safetensors")
+    store = TransportStore(tmp_path, ModelShape.from_config(llama.config))
+    with pytest.raises(ValueError, match=r"Transport 'steps': .*one map per denoising step.*a vLLM server"):
+        store.get("steps")
