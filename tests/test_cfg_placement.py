@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.tiny_pipelines import flux_call_kwargs, make_flux_pipeline, make_sdxl_pipeline, sdxl_call_kwargs
+from support.tiny_pipelines import (  # noqa: F401  (one_thread, sdxl, flux: fixtures)
+    flux_call_kwargs,
+    make_flux_pipeline,
+    make_sdxl_pipeline,
+    one_thread,
+    sdxl_call_kwargs,
+)
 
 import actsteer
 from actsteer.hf_integration.cfg import DEFAULT_CFG, check_cfg
@@ -25,14 +31,6 @@ TARGET = [f"watercolor, {s}, soft watercolor painting" for s in SOURCE]
 PROMPTS = ["a horse", "a boat on a lake"]
 SIZE_KW = dict(height=32, width=32)
 FLUX_KW = dict(height=32, width=32, max_sequence_length=48)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

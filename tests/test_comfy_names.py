@@ -6,7 +6,13 @@ import logging
 
 import pytest
 import torch
-from support.tiny_pipelines import SDXL_UNET_CONFIG, make_sdxl_pipeline, make_sdxl_unet, sdxl_call_kwargs
+from support.tiny_pipelines import (  # noqa: F401  (one_thread, sdxl, flux: fixtures)
+    SDXL_UNET_CONFIG,
+    make_sdxl_pipeline,
+    make_sdxl_unet,
+    one_thread,
+    sdxl_call_kwargs,
+)
 
 from actsteer.core import Transport, UnitMap
 from actsteer.archs.comfy_names import from_comfy, to_comfy
@@ -18,14 +24,6 @@ COMFY_SDXL = {"num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transform
               "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10}
 COMFY_TINY = {"num_res_blocks": [2, 2], "channel_mult": [1, 2], "transformer_depth": [0, 0, 2, 2],
               "transformer_depth_output": [0, 0, 0, 2, 2, 2], "transformer_depth_middle": 2}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from support.tiny_pipelines import flux_call_kwargs, make_flux_pipeline, make_sdxl_pipeline, sdxl_call_kwargs
+from support.tiny_pipelines import (  # noqa: F401  (one_thread, sdxl, flux: fixtures)
+    flux,
+    flux_call_kwargs,
+    make_flux_pipeline,
+    make_sdxl_pipeline,
+    one_thread,
+    sdxl,
+    sdxl_call_kwargs,
+)
 
 import actsteer
 from actsteer.core import QuantileMap
@@ -18,24 +26,6 @@ TARGET = [f"watercolor, {s}, soft watercolor painting" for s in SOURCE]
 SIZE_KW = dict(height=32, width=32)
 FLUX_KW = dict(height=32, width=32, max_sequence_length=48)
 FAST_LINEAS = {"steps": 4, "eval_every": 2}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return make_sdxl_pipeline()
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return make_flux_pipeline()
 
 
 def _weights(pipe) -> dict[str, torch.Tensor]:

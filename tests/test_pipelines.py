@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 import torch
 import actsteer
-from support.tiny_pipelines import (
+from support.tiny_pipelines import (  # noqa: F401  (one_thread, sdxl, flux: fixtures)
+    flux,
     flux_call_kwargs,
     make_flux_pipeline,
     make_sdxl_pipeline,
+    one_thread,
+    sdxl,
     sdxl_call_kwargs,
 )
 
@@ -31,25 +34,6 @@ HELD_OUT = ["a horse", "a boat on a lake", "a cup of tea", "a mountain", "an old
 HELD_OUT_TARGET = [f"watercolor, {s}, soft watercolor painting" for s in HELD_OUT]
 SIZE_KW = dict(height=32, width=32)
 FLUX_FIT_KW = dict(height=32, width=32, max_sequence_length=48)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on 2 shared cores run several times faster without intra-op threading.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return make_sdxl_pipeline()
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return make_flux_pipeline()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,12 @@ import pytest
 import torch
 import actsteer
 from support.tiny_lm import make_tiny_lm
-from support.tiny_pipelines import make_sdxl_pipeline, sdxl_call_kwargs
+from support.tiny_pipelines import (  # noqa: F401  (one_thread, sdxl, flux: fixtures)
+    make_sdxl_pipeline,
+    one_thread,
+    sdxl,
+    sdxl_call_kwargs,
+)
 
 from actsteer.archs.comfy_names import from_comfy, to_comfy
 from actsteer.core import check_transport, join_stages, split_stages, stage_windows
@@ -20,19 +25,6 @@ SOURCE = ["a cat", "a dog on grass", "a red car", "a small house", "a tall tree"
 TARGET = [f"watercolor, {s}, soft watercolor painting" for s in SOURCE]
 FIT_KW = dict(height=32, width=32, guidance_scale=0.0, progress=False)
 TE_SITE = "text_encoder.final_layer_norm"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return make_sdxl_pipeline()
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import string  # noqa: E402
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Characters the toy tokenizers know; anything else becomes the unknown token.
@@ -180,3 +181,25 @@ def flux_call_kwargs(seed: int = 0, **overrides):
               output_type="pt", generator=torch.Generator("cpu").manual_seed(seed))
     kw.update(overrides)
     return kw
+
+
+# Fixtures for the pipeline test modules (import them by name: ``from support.tiny_pipelines import one_thread``)
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for the module: tiny models on 2 shared cores run several times faster without it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    """The tiny SDXL pipeline, one per module."""
+    return make_sdxl_pipeline()
+
+
+@pytest.fixture(scope="module")
+def flux():
+    """The tiny FLUX pipeline, one per module."""
+    return make_flux_pipeline()
