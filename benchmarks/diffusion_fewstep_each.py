@@ -14,6 +14,7 @@ Parts (``--parts``, each writes rows to ``--out``):
 Run (one thread per process; parts can run in separate processes):
     python -m benchmarks.diffusion_fewstep_each --parts style --out .../each_style.jsonl
     python -m benchmarks.diffusion_fewstep_each --parts guidance,negation,tenstep --out .../each_rest.jsonl
+    python -m benchmarks.diffusion_fewstep_each --out .../each_style.jsonl --plot benchmarks/figures/fewstep_each.png
 """
 
 from __future__ import annotations
@@ -107,6 +108,39 @@ def tenstep(args: argparse.Namespace, rows: C.Rows) -> None:
 PARTS = {"style": style, "guidance": guidance, "negation": negation, "tenstep": tenstep}
 
 
+def plot(rows_path: Path, out: Path) -> None:
+    """Presence (solid) and content kept (dashed) against strength, first-step vs per-step fits, one panel per style,
+    both caption splits (the ``style`` part's rows); the prompt's presence as a dotted line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in C.read_rows(rows_path) if r.get("part") == "style"]
+    styles = list(dict.fromkeys(r["style"] for r in rows))
+    fig, axes = plt.subplots(1, len(styles), figsize=(3.2 * len(styles), 3.0), sharey=True)
+    for ax, name in zip(axes, styles):
+        for fit, colour in (("first", "tab:gray"), ("each", "tab:blue")):
+            for split, marker in ((0, "o"), (1, "s")):
+                cells = sorted(((0.0, r) for r in rows if r["style"] == name and r["split"] == split
+                                and r["fit"] == "unsteered"), key=lambda c: c[0])
+                cells += sorted(((float(r["strength"]), r) for r in rows if r["style"] == name
+                                 and r["split"] == split and r["fit"] == fit), key=lambda c: c[0])
+                xs = [c[0] for c in cells]
+                ax.plot(xs, [c[1]["style_presence"] for c in cells], marker=marker, color=colour,
+                        label=f"{fit}, split {split}")
+                ax.plot(xs, [c[1]["content_kept"] for c in cells], marker=marker, color=colour, ls="--", alpha=0.5)
+        prompt = [r["style_presence"] for r in rows if r["style"] == name and r["fit"] == "prompt"]
+        ax.axhline(sum(prompt) / len(prompt), color="k", ls=":", lw=1)
+        ax.set_title(name)
+        ax.set_xlabel("strength")
+    axes[0].set_ylabel("presence (solid), content kept (dashed)")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -120,7 +154,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--tenstep-guidances", type=C.floats, default=[3.0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="only draw the style part's plot from the rows in --out into this PNG")
     args = parser.parse_args(argv)
+    if args.plot is not None:
+        plot(args.out, args.plot)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     C.seed_everything(args.threads)
     rows = C.Rows(args.out, {"parts": args.parts, "styles": args.styles, "splits": args.splits,

@@ -41,11 +41,15 @@ FITS: dict[str, dict[str, Any]] = {
 
 
 def fits() -> dict[str, dict[str, Any]]:
+    """`FITS`, the newer estimators this actsteer has (first step, observed and all-reals support), and per-step
+    variants (``"... each"``: ``steps="each"``, the default since issue 23) of the AcT maps."""
     out = dict(FITS)
     for method in C.known_methods():
         if method not in ("linear-act", "mean-act", "itic"):
             out[method] = dict(method=method, support="observed")
             out[f"{method} all"] = dict(method=method, support="all")
+    for name in [n for n in out if n in ("linear-act", "mean-act", "quantile")]:
+        out[f"{name} each"] = dict(out[name], steps="each")  # (LinEAS refuses it: it trains through the model)
     return out
 
 

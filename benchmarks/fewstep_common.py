@@ -48,7 +48,7 @@ def known_methods() -> list[str]:
     from actsteer.core import canonical_method
 
     out = []
-    for name in ("linear-act", "mean-act", "itic", "lineas", "exact-1d", "exact"):
+    for name in ("linear-act", "mean-act", "itic", "lineas", "quantile", "exact-1d", "exact"):
         try:
             out.append(canonical_method(name))
         except (ValueError, KeyError):

@@ -152,8 +152,7 @@ def summarize(transport) -> list[dict[str, Any]]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..core import read_header
-    from ..core import Transport
+    from ..core import Transport, describe_size, read_header, stage_windows
 
     path = resolve_path(args.path)  # like `generate --steer`, the .safetensors suffix may be left out
     transport = Transport.load(path)
@@ -168,6 +167,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             text = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else str(value)
             print(f"  {key}: {printable(' '.join(text.split()), 200)}")
     print(f"  sites: {len(transport)}, units: {sum(m.dim for m in transport.values())}")
+    windows = stage_windows(transport)
+    if windows:  # a per-step diffusion transport: site@k is stage k's map
+        print(f"  per-step transport: {describe_size(transport)} (site@k applies in stage k's part of the schedule: "
+              + ", ".join(f"{k}: {a:g}-{b:g}" for k, (a, b) in enumerate(windows)) + ")")
     knots = sorted({m.num_knots for m in transport.values() if hasattr(m, "num_knots")})
     if knots:  # QuantileMap sites: the columns below show their affine summary (the Linear-AcT fit, the tails)
         print(f"  quantile maps: {sum(hasattr(m, 'num_knots') for m in transport.values())} sites with "

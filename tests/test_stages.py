@@ -221,3 +221,24 @@ def test_one_map_under_several_sites_saves_and_loads(tmp_path):
     m = _map(3, 0.5)
     t = actsteer.Transport({"a": m, "b": m})  # the same tensors twice (join_stages of one part does this too)
     assert actsteer.Transport.load(t.save(tmp_path / "shared.safetensors")) == t
+
+
+def test_attach_steers_every_call_stage_by_stage_like_steer(sdxl, each):
+    call = lambda: sdxl_call_kwargs(num_inference_steps=4, guidance_scale=0.0)  # noqa: E731
+    with steer_pipeline(sdxl, each, strength=0.8):
+        expected = sdxl("a horse", **call()).images
+    handle = actsteer.attach(sdxl, each, strength=0.8)
+    try:
+        assert torch.equal(sdxl("a horse", **call()).images, expected)
+        assert handle.calls["unet.mid_block.resnets.0.norm1"] == 4
+    finally:
+        handle.remove()
+
+
+def test_cli_inspect_shows_the_stages(each, tmp_path, capsys):
+    from actsteer.hf_integration.cli import main
+
+    path = each.save(tmp_path / "each.safetensors")
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "per-step transport: 3 layers x 4 steps" in out and "0: 0-0.25, 1: 0.25-0.5" in out
