@@ -10,7 +10,9 @@ A step window, everywhere in Python (``steps=``; ``pipe(..., steering_steps=...)
 - ``"all"``: every step (None means the same);
 - ``(start, end)``: fractions of the schedule: step ``i`` of ``n`` is inside when ``start <= i / n < end``;
 - ``"first"``: the first step the run makes, its highest-noise step (the paper's choice for fitting; for fitting
-  only: to steer the start of the schedule, pass a window such as ``(0, 0.25)``).
+  only: to steer the start of the schedule, pass a window such as ``(0, 0.25)``);
+- ``"each"`` (`fit_pipeline` only, its default for the denoiser's sites): one map per step, each fitted on that
+  step's responses: a per-step transport (below), steered stage by stage on this same clock.
 
 ComfyUI's nodes take ``start_percent``/``end_percent`` instead, in ComfyUI's own convention (``percent_to_sigma``),
 as ComfyUI's core nodes do.
