@@ -3,7 +3,8 @@
 The reference (apple/ml-act, REFERENCE_NOTES.md section 3) re-runs the data once per module, stopping at
 it: about (L+1)/2 full forward passes per batch for L modules (~128 UNet passes for SDXL's 256 norms).
 actsteer's `fit_pipeline` with ``steps="first"`` and all prompts in one batch fits every site sequentially
-inside ONE UNet call. With several batches core falls back to one early-stopping pass per site, the
+inside ONE UNet call; the default, one map per step (``steps="each"``), costs one such fit per step (10 UNet calls
+for 4 steps: step k's fit runs steps 0..k). With several batches core falls back to one early-stopping pass per site, the
 reference's cost, which this script also measures.
 
 Pipeline: random-weight SDXL with the SDXL base UNet *layout* (256 norms) at small widths, 32x32 images.
@@ -47,14 +48,16 @@ def main() -> None:
     measure(pipe, source, target, modules="fast")  # warm-up
 
     rows = []
-    stats, seconds = measure(pipe, source, target, sequential=True)
-    rows.append(("sequential, one batch (actsteer)", stats, seconds))
-    stats, seconds = measure(pipe, source, target, sequential=False)
-    rows.append(("at once, one batch", stats, seconds))
+    stats, seconds = measure(pipe, source, target, sequential=True, steps="first")
+    rows.append(("sequential, one batch, first step", stats, seconds))
+    stats, seconds = measure(pipe, source, target, sequential=True)  # the default: one map per step of 4
+    rows.append(("sequential, one batch, each of 4 steps", stats, seconds))
+    stats, seconds = measure(pipe, source, target, sequential=False, steps="first")
+    rows.append(("at once, one batch, first step", stats, seconds))
     if not args.skip_passes:
-        stats, seconds = measure(pipe, source, target, sequential=True, batch_size=args.prompts)
+        stats, seconds = measure(pipe, source, target, sequential=True, batch_size=args.prompts, steps="first")
         rows.append(("sequential, 2 batches (per-site passes)", stats, seconds))
-    print(f"\nSDXL layout: {n_sites} norm sites, {args.prompts}+{args.prompts} prompts, responses from the first step, "
+    print(f"\nSDXL layout: {n_sites} norm sites, {args.prompts}+{args.prompts} prompts, "
           f"{torch.get_num_threads()} thread(s)")
     print(f"  {'mode':42s} {'pipeline calls':>14s} {'UNet calls':>10s} {'UNet-pass equiv.':>16s} {'seconds':>8s}")
     for name, st, sec in rows:
@@ -64,7 +67,7 @@ def main() -> None:
           f"   ((L+1)/2 per batch; ~{(n_sites + 1) / 2:.0f} UNet passes for one batch)")
     base = rows[0][2]
     for name, _, sec in rows[1:]:
-        print(f"  time ratio {name} / sequential one batch: {sec / base:.2f}")
+        print(f"  time ratio {name} / sequential one batch, first step: {sec / base:.2f}")
 
 
 if __name__ == "__main__":
