@@ -228,14 +228,14 @@ def expand_stages(steerings: Sequence[Steering]) -> tuple[list[Steering], list[W
             out.append(st)
             windows.append("all")
             continue
-        for k, (window, part) in enumerate(parts):
+        for window, part in parts:
             strength = st.strength
             if isinstance(strength, Mapping):  # "*", unmarked names (every stage), then this stage's own marks
                 stage = None if window == "all" else part.extra.get("stage")
                 marked = {stage_of(key)[0]: v for key, v in strength.items()
                           if stage is not None and stage_of(key)[1] == stage}
-                strength = {**{k: v for k, v in strength.items() if stage_of(k)[1] is None}, **marked}
-                strength = {k: v for k, v in strength.items() if k == "*" or k in part}
+                strength = {**{key: v for key, v in strength.items() if stage_of(key)[1] is None}, **marked}
+                strength = {key: v for key, v in strength.items() if key == "*" or key in part}
             out.append(Steering(part, strength, st.apply_to))
             windows.append(window)
     return out, windows
