@@ -27,9 +27,8 @@ from tqdm.auto import tqdm
 from .engine import steering_of
 from .estimators import Support, canonical_method, estimate
 from .lineas import fit_lineas, lineas_config
-from .pooling import check_pooling
 from .provenance import model_record
-from .record import ForwardContext, Recorder, record_sites
+from .record import ForwardContext, Recorder, check_fit_inputs, record_sites
 from .sites import iter_site_modules
 from .folding import FoldedMap
 from .transport import Transport, UnitMap
@@ -129,16 +128,7 @@ def fit(
         (['0', '2'], 'sequential')
     """
     method = canonical_method(method)
-    check_pooling(pooling)
-    sites = list(dict.fromkeys(sites))
-    if not sites:
-        raise ValueError("No sites to fit; pass module names or patterns (see actsteer.list_sites(model))")
-    source, target = list(source), list(target)
-    for name, items in (("source", source), ("target", target)):
-        if len(items) < 2:
-            raise ValueError(f"Need at least 2 {name} inputs to estimate a distribution, got {len(items)}")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size}")
+    sites, source, target = check_fit_inputs(sites, source, target, pooling=pooling, batch_size=batch_size)
     iter_site_modules(model, sites)  # KeyError with near misses on a bad name, before anything runs
     _refuse_steered(model)
     if method == "lineas":

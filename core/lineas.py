@@ -29,8 +29,7 @@ from tqdm.auto import tqdm
 from .estimators import Support, _dead_units, _support_range
 from .grad_scope import grad_enabled
 from .lineas_parts import ProximalAdam, SiteMaps, StopForward, W2Loss, schedule
-from .pooling import check_pooling
-from .record import ForwardContext
+from .record import ForwardContext, check_fit_inputs
 from .transport import Transport, UnitMap
 
 logger = logging.getLogger(__name__)
@@ -146,16 +145,7 @@ def fit_lineas(
         ('lineas', 'end-to-end', True)
     """
     cfg = config or LineasConfig()
-    check_pooling(pooling)
-    sites = list(dict.fromkeys(sites))
-    if not sites:
-        raise ValueError("No sites to fit; pass module names or patterns (see actsteer.list_sites(model))")
-    source, target = list(source), list(target)
-    for name, items in (("source", source), ("target", target)):
-        if len(items) < 2:
-            raise ValueError(f"Need at least 2 {name} inputs to estimate a distribution, got {len(items)}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size!r}")
+    sites, source, target = check_fit_inputs(sites, source, target, pooling=pooling, batch_size=batch_size)
     job = _Fit(model, sites, run, pooling, support, cfg, batch_size)
     modes = {m: m.training for m in model.modules()}
     model.eval()

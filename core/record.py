@@ -191,3 +191,27 @@ def collect(model: torch.nn.Module, sites: Sequence[str], *, pooling: str = "mea
 
     with record_sites(model, sites, on_output, ctx=ctx):
         yield recorder
+
+
+def check_fit_inputs(sites: Any, source: Any, target: Any, *, pooling: str,
+                     batch_size: int | None) -> tuple[list[str], list, list]:
+    """What every fit checks before anything runs (`actsteer.core.fit`, `fit_lineas`): a known pooling, at least one
+    site (duplicates dropped, order kept), at least 2 inputs a side, a positive integer ``batch_size`` or None.
+
+    Returns:
+        ``(sites, source, target)`` as lists.
+
+    Raises:
+        ValueError: naming what is wrong and what to pass.
+    """
+    check_pooling(pooling)
+    sites = list(dict.fromkeys(sites))
+    if not sites:
+        raise ValueError("No sites to fit; pass module names or patterns (see actsteer.list_sites(model))")
+    source, target = list(source), list(target)
+    for name, items in (("source", source), ("target", target)):
+        if len(items) < 2:
+            raise ValueError(f"Need at least 2 {name} inputs to estimate a distribution, got {len(items)}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size!r}")
+    return sites, source, target
