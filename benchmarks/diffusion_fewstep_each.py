@@ -142,30 +142,25 @@ def plot(rows_path: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--parts", type=lambda t: [v for v in t.split(",") if v], default=list(PARTS))
-    parser.add_argument("--styles", type=lambda t: [v for v in t.split(",") if v],
-                        default=["dark", "sepia", "pastel", "halftone"])
-    parser.add_argument("--splits", type=lambda t: [int(v) for v in t.split(",") if v], default=[0, 1])
-    parser.add_argument("--strengths", type=C.floats, default=[0.5, 1.0, 1.5])
-    parser.add_argument("--n-fit", type=int, default=32)
-    parser.add_argument("--n-eval", type=int, default=32)
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--tenstep-guidances", type=C.floats, default=[3.0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--plot", type=Path, default=None,
-                        help="only draw the style part's plot from the rows in --out into this PNG")
-    args = parser.parse_args(argv)
-    if args.plot is not None:
-        plot(args.out, args.plot)
-        return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    C.seed_everything(args.threads)
-    rows = C.Rows(args.out, {"parts": args.parts, "styles": args.styles, "splits": args.splits,
-                             "strengths": args.strengths, "n_eval": args.n_eval, "seeds": args.seeds})
-    for part in args.parts:
-        PARTS[part](args, rows)
+    def own(p: Any) -> None:
+        p.add_argument("--parts", type=C.names, default=list(PARTS))
+        p.add_argument("--splits", type=lambda t: [int(v) for v in t.split(",") if v], default=[0, 1])
+        p.add_argument("--strengths", type=C.floats, default=[0.5, 1.0, 1.5])
+        p.add_argument("--tenstep-guidances", type=C.floats, default=[3.0])
+        p.add_argument("--plot", type=Path, default=None,
+                       help="only draw the style part's plot from the rows in --out into this PNG")
+
+    def run(args: Any) -> None:
+        if args.plot is not None:
+            plot(args.out, args.plot)
+            return
+        args.styles = args.styles or ["dark", "sepia", "pastel", "halftone"]
+        rows = C.Rows(args.out, {"parts": args.parts, "styles": args.styles, "splits": args.splits,
+                                 "strengths": args.strengths, "n_eval": args.n_eval, "seeds": args.seeds})
+        for part in args.parts:
+            PARTS[part](args, rows)
+
+    C.cli(__doc__, run, argv, own=own, seeds=2, model=False)
 
 
 if __name__ == "__main__":

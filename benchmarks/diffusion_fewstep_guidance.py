@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 from typing import Any
 
 from benchmarks import fewstep_common as C
@@ -59,22 +58,13 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="fewstep", choices=["fewstep", "tenstep"])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--styles", type=lambda t: [v for v in t.split(",") if v], default=None)
-    parser.add_argument("--fits", type=lambda t: [v for v in t.split(",") if v], default=None)
-    parser.add_argument("--placements", type=lambda t: [v for v in t.split(",") if v], default=list(C.PLACEMENTS))
-    parser.add_argument("--guidances", type=C.floats, default=[0.0, 2.0, 3.0, 5.0, 8.0])
-    parser.add_argument("--strengths", type=C.floats, default=[1.0])
-    parser.add_argument("--n-fit", type=int, default=32)
-    parser.add_argument("--n-eval", type=int, default=32)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    C.seed_everything(args.threads)
-    run(args)
+    def own(p: Any) -> None:
+        p.add_argument("--fits", type=C.names, default=None)
+        p.add_argument("--placements", type=C.names, default=list(C.PLACEMENTS))
+        p.add_argument("--guidances", type=C.floats, default=[0.0, 2.0, 3.0, 5.0, 8.0])
+        p.add_argument("--strengths", type=C.floats, default=[1.0])
+
+    C.cli(__doc__, run, argv, own=own)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,20 +86,11 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="fewstep", choices=["fewstep", "tenstep"])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--styles", type=lambda t: [v for v in t.split(",") if v], default=None)
-    parser.add_argument("--supports", type=lambda t: [v for v in t.split(",") if v], default=["observed", "all"])
-    parser.add_argument("--strengths", type=C.floats, default=[0.5, 1.0, 1.5, 2.0])
-    parser.add_argument("--n-fit", type=int, default=32)
-    parser.add_argument("--n-eval", type=int, default=32)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    C.seed_everything(args.threads)
-    run(args)
+    def own(p: Any) -> None:
+        p.add_argument("--supports", type=C.names, default=["observed", "all"])
+        p.add_argument("--strengths", type=C.floats, default=[0.5, 1.0, 1.5, 2.0])
+
+    C.cli(__doc__, run, argv, own=own)
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ def fit(m: Mini, source: list[str], target: list[str], *, sites: str = "unet", u
 def unet_site_names(m: Mini) -> list[str]:
     a = m.captions(m.fit_attrs[:2])
     return list(actsteer.fit_pipeline(m.pipe, a, a, modules="auto", num_inference_steps=m.steps, guidance_scale=0.0,
-                                      progress=False).sites)
+                                      steps="first", progress=False).sites)  # module names: no per-step marks
 
 
 # Output ---------------------------------------------------------------------------------------------------
@@ -221,6 +221,34 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 def floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
+
+
+def names(text: str) -> list[str]:
+    """A comma-separated list on the command line (``"dark,sepia"``)."""
+    return [v for v in text.split(",") if v]
+
+
+def cli(doc: str, run: Any, argv: list[str] | None, *, own: Any = None, seeds: int = 3, model: bool = True) -> None:
+    """The few-step benchmarks' command line: ``--model`` (unless ``model=False``), ``--out``, ``--styles``,
+    ``--n-fit``, ``--n-eval``, ``--seeds``, ``--threads``, plus a script's ``own(parser)`` arguments; then logging,
+    seeding and ``run(args)``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if model:
+        parser.add_argument("--model", default="fewstep", choices=["fewstep", "tenstep"])
+    parser.add_argument("--out", type=Path, required=True, help="JSON-lines file of rows")
+    parser.add_argument("--styles", type=names, default=None)
+    parser.add_argument("--n-fit", type=int, default=32)
+    parser.add_argument("--n-eval", type=int, default=32)
+    parser.add_argument("--seeds", type=int, default=seeds)
+    parser.add_argument("--threads", type=int, default=1)
+    if own is not None:
+        own(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    seed_everything(args.threads)
+    run(args)
 
 
 def seed_everything(threads: int) -> None:
