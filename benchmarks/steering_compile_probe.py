@@ -1,14 +1,19 @@
-"""Issue 20 probe: what the steering ops cost vLLM-style compilation, and whether one opaque custom op per site would
-cut it. Not the plugin's code: a SmolLM2-width stack (hidden 576, MLP 1536, 10 blocks, 21 RMS norms, tokens flattened
-to ``(N, D)`` as vLLM runs them) compiled with ``torch.compile(dynamic=True)`` (inductor), four ways, each in its own
-process with its own inductor cache (a cold compile), interleaved over ``--rounds``:
+"""Issue 20 probe: what the steering ops cost vLLM-style compilation, and whether one opaque op per site cuts it.
+
+A SmolLM2-width stack (hidden 576, MLP 1536, 10 blocks, 21 RMS norms, tokens flattened to ``(N, D)`` as vLLM runs
+them) compiled with ``torch.compile(dynamic=True)`` (inductor), five ways, each in its own process with its own
+inductor cache (a cold compile), interleaved over ``--rounds``:
 
 - ``stock``: no steering;
-- ``fused``: the plugin's formula (`actsteer.core.stacked_affine`, 2 composition positions, 17 table rows) traced into
-  the graph, as `vllm_integration/bank.py` does;
-- ``op``: the same formula behind one ``torch.library.custom_op`` per site (opaque to inductor: one graph node);
+- ``fused``: the plugin's fused formula (`actsteer.core.stacked_affine`, 2 composition positions, 17 table rows)
+  traced into the graph, as the bank's ``kind="fused"`` does;
+- ``op``: the same formula behind one functional ``torch.library.custom_op`` per site (one graph node, but the
+  per-token gathers stay in the graph, and the formula runs on every token);
 - ``op-skip``: ``op`` that returns a copy when the host knows no token is steered (possible on CPU, where no graph is
-  captured; a CUDA graph would freeze the branch).
+  captured; a CUDA graph would freeze the branch);
+- ``plugin-op``: what landed (``graph: "op"``, the CPU default): the plugin's own bank
+  (`actsteer.vllm_integration.bank`, ``kind="op"``): one in-place ``torch.ops.actsteer.steer_`` per site, nothing
+  else in the graph, and the host's plan of the steered tokens (`Bank.set_tokens`) read when the op runs.
 
 Reported: compile CPU seconds (first call) and the median time of a 16-token call, unsteered and with half the
 tokens steered. Run: ``python -m benchmarks.steering_compile_probe [--rounds 2]``.
@@ -25,7 +30,7 @@ import time
 import torch  # at module scope: custom_op reads the annotations
 
 D, LAYERS, TOKENS, DEPTH, ROWS = 576, 10, 16, 2, 17
-MODES = ("stock", "fused", "op", "op-skip")
+MODES = ("stock", "fused", "op", "op-skip", "plugin-op")
 
 
 def child(mode: str) -> None:
@@ -89,8 +94,19 @@ def child(mode: str) -> None:
             r, a = rows.index_select(1, tokens), amount.index_select(1, tokens)
             return stacked_affine(out, r, a, *tables) if mode == "fused" else steer_op(out, r, a, *tables)
 
-        if mode != "stock":
+        if mode not in ("stock", "plugin-op"):
             m.register_forward_hook(hook)
+    bank = None
+    if mode == "plugin-op":
+        from actsteer.core import Transport, UnitMap
+        from actsteer.vllm_integration.bank import install
+
+        names = [n for n, m in model.named_modules() if isinstance(m, Norm)]
+        bank, _ = install(model, dict.fromkeys(names, D), slots=(ROWS - 1) // 2, depth=DEPTH, max_tokens=64,
+                          device=torch.device("cpu"), kind="op")
+        g = torch.Generator().manual_seed(0)
+        maps = {n: UnitMap(1 + 0.1 * torch.randn(D, generator=g), 0.1 * torch.randn(D, generator=g)) for n in names}
+        bank.load_slot(1, Transport(maps, support="all"))
     compiled = torch.compile(model, dynamic=True)
     x = torch.randn(TOKENS, D)
     c0 = time.process_time()
@@ -112,6 +128,10 @@ def child(mode: str) -> None:
     out["unsteered_ms"] = median_ms()
     if mode != "stock":
         rows[0, : TOKENS // 2], amount[0, : TOKENS // 2], steered[0] = 3, 1.0, True
+        if bank is not None:  # the worker's step: the plan of this forward (row 1: slot 1's forward map)
+            plan_rows, plan_amount = torch.zeros(DEPTH, TOKENS, dtype=torch.long), torch.zeros(DEPTH, TOKENS)
+            plan_rows[0, : TOKENS // 2], plan_amount[0, : TOKENS // 2] = 1, 1.0
+            bank.set_tokens(plan_rows, plan_amount, used=1)
         out["half_steered_ms"] = median_ms()
     print(repr(out))
 

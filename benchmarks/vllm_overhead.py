@@ -1,7 +1,7 @@
 """vLLM serving throughput with the actsteer plugin against the stock server, both compiled (vLLM's defaults).
 
 Two OpenAI-compatible servers run side by side on the same model: **stock** (actsteer installed but no
-transports folder: the plugin changes nothing) and **plugin** (a transports folder: steering compiled into the
+transports folder: the plugin changes nothing) and **plugin** (a transports folder: steering inside the compiled
 graph). Each round sends the same ``--requests`` completions at concurrency ``--concurrency`` to: the stock server,
 the plugin server with no request steered ("none"), and the plugin server with every other request steered
 ("half"); the order of the three rotates from round to round, and only one server is busy at a time. Each request
@@ -12,11 +12,12 @@ token: the steadier clock on a shared machine). Start-up: each server's time fro
 (``--cold``: each with an empty vLLM compile cache of its own, the worst case; otherwise vLLM's cache is used).
 
     python -m benchmarks.vllm_overhead [--concurrency 8 16] [--requests 48] [--new-tokens 32] [--rounds 4]
-                                       [--transports DIR] [--device cpu|cuda] [--cold]
+                                       [--transports DIR] [--device cpu|cuda] [--cold] [--graph auto|fused|op]
 
 Needs the vLLM venv (``bash scripts/test_vllm.sh`` builds ``.venv-vllm``). Without ``--transports`` it fits an
 "ocean" transport on all of SmolLM2's norms (61 sites) first and keeps it in benchmarks/out/vllm_transports.
-``--device cuda`` serves in the model's dtype with half the GPU memory per server; nothing else changes.
+``--device cuda`` serves in the model's dtype with half the GPU memory per server; nothing else changes. ``--graph``
+picks the plugin's kind of steering op (`actsteer.vllm_integration.bank`; default ``auto``: ``op`` on CPU).
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model folder (default: the converted SmolLM2)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--cold", action="store_true", help="each server compiles from an empty cache")
+    parser.add_argument("--graph", choices=["auto", "fused", "op"], default="auto",
+                        help="the plugin's kind of steering op (default auto: op on CPU, fused on GPUs)")
     args = parser.parse_args()
 
     folder = (args.transports or HERE / "out" / "vllm_transports").resolve()
@@ -182,7 +185,8 @@ def main() -> None:
         env = dict(base_env)
         if args.cold:
             env["VLLM_CACHE_ROOT"] = str(work / f"cache-{name}")
-        extra = ["--additional-config", json.dumps({"actsteer": {"transports": str(folder)}})] if name == "plugin" else []
+        settings = {"actsteer": {"transports": str(folder), "graph": args.graph}}
+        extra = ["--additional-config", json.dumps(settings)] if name == "plugin" else []
         servers[name] = Server(name, model, served, args.device, work / f"{name}.log", env, extra)
         print(f"{name} server started in {servers[name].wait():.0f} s", flush=True)
     try:

@@ -199,6 +199,23 @@ def test_settings_read_and_refuse_with_the_right_spelling():
         Settings.from_config({"actsteer": {"max_composed": 0}})
 
 
+def test_graph_kind_setting_resolves_per_device_and_refuses_op_under_cuda_graphs():
+    from actsteer.vllm_integration.planning import resolve_graph
+    from actsteer.vllm_integration.store import Settings
+
+    assert Settings.from_config({"actsteer": {"transports": "/t"}}).graph == "auto"
+    planned = {"actsteer": {"graph": "auto", "plan": {"sites": ["model.norm:0"], "graph": "op"}}}
+    assert Settings.from_config(planned).graph == "op"  # the plan holds the resolved kind the workers use
+    with pytest.raises(ValueError, match=r"`graph` must be one of \('auto', 'fused', 'op'\), got 'fast'"):
+        Settings.from_config({"actsteer": {"graph": "fast"}})
+    assert resolve_graph("auto", device="cpu", cuda_graphs=False) == "op"
+    assert resolve_graph("auto", device="cuda", cuda_graphs=True) == "fused"
+    assert resolve_graph("op", device="cuda", cuda_graphs=False) == "op"  # eager GPU runs may use it
+    assert resolve_graph("fused", device="cpu", cuda_graphs=False) == "fused"
+    with pytest.raises(ValueError, match="CUDA graph would freeze.*--enforce-eager"):
+        resolve_graph("op", device="cuda", cuda_graphs=True)
+
+
 def test_transport_store_loads_translates_caches_and_names_misses(llama, tmp_path, monkeypatch):
     shape = ModelShape.from_config(llama.config)
     _random_transport({"model.layers.1.mlp.gate_proj": 24}).save(tmp_path / "ocean.safetensors")
@@ -278,14 +295,16 @@ class _Tiny(torch.nn.Module):
         return self.b(h) * 2
 
 
-def test_bank_hooks_steer_per_token_and_a_compiled_graph_follows_new_strengths_without_recompiling():
+@pytest.mark.parametrize("kind", ["fused", "op"])
+def test_bank_hooks_steer_per_token_and_a_compiled_graph_follows_new_strengths_without_recompiling(kind):
     from actsteer.vllm_integration.bank import install
 
     torch.manual_seed(0)
     model = _Tiny().eval()
     ta = _random_transport({"a": 8}, seed=6, support="all")
     tb = _random_transport({"b": 8}, seed=7)
-    bank, handles = install(model, {"a": 8, "b": 8}, slots=2, depth=2, max_tokens=16, device=torch.device("cpu"))
+    bank, handles = install(model, {"a": 8, "b": 8}, slots=2, depth=2, max_tokens=16, device=torch.device("cpu"),
+                            kind=kind)
     bank.load_slot(1, ta)
     bank.load_slot(2, tb)
     x = torch.randn(5, 8)
@@ -330,6 +349,56 @@ def test_bank_hooks_steer_per_token_and_a_compiled_graph_follows_new_strengths_w
         bank.clear_tokens()
         bank.used = 0
         assert torch.equal(model(x), plain)
+    for h in handles:
+        h.remove()
+
+
+def test_bank_op_kind_puts_one_opaque_node_per_site_in_the_graph_and_leaves_unplanned_forwards_alone():
+    from actsteer.vllm_integration.bank import install
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 8)
+
+    def graph_calls(kind):
+        model = _Tiny().eval()
+        handles = []
+        if kind:
+            bank, handles = install(model, {"a": 8, "b": 8}, slots=2, depth=2, max_tokens=16,
+                                    device=torch.device("cpu"), kind=kind)
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        with torch.no_grad():
+            torch.compile(model, backend=backend, fullgraph=True, dynamic=True)(x)
+        for h in handles:
+            h.remove()
+        return [n.target for n in graphs[0].graph.nodes if n.op in ("call_function", "call_method")]
+
+    stock, op, fused = graph_calls(None), graph_calls("op"), graph_calls("fused")
+    assert len(op) == len(stock) + 2 and op.count(torch.ops.actsteer.steer_) == 2  # one node per site
+    assert len(fused) > len(stock) + 2 * 20  # the traced formula: tens of ops per site
+
+    model = _Tiny().eval()
+    bank, handles = install(model, {"a": 8, "b": 8}, slots=2, depth=2, max_tokens=16, device=torch.device("cpu"),
+                            kind="op")
+    bank.load_slot(1, _random_transport({"a": 8}, seed=6, support="all"))
+    with torch.no_grad():
+        plain = model(x)
+        bank.set_tokens(torch.tensor([[0, 0, 0, 0, 1]]), torch.tensor([[0.0, 0, 0, 0, 1.0]]), used=1)
+        assert bank.plan is not None and bank.plan[0] == slice(4, 5)  # only the steered token, as a slice
+        assert torch.equal(model(x[:3]), plain[:3])  # a forward shorter than the plan (a dummy run): untouched
+        steered = model(x)
+        assert torch.equal(steered[:4], plain[:4]) and not torch.equal(steered[4], plain[4])
+        compiled = torch.compile(model, fullgraph=True, dynamic=True)
+        steered_compiled = compiled(x)
+        torch.testing.assert_close(steered_compiled, steered, rtol=1e-5, atol=1e-5)
+        bank.used = 0  # what the worker's `finish` does after each forward: the same graph steers nothing
+        unsteered_compiled = compiled(x)
+        assert torch.equal(unsteered_compiled[:4], steered_compiled[:4])
+        assert not torch.equal(unsteered_compiled[4], steered_compiled[4])
     for h in handles:
         h.remove()
 

