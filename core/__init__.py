@@ -6,8 +6,8 @@ so that the modules can change behind these names. Who owns what:
 
 - maps: `UnitMap`, `Transport` (``transport.py``); folding a strength and the per-call formula (``folding.py``);
   the exact 1-D map `QuantileMap` (``quantile.py``) and its folding and formula (``quantile_folding.py``); the
-  per-token formula over stacked transports, for servers (`stacked_affine`, `stack_directions`, ``stacked.py``:
-  affine maps only);
+  per-token formula over stacked transports, for servers (`stacked_affine`, `stack_directions`, and its two steps
+  `fold_rows`, `apply_folded`, ``stacked.py``: affine maps only);
 - estimation: `estimate`, `ESTIMATORS`, `method_defaults` (``estimators.py``); pooling (``pooling.py``);
   LinEAS, all sites trained jointly through the model: `LineasConfig` (``lineas.py``, ``lineas_parts.py``);
 - steering: `Steering` and strength checks (``steering.py``); `attach`, `steer`, `bind`, `SteeringHandle`
@@ -55,7 +55,7 @@ from .sites import (
     resolve_sites,
     validate,
 )
-from .stacked import stack_directions, stacked_affine
+from .stacked import apply_folded, fold_rows, stack_directions, stacked_affine
 from .steering import SiteStrength, Steering, SteeringLike, as_steerings, check_strength, expand_stages
 from .streams import keep_context
 from .steps import (
@@ -140,6 +140,8 @@ __all__ = [
     "shorten",
     "stack_directions",
     "stacked_affine",
+    "fold_rows",
+    "apply_folded",
     "steer",
     "steering_of",
     "STAGE_MARK",

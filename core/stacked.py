@@ -69,10 +69,22 @@ def stacked_affine(x: torch.Tensor, rows: torch.Tensor, amount: torch.Tensor, de
     """
     out = x
     for c in range(rows.shape[0]):
-        r = rows[c]
-        a = amount[c].unsqueeze(1)
-        wide = out.float()
-        moved = (wide * (1 + a * delta[r]) + a * bias[r]).to(x.dtype)
-        inside = (wide >= lo[r]) & (wide <= hi[r])
-        out = torch.where(inside, moved, out)
+        out = apply_folded(out, *fold_rows(delta, bias, lo, hi, rows[c], amount[c].unsqueeze(1)))
     return out
+
+
+def fold_rows(delta: torch.Tensor, bias: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rows: torch.Tensor | int,
+              amount: torch.Tensor) -> Tables:
+    """The weight, bias and support of table rows ``rows`` at ``|strength|`` ``amount``: ``(1 + amount * delta[rows],
+    amount * bias[rows], lo[rows], hi[rows])``, in float32 (``amount`` a float32 tensor that broadcasts against the
+    rows: ``(N, 1)`` for one row per token, 0-d for one row for all)."""
+    return 1 + amount * delta[rows], amount * bias[rows], lo[rows], hi[rows]
+
+
+def apply_folded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lo: torch.Tensor,
+                 hi: torch.Tensor) -> torch.Tensor:
+    """``where(lo <= x <= hi, x * weight + bias, x)``: the multiply-add in float32, rounded once to ``x``'s dtype
+    (`fold_rows` gives the arguments; `stacked_affine` is this, position by position)."""
+    wide = x.float()
+    moved = (wide * weight + bias).to(x.dtype)
+    return torch.where((wide >= lo) & (wide <= hi), moved, x)

@@ -388,7 +388,7 @@ def test_bank_op_kind_puts_one_opaque_node_per_site_in_the_graph_and_leaves_unpl
     with torch.no_grad():
         plain = model(x)
         bank.set_tokens(torch.tensor([[0, 0, 0, 0, 1]]), torch.tensor([[0.0, 0, 0, 0, 1.0]]), used=1)
-        assert bank.plan is not None and bank.plan[0] == slice(4, 5)  # only the steered token, as a slice
+        assert [where for where, _ in bank.plan.groups] == [slice(4, 5)]  # only the steered token, as a slice
         assert torch.equal(model(x[:3]), plain[:3])  # a forward shorter than the plan (a dummy run): untouched
         steered = model(x)
         assert torch.equal(steered[:4], plain[:4]) and not torch.equal(steered[4], plain[4])
@@ -401,6 +401,34 @@ def test_bank_op_kind_puts_one_opaque_node_per_site_in_the_graph_and_leaves_unpl
         assert not torch.equal(unsteered_compiled[4], steered_compiled[4])
     for h in handles:
         h.remove()
+
+
+def test_op_plan_groups_tokens_by_their_maps_and_equals_the_fused_formula_bit_for_bit():
+    from actsteer.core import stacked_affine
+    from actsteer.vllm_integration.bank import Bank
+
+    bank = Bank({"s": 8}, slots=2, depth=2, max_tokens=16, device=torch.device("cpu"), kind="op")
+    bank.load_slot(1, _random_transport({"s": 8}, seed=8))  # observed support: the support test matters
+    bank.load_slot(2, _random_transport({"s": 8}, seed=9, support="all"))
+    site = bank.sites[0]
+    # tokens 0, 1, 6: slot 1 at 0.8; 2: unsteered; 3-4: slot 1 at 0.8 then slot 2 reversed at 0.5; 5: slot 2 at 1
+    rows = torch.tensor([[1, 1, 0, 1, 1, 3, 1], [0, 0, 0, 4, 4, 0, 0]])
+    amount = torch.tensor([[0.8, 0.8, 0, 0.8, 0.8, 1.0, 0.8], [0, 0, 0, 0.5, 0.5, 0, 0]])
+    bank.set_tokens(rows, amount, used=2)
+    groups = {(f"{where.start}:{where.stop}" if isinstance(where, slice) else tuple(where.tolist())):
+              [(r, float(a)) for r, a in pairs] for where, pairs in bank.plan.groups}
+    assert groups == {(0, 1, 6): [(1, pytest.approx(0.8))], "3:5": [(1, pytest.approx(0.8)), (4, 0.5)],
+                      "5:6": [(3, 1.0)]}
+    torch.manual_seed(0)
+    x = torch.randn(7, 8) * 2
+    for _ in range(2):  # the second call reuses the site's folded maps
+        y = x.clone()
+        torch.ops.actsteer.steer_(y, bank.rows, site.delta, site.bias, site.lo, site.hi)
+        assert torch.equal(y, stacked_affine(x, rows, amount, site.delta, site.bias, site.lo, site.hi))
+    bank.clear_tokens()
+    y = x.clone()
+    torch.ops.actsteer.steer_(y, bank.rows, site.delta, site.bias, site.lo, site.hi)
+    assert torch.equal(y, x) and bank.plan is None
 
 
 def test_transport_store_without_listing_names_only_close_matches(llama, tmp_path):

@@ -21,8 +21,10 @@ How the formula enters the compiled graph is the bank's ``kind``:
   vLLM compiles at start-up (about 35 ops per site).
 - ``"op"``: the hook calls one opaque operator, ``torch.ops.actsteer.steer_``, that transports the site's output in
   place. The graph holds one node per site, so it compiles about as fast as stock; each call reads the plan the
-  worker set on the host for this forward (`Bank.plan`: which tokens are steered, their rows and amounts) and
-  returns at once when none is. A CUDA graph would freeze that host-side plan, so ``"op"`` is for CPU (vLLM's
+  worker set on the host for this forward (`Plan`: the steered tokens, grouped by the transports and strengths
+  they share, a request's tokens as one slice) and returns at once when none is. Each site folds a group's maps
+  once per plan (`actsteer.core.fold_rows`) and applies them to the group's tokens only
+  (`actsteer.core.apply_folded`, the same arithmetic as the fused formula). A CUDA graph would freeze that host-side plan, so ``"op"`` is for CPU (vLLM's
   default there) and eager GPU runs. The sites vLLM steers return fresh tensors (norms, projections, the
   embedding), so transporting them in place changes what a replaced output would (the fused kind's semantics).
 """
@@ -37,7 +39,9 @@ import torch
 
 from ..core import (
     Transport,
+    apply_folded,
     element,
+    fold_rows,
     iter_site_modules,
     parse_site,
     replace_element,
@@ -57,16 +61,65 @@ def _steer_inplace(x: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor, bia
     ``rows`` (the compiled graph passes the bank's buffers, so the bank is found by their address)."""
     ref = _BANKS.get(rows.data_ptr())
     bank = ref() if ref is not None else None
-    if bank is None or not bank.used or bank.plan is None:
+    plan = bank.plan if bank is not None and bank.used else None
+    if plan is None or plan.end > x.shape[0]:  # nothing steered, or not the planned forward (vLLM's dummy runs)
         return
-    where, rows_, amount, end = bank.plan
-    if end > x.shape[0]:  # a forward that is not the planned one (vLLM's dummy runs): untouched
-        return
-    if isinstance(where, slice):
-        part = x[where]
-        part.copy_(stacked_affine(part, rows_, amount, delta, bias, lo, hi))
-    else:
-        x.index_copy_(0, where, stacked_affine(x.index_select(0, where), rows_, amount, delta, bias, lo, hi))
+    site = bank.tables_of.get(delta.data_ptr())
+    folded = site.folded(plan) if site is not None else plan.fold(delta, bias, lo, hi)
+    for (where, _), maps in zip(plan.groups, folded):
+        part = x[where] if isinstance(where, slice) else x.index_select(0, where)
+        for weight, shift, low, high in maps:
+            part = apply_folded(part, weight, shift, low, high)
+        if isinstance(where, slice):
+            x[where] = part
+        else:
+            x.index_copy_(0, where, part)
+
+
+class Plan:
+    """The op's plan of one forward: the steered tokens in groups that share their (row, amount) pairs, each group
+    as one slice when its tokens are contiguous (a request's tokens are), else an index.
+
+    Attributes:
+        groups: ``(where, pairs)`` per group: ``pairs`` the ``(row, amount)`` of each composition position in order
+            (``amount`` a 0-d float32 tensor).
+        end: one past the last steered token (a forward with fewer rows is not the planned one).
+        version: a number of its own, for the per-site caches of folded maps.
+    """
+
+    _count = 0
+
+    def __init__(self, groups: list[tuple[slice | torch.Tensor, tuple[tuple[int, torch.Tensor], ...]]],
+                 end: int) -> None:
+        Plan._count += 1
+        self.groups, self.end, self.version = groups, end, Plan._count
+
+    def fold(self, delta: torch.Tensor, bias: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> list[list[Any]]:
+        """The folded maps (`actsteer.core.fold_rows`) of each group's pairs from one site's tables."""
+        return [[fold_rows(delta, bias, lo, hi, row, amount) for row, amount in pairs] for _, pairs in self.groups]
+
+    @classmethod
+    def of(cls, rows: torch.Tensor, amount: torch.Tensor, used: int, device: torch.device) -> Plan | None:
+        """The plan of per-token ``rows`` and ``amount`` ``(depth, n)`` (host tensors); None when nothing is steered."""
+        if not used:
+            return None
+        rows, amount = rows[:used], amount[:used]
+        steered = amount.ne(0).any(0)
+        if not bool(steered.any()):
+            return None
+        keys = torch.cat([rows.double(), amount.double()])[:, steered]  # a token's pairs, one column each
+        tokens = torch.nonzero(steered).flatten()
+        unique, inverse = torch.unique(keys, dim=1, return_inverse=True)
+        groups = []
+        for g in range(unique.shape[1]):
+            index = tokens[inverse == g]
+            first, last = int(index[0]), int(index[-1]) + 1
+            where: slice | torch.Tensor = slice(first, last) if last - first == index.numel() else index.to(device)
+            column = int(index[0])
+            pairs = tuple((int(rows[c, column]), amount[c, column].to(device)) for c in range(used)
+                          if amount[c, column] != 0)
+            groups.append((where, pairs))
+        return cls(groups, int(tokens[-1]) + 1)
 
 
 def _define_op() -> None:
@@ -101,10 +154,19 @@ class SiteBank(torch.nn.Module):
         self.register_buffer("bias", torch.zeros(rows, width, device=device), persistent=False)
         self.register_buffer("lo", torch.full((rows, width), float("-inf"), device=device), persistent=False)
         self.register_buffer("hi", torch.full((rows, width), float("inf"), device=device), persistent=False)
+        self._folded: tuple[int, list[list[Any]]] = (0, [])  # (plan version, its folded maps for this site)
+
+    def folded(self, plan: Plan) -> list[list[Any]]:
+        """The plan's folded maps from this site's tables, computed once per plan (a decode step of an unchanged
+        batch reuses them)."""
+        if self._folded[0] != plan.version:
+            self._folded = (plan.version, plan.fold(self.delta, self.bias, self.lo, self.hi))
+        return self._folded[1]
 
     def write(self, slot: int, tables: tuple[torch.Tensor, ...] | None) -> None:
         """Write slot ``slot``'s forward and reverse rows in place (None: the identity)."""
         rows = slice(2 * slot - 1, 2 * slot + 1)
+        self._folded = (0, [])  # new maps: fold again
         if tables is None:
             self.delta[rows].zero_()
             self.bias[rows].zero_()
@@ -139,8 +201,8 @@ class Bank(torch.nn.Module):
         self.register_buffer("amount", torch.zeros(depth, max_tokens, device=device), persistent=False)
         self.used = 0  # composition positions the current batch uses (read by eager calls and the op)
         self._filled = 0  # tokens written by the last `set_tokens` (the rest are zero)
-        # the op's plan: (steered tokens as a slice or an index, their rows and amounts (used, m), tokens planned)
-        self.plan: tuple[slice | torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
+        self.plan: Plan | None = None  # the op's plan of the next forward (`set_tokens`)
+        self.tables_of = {bank.delta.data_ptr(): bank for bank in self.sites}  # the op finds its site's cache
         _BANKS[self.rows.data_ptr()] = weakref.ref(self)
 
     def load_slot(self, slot: int, transport: Transport | None) -> None:
@@ -166,14 +228,7 @@ class Bank(torch.nn.Module):
             self.rows[:, n:self._filled].zero_()
             self.amount[:, n:self._filled].zero_()
         self._filled, self.used = n, used
-        self.plan = None
-        steered = torch.nonzero(amount[:used].ne(0).any(0)).flatten() if used else rows.new_zeros(0)
-        if steered.numel():  # the op's plan: only the steered tokens, one slice when they are contiguous
-            first, last = int(steered[0]), int(steered[-1]) + 1
-            where: slice | torch.Tensor = slice(first, last) if last - first == steered.numel() else steered
-            device = self.rows.device
-            self.plan = (where if isinstance(where, slice) else where.to(device),
-                         rows[:used, where].to(device), amount[:used, where].to(device), last)
+        self.plan = Plan.of(rows, amount, used, self.rows.device) if self.kind == "op" else None
 
     def clear_tokens(self) -> None:
         """No token steered (what dummy runs and unsteered steps see)."""
