@@ -24,9 +24,10 @@ How the formula enters the compiled graph is the bank's ``kind``:
   worker set on the host for this forward (`Plan`: the steered tokens, grouped by the transports and strengths
   they share, a request's tokens as one slice) and returns at once when none is. Each site folds a group's maps
   once per plan (`actsteer.core.fold_rows`) and applies them to the group's tokens only
-  (`actsteer.core.apply_folded`, the same arithmetic as the fused formula). A CUDA graph would freeze that host-side plan, so ``"op"`` is for CPU (vLLM's
-  default there) and eager GPU runs. The sites vLLM steers return fresh tensors (norms, projections, the
-  embedding), so transporting them in place changes what a replaced output would (the fused kind's semantics).
+  (`actsteer.core.apply_folded`, the same arithmetic as the fused formula, bit for bit). A CUDA graph would freeze
+  that host-side plan, so ``"op"`` is for CPU (the default there) and eager GPU runs. The sites vLLM steers return
+  fresh tensors (norms, projections, the embedding), so transporting them in place has the effect of replacing
+  the output, which is what the fused kind does.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ logger = logging.getLogger("vllm." + __name__)  # under "vllm", so that vLLM's l
 
 KINDS = ("fused", "op")
 _BANKS: dict[int, weakref.ref[Bank]] = {}  # the address of a bank's ``rows`` buffer -> the bank (for the op)
+_LOST: list[int] = []  # an op call whose bank was not found (logged once)
 
 
 def _steer_inplace(x: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor, lo: torch.Tensor,
@@ -61,7 +63,13 @@ def _steer_inplace(x: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor, bia
     ``rows`` (the compiled graph passes the bank's buffers, so the bank is found by their address)."""
     ref = _BANKS.get(rows.data_ptr())
     bank = ref() if ref is not None else None
-    plan = bank.plan if bank is not None and bank.used else None
+    if bank is None:
+        if not _LOST:
+            _LOST.append(rows.data_ptr())
+            logger.error("actsteer: the steering buffers moved after start-up (was the model moved to another "
+                         "device?); steering is OFF in this worker: restart vLLM")
+        return
+    plan = bank.plan if bank.used else None
     if plan is None or plan.end > x.shape[0]:  # nothing steered, or not the planned forward (vLLM's dummy runs)
         return
     site = bank.tables_of.get(delta.data_ptr())
