@@ -21,6 +21,7 @@ import torch
 from ..core import Transport, infer_width, iter_site_modules
 from .bank import Bank, install
 from .names import ModelShape, site_width
+from .planning import resolve_graph
 from .store import RequestSteering, Settings, TransportStore, parse_request
 
 logger = logging.getLogger("vllm." + __name__)  # under "vllm", so that vLLM's logging config applies
@@ -64,7 +65,8 @@ class WorkerSteering:
         device = next(self.model.parameters()).device
         self.bank: Bank | None = None
         if widths:
-            kind = settings.graph if settings.graph != "auto" else ("op" if device.type == "cpu" else "fused")
+            # the front end resolved the kind into the plan; "auto" reaches here only for a config planned without it
+            kind = resolve_graph(settings.graph, device=device.type, cuda_graphs=False)
             self.bank, self._handles = install(self.model, widths, slots=settings.max_transports,
                                                depth=settings.max_composed, max_tokens=max_tokens, device=device,
                                                kind=kind)
